@@ -1,0 +1,420 @@
+"""
+The speedrun GPT: GPT-2 small as modded-nanogpt built it in its FlexAttention era (records #19-#28).
+
+    token embedding x0 ─┬─> block 0 ─> block 1 ─> ... ─> block 11 ─> RMSNorm ─> FP8 lm_head ─> softcap ─> logits
+                        └─ mixed into every block with a learned λ; the first half of the blocks push their
+                           outputs, the second half pop them back in (U-net skips, learned weights)
+
+- RMSNorm without weights everywhere; ReLU² MLP (4× width); merged QKV weight; zero-initialised output projections.
+- Attention: QK-norm, rotary on half of the head dims (the other half stationary), scale 0.12, and a mask that is
+  causal, document-local (a document starts at each eos token) and a sliding window: long on a few layers, half
+  as long on the rest. The window is a runtime argument (it grows during training). One layer has no attention.
+- Value embeddings: 3 extra embedding tables added into V of the first and last 3 layers (pattern 0,1,2 ... 0,1,2).
+- CUDA runs FlexAttention with a BlockMask built once per forward; the CPU runs SDPA with a dense boolean mask made
+  from the same mask function (flex has no backward on the CPU). The lm_head is an FP8 matmul (torch._scaled_mm)
+  on CUDA and its exact emulation on the CPU.
+
+Parameters are fp32 masters; activations are bf16 on CUDA, fp32 on the CPU.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+FLEX_BLOCK = 128  # FlexAttention tile (tokens); the BlockMask is built at this granularity
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257            # real vocabulary; embeddings and lm_head are padded to a multiple of 128
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    max_seq_len: int = 48 * 1024       # longest sequence (rotary tables are built for it)
+    mlp_ratio: int = 4
+    softcap: float = 30.0              # logits = softcap * sigmoid(z / (softcap / 4))  (or softcap * tanh(z / softcap))
+    softcap_type: str = "sigmoid"      # "sigmoid" | "tanh"
+    window: int = 1792                 # default long attention window (tokens); short window = window // 2
+    long_window_layers: tuple = (0, 4, -1)  # layers with the long window (negative = from the end)
+    no_attn_layers: tuple = (7,)       # layers without attention (ignored when the model has fewer layers)
+    num_value_embeds: int = 3          # value-embedding tables, used by the first and the last that many layers
+    attn_scale: float = 0.12           # instead of 1/sqrt(head_dim)
+    rope_base: float = 1024.0          # slowest rotary wavelength (in tokens, times 2π)
+    eos_token_id: int = 50256          # document separator: attention never crosses it
+    fp8_head: bool = True              # FP8 lm_head (CUDA: torch._scaled_mm, CPU: emulation)
+
+    def __post_init__(self):
+        if self.softcap_type not in ("sigmoid", "tanh"):
+            raise ValueError(f"GPTConfig.softcap_type={self.softcap_type!r}: use 'sigmoid' or 'tanh'")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / 128) * 128
+
+
+# -----------------------------------------------------------------------------
+# FP8 matmul for the lm_head: out = x @ w.T with float8_e4m3fn inputs and static scales; the backward uses a
+# float8_e5m2 grad_output. A custom op so that torch.compile(fullgraph=True) treats it as one opaque node.
+
+def _scale(t: Tensor, s: float) -> Tensor:
+    return t.new_tensor(s, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanogpt::fp8_mm", mutates_args=())
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x (N, K), w (M, K) -> (x @ w.T (N, M) bf16, x/x_s in e4m3 (N, K), w/w_s in e4m3 (M, K))."""
+    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+    if x.is_cuda:
+        out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=_scale(x, x_s),
+                               scale_b=_scale(x, w_s), use_fast_accum=True)
+    else:  # emulation: the same float8 values, multiplied in fp32, rescaled
+        out = ((x_f8.float() @ w_f8.float().T) * (x_s * w_s)).to(torch.bfloat16)
+    return out, x_f8, w_f8
+
+
+@fp8_mm.register_fake
+def _(x, w, x_s, w_s, grad_s):
+    out = x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+    return out, torch.empty_like(x, dtype=torch.float8_e4m3fn), torch.empty_like(w, dtype=torch.float8_e4m3fn)
+
+
+@torch.library.custom_op("nanogpt::fp8_mm_backward", mutates_args=())
+def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float,
+                    grad_s: float) -> tuple[Tensor, Tensor]:
+    """g (N, M) -> (grad_x (N, K) bf16, grad_w (M, K) fp32), with g cast to e5m2 at scale grad_s."""
+    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
+    if g.is_cuda:
+        grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
+                                  scale_a=_scale(g, grad_s), scale_b=_scale(g, w_s), use_fast_accum=False)
+        grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
+                                  scale_a=_scale(g, x_s), scale_b=_scale(g, grad_s), use_fast_accum=False).T
+    else:
+        grad_x = ((g_f8.float() @ w_f8.float()) * (grad_s * w_s)).to(torch.bfloat16)
+        grad_w = (g_f8.float().T @ x_f8.float()) * (grad_s * x_s)
+    return grad_x, grad_w
+
+
+@fp8_mm_backward.register_fake
+def _(g, x_f8, w_f8, x_s, w_s, grad_s):
+    return (x_f8.new_empty(x_f8.shape, dtype=torch.bfloat16),
+            w_f8.new_empty(w_f8.shape, dtype=torch.float32))
+
+
+def _fp8_mm_setup_context(ctx, inputs, output):
+    x, w, x_s, w_s, grad_s = inputs
+    _, x_f8, w_f8 = output
+    ctx.save_for_backward(x_f8, w_f8)
+    ctx.scales = (x_s, w_s, grad_s)
+    ctx.dtypes = (x.dtype, w.dtype)
+
+
+def _fp8_mm_autograd(ctx, grad_out, _grad_x_f8, _grad_w_f8):
+    x_f8, w_f8 = ctx.saved_tensors
+    grad_x, grad_w = fp8_mm_backward(grad_out.contiguous(), x_f8, w_f8, *ctx.scales)
+    return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
+
+
+fp8_mm.register_autograd(_fp8_mm_autograd, setup_context=_fp8_mm_setup_context)
+
+
+# -----------------------------------------------------------------------------
+# Attention masks. One mask function defines who sees whom; FlexAttention gets it as a BlockMask (CUDA), SDPA as a
+# dense boolean tensor (CPU).
+
+def document_ids(idx: Tensor, eos_token_id: int) -> Tensor:
+    """idx (B, T) -> (B, T') document index of every token, T' = T rounded up to FLEX_BLOCK (the tail repeats the
+    last document, so that flex may evaluate the mask function on its padded tile). Each eos starts a document."""
+    docs = (idx == eos_token_id).cumsum(dim=1)
+    pad = -idx.size(1) % FLEX_BLOCK
+    return F.pad(docs, (0, pad), mode="replicate") if pad else docs
+
+
+def make_mask_mod(docs: Tensor, window):
+    """docs (B, T') from document_ids; window: int or 0-dim int tensor (tokens). Query q sees key k iff k <= q,
+    q - k < window and both are in the same document."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        causal = q_idx >= kv_idx
+        in_window = q_idx - kv_idx < window
+        same_doc = docs[b, q_idx] == docs[b, kv_idx]
+        return causal & in_window & same_doc
+    return mask_mod
+
+
+def dense_mask(docs: Tensor, window, seq_len: int) -> Tensor:
+    """The mask function evaluated on every (q, k) pair: (B, 1, T, T) bool, for SDPA."""
+    B, device = docs.size(0), docs.device
+    b = torch.arange(B, device=device)[:, None, None, None]
+    q = torch.arange(seq_len, device=device)[None, None, :, None]
+    k = torch.arange(seq_len, device=device)[None, None, None, :]
+    return make_mask_mod(docs, window)(b, 0, q, k)
+
+
+def block_mask(docs: Tensor, window, seq_len: int) -> BlockMask:
+    """The same mask as a FlexAttention BlockMask, built from per-tile document ranges in O((T/128)²): a tile pair is
+    skipped when no pair in it can see each other, "full" when every pair can (no mask_mod call), partial otherwise."""
+    B, n = docs.size(0), docs.size(1) // FLEX_BLOCK
+    tiles = docs.view(B, n, FLEX_BLOCK)
+    lo, hi = tiles[:, :, 0], tiles[:, :, -1]  # (B, n) first and last document in each tile (docs are sorted)
+    qb = torch.arange(n, device=docs.device)[:, None]  # query tile
+    kb = torch.arange(n, device=docs.device)[None, :]  # key tile
+    nearest = (qb - kb) * FLEX_BLOCK - (FLEX_BLOCK - 1)   # smallest q - k over the tile pair
+    farthest = (qb - kb) * FLEX_BLOCK + (FLEX_BLOCK - 1)  # largest q - k over the tile pair
+    any_pair = (qb >= kb) & (nearest < window) & (lo[:, :, None] <= hi[:, None, :])  # (B, n, n)
+    one_doc = (lo == hi)[:, :, None] & (lo == hi)[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    all_pairs = (qb > kb) & (farthest < window) & one_doc
+    partial = any_pair & ~all_pairs
+
+    def kv_blocks(m: Tensor):  # (B, n, n) bool -> counts (B, 1, n) and indices (B, 1, n, n), selected tiles first
+        counts = m.sum(dim=-1, dtype=torch.int32)
+        order = torch.argsort(m.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[:, None], order[:, None]
+
+    return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(all_pairs), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=make_mask_mod(docs, window), seq_lengths=(seq_len, seq_len))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+    """q, k, v (B, H, T, D) -> (B, H, T, D). mask: a BlockMask (FlexAttention) or a dense bool tensor (SDPA)."""
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+def norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, H, D); cos, sin (B or 1, T, D/2). Rotates the pairs (i, i + D/2); half of them have frequency 0."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    y1 = x1 * cos + x2 * sin
+    y2 = x2 * cos - x1 * sin
+    return torch.cat((y1, y2), dim=-1).type_as(x)
+
+
+def init_uniform_(w: Tensor) -> Tensor:
+    """Uniform with std 0.5 / sqrt(fan_in)."""
+    bound = math.sqrt(3) * 0.5 * w.size(-1) ** -0.5
+    with torch.no_grad():
+        return w.uniform_(-bound, bound)
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer whose fp32 weight is cast to the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.zeros_(self.weight) if zero_init else init_uniform_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
+@dataclass
+class KVCache:
+    """Static KV cache for decoding, shared protocol with policy.py's decoders."""
+    k: Tensor  # (n_layers, B, max_len, n_kv_heads, head_dim)
+    v: Tensor  # (n_layers, B, max_len, n_kv_heads, head_dim)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = config.num_heads, config.head_dim, config.attn_scale
+        hdim = config.num_heads * config.head_dim
+        self.qkv_w = nn.Parameter(init_uniform_(torch.empty(3, hdim, config.model_dim)))  # merged q, k, v
+        self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = λ0·v + λ1·value_embedding
+        self.c_proj = Linear(hdim, config.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], attend_fn) -> Tensor:
+        # x (B, T, C); ve (B, T, H*D) or None; attend_fn: q, k, v (B, T, H, D) -> (B, T, H, D)
+        B, T, _ = x.shape
+        qkv = F.linear(x, self.qkv_w.flatten(0, 1).type_as(x))  # (B, T, 3*H*D)
+        q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=2)  # each (B, T, H, D)
+        q, k = rotary(norm(q), *rope), rotary(norm(k), *rope)
+        v = self.lambdas[0] * v
+        if ve is not None:
+            v = v + self.lambdas[1] * ve.view_as(v)
+        y = attend_fn(q, k, v)  # (B, T, H, D)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.model_dim
+        self.c_fc = Linear(config.model_dim, hidden)
+        self.c_proj = Linear(hidden, config.model_dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig, has_attn: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(config) if has_attn else None
+        self.mlp = MLP(config)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = λ0·x + λ1·x0
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, rope, attend_fn) -> Tensor:
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, rope, attend_fn)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        L, V, C = config.num_layers, config.padded_vocab_size, config.model_dim
+        no_attn = {i % L for i in config.no_attn_layers if -L <= i < L}
+        self.long_layers = {i % L for i in config.long_window_layers if -L <= i < L}
+        self.embed = nn.Embedding(V, C)
+        hdim = config.num_heads * config.head_dim
+        self.value_embeds = nn.ModuleList([nn.Embedding(V, hdim) for _ in range(config.num_value_embeds)])
+        # layer -> value-embedding table: first k layers get 0..k-1, last k layers get 0..k-1 (first rule wins)
+        k = min(config.num_value_embeds, L)
+        self.ve_table = [None] * L
+        for j in range(k):
+            self.ve_table[L - k + j] = j
+        for j in range(k):
+            self.ve_table[j] = j
+        self.blocks = nn.ModuleList([Block(config, i not in no_attn) for i in range(L)])
+        self.num_skips = L // 2  # U-net: blocks [0, L//2) push, blocks [L - L//2, L) pop
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips))
+        self.lm_head = Linear(C, V, zero_init=True)
+        # fixed FP8 scales: x is RMS-normed (|x| <= sqrt(C)), weights stay within ±24, grads are tiny
+        self.fp8_scales = (C ** 0.5 / 448, 24 / 448, 1 / 448)
+        # rotary: head_dim/4 frequencies from 1 down to 1/rope_base, plus head_dim/4 zero frequencies
+        freqs = (1 / config.rope_base) ** torch.linspace(0, 1, config.head_dim // 4)
+        freqs = torch.cat([freqs, freqs.new_zeros(config.head_dim // 4)])
+        theta = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), freqs)  # (max_seq_len, D/2)
+        self.register_buffer("cos", theta.cos(), persistent=False)
+        self.register_buffer("sin", theta.sin(), persistent=False)
+
+    # -- the trunk, shared by training and cached decoding --------------------------------------------------------
+
+    def _trunk(self, idx: Tensor, rope, attend_fns) -> Tensor:
+        """idx (B, T) -> final hidden states (B, T, C), normed. attend_fns[i]: layer i's attention core."""
+        dtype = torch.bfloat16 if idx.is_cuda else torch.float32
+        x = x0 = norm(self.embed(idx).to(dtype))  # (B, T, C)
+        ves = [table(idx).to(dtype) for table in self.value_embeds]  # each (B, T, H*D)
+        L, skips = len(self.blocks), []
+        for i, block in enumerate(self.blocks):
+            if i >= L - self.num_skips:
+                x = x + self.skip_weights[i - (L - self.num_skips)] * skips.pop()
+            ve = ves[self.ve_table[i]] if self.ve_table[i] is not None else None
+            x = block(x, x0, ve, rope, attend_fns[i])
+            if i < self.num_skips:
+                skips.append(x)
+        return norm(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """x (B, T, C) -> softcapped logits (B, T, padded_vocab) fp32."""
+        B, T, C = x.shape
+        if self.config.fp8_head:
+            z = fp8_mm(x.reshape(B * T, C), self.lm_head.weight, *self.fp8_scales)[0].view(B, T, -1)
+        else:
+            z = self.lm_head(x)
+        z, c = z.float(), self.config.softcap
+        if self.config.softcap_type == "sigmoid":
+            return c * torch.sigmoid(z / (c / 4))
+        return c * torch.tanh(z / c)
+
+    def _window(self, layer: int, window):
+        return window if layer in self.long_layers else window // 2
+
+    # -- training / scoring ------------------------------------------------------------------------------------------
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, window=None) -> Tensor:
+        """idx (B, T) int64 -> mean loss over targets != -100 (if targets (B, T) given) or logits (B, T, vocab_size).
+        window: long attention window in tokens (int or 0-dim tensor; a tensor avoids recompiles); None = config."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} > GPTConfig.max_seq_len={self.config.max_seq_len}")
+        window = self.config.window if window is None else window
+        docs = document_ids(idx, self.config.eos_token_id)  # (B, T')
+        make = block_mask if idx.is_cuda else dense_mask
+        masks = {w: make(docs, w_val, T) for w, w_val in (("long", window), ("short", window // 2))}
+        attend_fns = []
+        for i in range(len(self.blocks)):
+            mask = masks["long" if i in self.long_layers else "short"]
+            attend_fns.append(lambda q, k, v, mask=mask:
+                              attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                     self.config.attn_scale).transpose(1, 2))
+        rope = (self.cos[None, :T], self.sin[None, :T])  # (1, T, D/2)
+        logits = self._logits(self._trunk(idx, rope, attend_fns))  # (B, T, V_padded)
+        if targets is None:
+            return logits[..., :self.config.vocab_size]
+        return F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+
+    # -- cached decoding (the KV-cache protocol of policy.py's rollout engine) -----------------------------------
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"cache length {max_len} > GPTConfig.max_seq_len={self.config.max_seq_len}")
+        device = self.embed.weight.device
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        shape = (len(self.blocks), batch_size, max_len, self.config.num_heads, self.config.head_dim)
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
+        """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32. Writes this step's K/V at pos; every query attends
+        to the cached positions <= its own within its layer's window. Assumes one document per row."""
+        B, t = idx.shape
+        rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
+        key_pos = torch.arange(cache.k.size(2), device=idx.device)  # (S,)
+        behind = pos[:, :, None] - key_pos  # (B, t, S) distance from each query to each cache slot
+
+        def cached_attend(layer: int):
+            visible = (behind >= 0) & (behind < self._window(layer, self.config.window))  # (B, t, S)
+
+            def attend_fn(q, k, v):  # (B, t, H, D)
+                cache.k[layer][rows, pos] = k.to(cache.k.dtype)
+                cache.v[layer][rows, pos] = v.to(cache.v.dtype)
+                keys, values = cache.k[layer].transpose(1, 2), cache.v[layer].transpose(1, 2)  # (B, H, S, D)
+                return attend(q.transpose(1, 2), keys, values, visible[:, None], self.config.attn_scale).transpose(1, 2)
+            return attend_fn
+
+        rope = (self.cos[pos], self.sin[pos])  # (B, t, D/2)
+        x = self._trunk(idx, rope, [cached_attend(i) for i in range(len(self.blocks))])
+        return self._logits(x)[..., :self.config.vocab_size]
+
+    # -- optimizer grouping and FLOPs --------------------------------------------------------------------------------
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """hidden matrices -> Muon; embeddings, value embeddings, lm_head and scalars -> Adam."""
+        groups = {
+            "hidden": [p for p in self.blocks.parameters() if p.ndim >= 2],
+            "embed": [self.embed.weight] + [t.weight for t in self.value_embeds],
+            "head": [self.lm_head.weight],
+            "scalar": [p for p in self.parameters() if p.ndim < 2],
+        }
+        assert sum(len(g) for g in groups.values()) == len(list(self.parameters()))
+        return groups
+
+    def estimate_flops_per_token(self, window=None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention's QKᵀ and AV over the
+        keys a query sees (at most its layer's window)."""
+        cfg = self.config
+        window = int(cfg.window if window is None else window)
+        matmul_params = sum(p.numel() for p in self.param_groups()["hidden"]) + self.lm_head.weight.numel()
+        attn = sum(12 * cfg.num_heads * cfg.head_dim * min(self._window(i, window), cfg.max_seq_len)
+                   for i, block in enumerate(self.blocks) if block.attn is not None)
+        return 6 * matmul_params + attn

@@ -1,0 +1,128 @@
+"""
+Muon: momentum SGD whose update for each hidden weight matrix is orthogonalised (its singular values pushed to ~1)
+by a few Newton-Schulz iterations in bf16. Plus sync_grads for the Adam side of the model.
+
+Distributed (torch.distributed initialised): parameters of the same shape are processed world_size at a time;
+each one's gradient is averaged onto its owner rank with a reduce_scatter, the owner runs momentum and
+Newton-Schulz on it alone, and an all_gather hands the new parameters to every rank. The result equals the
+single-process step on the averaged gradients.
+"""
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# quintic Newton-Schulz coefficients: a·X + b·(XXᵀ)X + c·(XXᵀ)²X, the same for every step
+QUINTIC = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al., 2025): one minimax-optimal quintic per step, for inputs normalised with a 1.01 margin
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def newton_schulz(G: Tensor, steps: int = 5, polar_express: bool = False) -> Tensor:
+    """G (..., m, n) -> an approximately orthogonal matrix with G's singular vectors, in bf16. Leading dims are a
+    batch (e.g. the merged QKV weight (3, d, C) is orthogonalised per q, k, v)."""
+    assert G.ndim >= 2
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation: XXᵀ is the smaller Gram matrix
+        X = X.mT
+    margin = 1.01 if polar_express else 1.0
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    coeffs = [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)] if polar_express else [QUINTIC] * steps
+    for a, b, c in coeffs:
+        A = X @ X.mT  # (..., m, m)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def muon_update(grad: Tensor, momentum_buf: Tensor, momentum: float, nesterov: bool, ns_steps: int,
+                polar_express: bool) -> Tensor:
+    """One parameter's update direction (same shape as grad), updating momentum_buf in place."""
+    momentum_buf.lerp_(grad, 1 - momentum)
+    g = grad.lerp(momentum_buf, momentum) if nesterov else momentum_buf
+    update = newton_schulz(g, ns_steps, polar_express)
+    # orthogonal updates have RMS ~ 1/sqrt(max dim); scale tall matrices so their per-entry size matches wide ones
+    return update.to(grad.dtype) * max(1.0, grad.size(-2) / grad.size(-1)) ** 0.5
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for parameters of ndim >= 2 (leading dims batch the orthogonalisation). lr is per step, momentum may be
+    changed per step through param_groups (warm-up). Distributed: each rank keeps momentum only for the parameters
+    it owns, so its state_dict is per rank (save and load one per rank)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, polar_express: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        polar_express=polar_express)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if any(p.ndim < 2 for p in group["params"]):
+                raise ValueError("Muon takes matrices (ndim >= 2); give vectors and scalars to Adam")
+
+    def _apply(self, p: Tensor, grad: Tensor, group: dict):
+        """Momentum, orthogonalisation and the (decoupled weight decay +) update of one parameter, in place."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        update = muon_update(grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
+                             group["ns_steps"], group["polar_express"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
+
+    @torch.no_grad()
+    def step(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._apply(p, p.grad, group)
+            return
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # 1) launch every reduce_scatter: chunks of world_size same-shape parameters, rank r owns chunk[r]
+        scatters = []
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                by_shape.setdefault(p.shape, []).append(p)
+            for params in by_shape.values():
+                for base in range(0, len(params), world):
+                    chunk = params[base:base + world]
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
+                    grads += [torch.zeros_like(grads[0])] * (world - len(chunk))  # padding slots
+                    mine = torch.empty_like(grads[0])
+                    handle = dist.reduce_scatter(mine, grads, op=dist.ReduceOp.SUM, async_op=True)
+                    scatters.append((group, chunk, mine, handle))
+        # 2) as each averaged gradient arrives, its owner updates the parameter; launch the all_gathers
+        gathers = []
+        for group, chunk, mine, handle in scatters:
+            handle.wait()
+            if rank < len(chunk):
+                self._apply(chunk[rank], mine.div_(world), group)
+                mine.copy_(chunk[rank])
+            gathered = [torch.empty_like(mine) for _ in range(world)]
+            gathers.append((chunk, gathered, dist.all_gather(gathered, mine, async_op=True)))
+        # 3) every rank copies in the updated parameters
+        for chunk, gathered, handle in gathers:
+            handle.wait()
+            for p, new in zip(chunk, gathered):
+                p.copy_(new)
+
+
+def sync_grads(params) -> None:
+    """Average .grad over ranks (one all_reduce of the flattened grads); no-op without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(dist.get_world_size())
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
