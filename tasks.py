@@ -1,0 +1,244 @@
+"""
+Verifiable tasks for train_grpo.py: problems, worked solutions (for the SFT cold start) and rule-based rewards.
+
+  arithmetic  procedural multi-digit a+b, a-b, a*b                      reward: the number in <answer>…</answer>
+  countdown   reach a target with given numbers, each at most once,    reward: the expression in <answer>…</answer>,
+              with + - * /                                                      checked with `ast`, never executed
+  gsm8k       grade-school word problems from the hub (openai/gsm8k)    reward: <answer>…</answer>, else "#### n", else
+                                                                                the last number of the completion
+Every problem carries its kind, so the reward needs nothing but the problem and the completion. Model output is
+untrusted text: it is only matched with regular expressions and parsed with `ast` into a tree we walk ourselves.
+"""
+
+import ast
+import random
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str                   # "arithmetic" | "countdown" | "gsm8k"
+    prompt: str                 # the user's message
+    answer: str                 # reference answer: a number (arithmetic, gsm8k) or the target (countdown)
+    solution: str               # a worked solution ending in <answer>…</answer>, for the SFT cold start
+    numbers: tuple = ()         # countdown only: the numbers that may be used
+
+
+# -----------------------------------------------------------------------------
+# procedural tasks
+
+def arithmetic_problem(rng, digits=2, ops="+-*"):
+    # two numbers of exactly `digits` digits (1 digit: 0..9), one operation drawn from `ops`
+    lo, hi = (0, 9) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
+    a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return Problem("arithmetic", f"{a}{op}{b}=", str(value), f"<answer>{value}</answer>")
+
+
+def countdown_problem(rng, n_numbers=3, max_number=20, max_target=100):
+    # Build a random expression over n_numbers random numbers (exact integer steps only), then ask for its value:
+    # every problem is solvable and the construction is its worked solution.
+    while True:
+        numbers = [rng.randint(1, max_number) for _ in range(n_numbers)]
+        terms = [(str(x), x) for x in numbers]   # (expression text, value)
+        steps = []
+        while len(terms) > 1:
+            (ea, a), (eb, b) = terms.pop(rng.randrange(len(terms))), terms.pop(rng.randrange(len(terms)))
+            op = rng.choice("+-*/")
+            if op == "/" and (b == 0 or a % b):
+                op = "+"
+            value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]
+            steps.append(f"{a}{op}{b}={value}")
+            terms.append((f"({ea}{op}{eb})", value))
+        expression, target = terms[0]
+        if 0 < target <= max_target:
+            break
+    expression = expression[1:-1] if expression.startswith("(") else expression
+    listed = " ".join(str(x) for x in numbers)
+    prompt = f"Use {listed} to make {target}."
+    solution = f"{', '.join(steps)} <answer>{expression}</answer>"
+    return Problem("countdown", prompt, str(target), solution, tuple(numbers))
+
+
+def train_sampler(make, held_out_set):
+    # training problems for a procedural task, never one whose prompt is in the held-out test set
+    held_out = {p.prompt for p in held_out_set}
+
+    def sample(rng):
+        while True:
+            problem = make(rng)
+            if problem.prompt not in held_out:
+                return problem
+    return sample
+
+
+def held_out_set(make, n, seed):
+    # n distinct held-out problems from a seed of their own
+    rng, problems, seen = random.Random(seed), [], set()
+    for _ in range(100 * n):
+        problem = make(rng)
+        if problem.prompt not in seen:
+            seen.add(problem.prompt)
+            problems.append(problem)
+            if len(problems) == n:
+                return problems
+    raise ValueError(f"held_out_set: could not draw {n} distinct problems; make the task larger or the test set smaller")
+
+
+# -----------------------------------------------------------------------------
+# GSM8K
+
+def load_gsm8k(split="train", path=None):
+    # path: a local parquet with "question" and "answer" columns; None downloads openai/gsm8k from the hub
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("load_gsm8k needs pyarrow to read parquet: pip install pyarrow") from None
+    if path is None:
+        from huggingface_hub import hf_hub_download
+        if split not in ("train", "test"):
+            raise ValueError(f"load_gsm8k: split must be 'train' or 'test', got {split!r}")
+        path = hf_hub_download("openai/gsm8k", f"main/{split}-00000-of-00001.parquet", repo_type="dataset")
+    table = pq.read_table(path)
+    missing = {"question", "answer"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"load_gsm8k: {path} lacks the column(s) {sorted(missing)}; expected GSM8K's question/answer")
+    problems = []
+    for row in table.to_pylist():
+        reasoning, sep, answer = row["answer"].rpartition("####")
+        if not sep:
+            raise ValueError(f"load_gsm8k: an answer in {path} has no '#### <number>' line: {row['answer'][-80:]!r}")
+        answer = answer.strip().replace(",", "")
+        reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()   # drop the calculator annotations <<48/2=24>>
+        problems.append(Problem("gsm8k", row["question"], answer, f"{reasoning}\n<answer>{answer}</answer>"))
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# answer extraction
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_answer(text):
+    # the content of the last complete <answer>…</answer>, stripped; None when there is none
+    found = ANSWER_RE.findall(text)
+    return found[-1].strip() if found else None
+
+
+def extract_gsm8k(text):
+    # <answer>…</answer> first, then GSM8K's own "#### n", then the last number in the text
+    answer = extract_answer(text)
+    if answer is not None:
+        return answer
+    _, sep, after = text.rpartition("####")
+    if sep and NUMBER_RE.search(after):
+        return NUMBER_RE.search(after).group()
+    numbers = NUMBER_RE.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def parse_number(text):
+    # "1,234", "$12.50", "-3", "7." -> an exact Fraction; anything else -> None
+    if text is None:
+        return None
+    text = text.strip().removeprefix("$").rstrip(".").replace(",", "")
+    if not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", text):
+        return None
+    return Fraction(text)
+
+
+def last_number(text):
+    # the last number inside an answer ("The total is $1,200." -> 1200); None when there is none
+    numbers = NUMBER_RE.findall(text) if text is not None else []
+    return parse_number(numbers[-1]) if numbers else None
+
+
+# -----------------------------------------------------------------------------
+# countdown verifier: parse with ast, walk the tree ourselves, never evaluate model output
+
+MAX_EXPRESSION_CHARS = 200
+BINARY_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+              ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+
+def countdown_value(expression, numbers):
+    # The exact value of `expression` if it is built only from integer literals and + - * / (parentheses allowed)
+    # and uses each of `numbers` at most once; otherwise None. Nothing in the expression is ever executed.
+    if len(expression) > MAX_EXPRESSION_CHARS or not re.fullmatch(r"[0-9+\-*/()\s]*", expression):
+        return None   # only decimal digits, operators, parentheses and spaces: no names, 0x19, 2_5, 2.5, 1e3
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    used = []
+
+    def walk(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            used.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPS:
+            left, right = walk(node.left), walk(node.right)
+            if left is None or right is None or (isinstance(node.op, ast.Div) and right == 0):
+                return None
+            return BINARY_OPS[type(node.op)](left, right)
+        return None   # names, calls, attributes, unary minus, floats, strings, comparisons, ...
+
+    try:
+        value = walk(tree.body)
+    except RecursionError:
+        return None
+    available = list(numbers)
+    for x in used:
+        if x not in available:
+            return None
+        available.remove(x)
+    return value
+
+
+# -----------------------------------------------------------------------------
+# rewards
+
+def correctness_reward(problem, completion):
+    # 1.0 when the completion's answer is right, else 0.0
+    if problem.kind == "countdown":
+        answer = extract_answer(completion)
+        value = countdown_value(answer, problem.numbers) if answer is not None else None
+        return float(value is not None and value == Fraction(problem.answer))
+    if problem.kind == "arithmetic":
+        return float(parse_number(extract_answer(completion)) == Fraction(problem.answer))
+    if problem.kind == "gsm8k":
+        return float(last_number(extract_gsm8k(completion)) == Fraction(problem.answer))
+    raise ValueError(f"correctness_reward: unknown problem kind {problem.kind!r}")
+
+
+def format_reward(completion):
+    # 1.0 for exactly one non-empty <answer>…</answer> with nothing but whitespace after it
+    tail = re.fullmatch(r"(?s)(.*)<answer>(.*?)</answer>\s*", completion)
+    return float(tail is not None and "<answer>" not in tail.group(1) and tail.group(2).strip() != "")
+
+
+def answer_key(problem, completion):
+    # what majority voting compares: the number (arithmetic, gsm8k) or the whitespace-free expression (countdown)
+    if problem.kind == "countdown":
+        answer = extract_answer(completion)
+        return None if answer is None else re.sub(r"\s+", "", answer)
+    answer = extract_gsm8k(completion) if problem.kind == "gsm8k" else extract_answer(completion)
+    number = last_number(answer) if problem.kind == "gsm8k" else parse_number(answer)
+    return None if number is None else str(number)
+
+
+def rewards(problems, completions, correct_weight=1.0, format_weight=0.0):
+    # -> (list of rewards, number of reward evaluations that raised; those count as 0 and the run goes on)
+    out, errors = [], 0
+    for problem, completion in zip(problems, completions, strict=True):
+        try:
+            out.append(correct_weight * correctness_reward(problem, completion) +
+                       format_weight * format_reward(completion))
+        except Exception:
+            out.append(0.0)
+            errors += 1
+    return out, errors
