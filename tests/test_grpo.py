@@ -1,0 +1,209 @@
+import math
+
+import pytest
+import torch
+
+from train_grpo import group_advantages, policy_loss
+
+
+# -----------------------------------------------------------------------------
+# advantages
+
+def test_group_advantages_hand_made():
+    r = torch.tensor([1., 0., 0., 1.,   0.3, 0.3, 0.3, 0.3,   1., 1., 1., 0.])
+    # group 1: mean 1/2, Bessel std sqrt(4 * 1/4 / 3); group 2: all equal; group 3: mean 3/4, std sqrt(3/4 / 3) = 1/2
+    s1, s3 = math.sqrt(1 / 3), 0.5
+    expected_group = [.5 / (s1 + 1e-4), -.5 / (s1 + 1e-4), -.5 / (s1 + 1e-4), .5 / (s1 + 1e-4),
+                      0, 0, 0, 0, .25 / (s3 + 1e-4), .25 / (s3 + 1e-4), .25 / (s3 + 1e-4), -.75 / (s3 + 1e-4)]
+    torch.testing.assert_close(group_advantages(r, 4, "group"), torch.tensor(expected_group))
+    centred = [.5, -.5, -.5, .5, 0, 0, 0, 0, .25, .25, .25, -.75]
+    torch.testing.assert_close(group_advantages(r, 4, "none"), torch.tensor(centred))
+    mean = sum(r.tolist()) / 12
+    batch_std = math.sqrt(sum((x - mean) ** 2 for x in r.tolist()) / 11)
+    torch.testing.assert_close(group_advantages(r, 4, "batch"), torch.tensor(centred) / (batch_std + 1e-4))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_zero_std_groups_get_exactly_zero(scale):
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(6, 5, generator=g)
+    r[1] = 0.1                      # 0.1 is not exactly representable: a naive mean - x would leave round-off
+    r[4] = 7.3
+    a = group_advantages(r.view(-1), 5, scale).view(6, 5)
+    assert (a[1] == 0).all() and (a[4] == 0).all()
+    assert (a[[0, 2, 3, 5]] != 0).all()
+    torch.testing.assert_close(a.sum(dim=1), torch.zeros(6), atol=1e-5, rtol=0)   # centred per group
+    assert (group_advantages(torch.rand(4), 1, scale) == 0).all()                  # groups of one: no signal
+
+
+def test_group_advantages_rejects_ragged_groups():
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.rand(10), 4)
+
+
+# -----------------------------------------------------------------------------
+# loss vs a direct float64 computation
+
+def reference_loss(logp, old_logp, adv, mask, loss_type, level, eps_low, eps_high, ref_logp, beta, max_len, num_tokens):
+    # element by element in python floats (float64), straight from the formulas
+    B, T = len(logp), len(logp[0])
+    lengths = [sum(mask[b]) for b in range(B)]
+    per_seq = []
+    total = 0.0
+    for b in range(B):
+        seq_ratio = math.exp(sum(logp[b][t] - old_logp[b][t] for t in range(T) if mask[b][t]) / max(lengths[b], 1))
+        s = 0.0
+        for t in range(T):
+            if not mask[b][t]:
+                continue
+            r = math.exp(logp[b][t] - old_logp[b][t]) if level == "token" else seq_ratio
+            l = -min(r * adv[b], min(max(r, 1 - eps_low), 1 + eps_high) * adv[b])
+            if beta > 0:
+                d = ref_logp[b][t] - logp[b][t]
+                l += beta * (math.exp(d) - d - 1)
+            s += l
+        per_seq.append(s / max(lengths[b], 1))
+        total += s
+    if loss_type == "grpo":
+        return sum(per_seq) / B
+    if loss_type == "dr_grpo":
+        return total / (B * max_len)
+    return total / num_tokens
+
+
+def random_batch(B=5, T=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=dtype) * 3
+    old_logp = logp + 0.4 * torch.randn(B, T, generator=g, dtype=dtype)     # ratios on both sides of the clip
+    ref_logp = logp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
+    adv = torch.randn(B, generator=g, dtype=dtype)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    start = torch.randint(0, 2, (B,), generator=g)                           # a prompt token or none in front
+    t = torch.arange(T)
+    mask = (t >= start[:, None]) & (t < (start + lengths).clamp(max=T)[:, None])
+    return logp, old_logp, ref_logp, adv, mask
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_policy_loss_matches_float64_reference(loss_type, level, beta):
+    logp, old_logp, ref_logp, adv, mask = random_batch(seed=len(loss_type) + 10 * len(level) + int(100 * beta))
+    num_tokens = int(mask.sum()) + 11 if loss_type == "dapo" else None      # as if other micro-batches had more
+    kwargs = dict(loss_type=loss_type, level=level, eps_low=0.2, eps_high=0.28, ref_logp=ref_logp, beta=beta,
+                  max_completion_length=9, num_tokens=num_tokens)
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, **kwargs)
+    expected = reference_loss(logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist(), loss_type, level,
+                              0.2, 0.28, ref_logp.tolist(), beta, 9, num_tokens)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected) < 1e-12 * max(1.0, abs(expected))
+    assert 0 <= metrics["clip_low"] <= 1 and 0 <= metrics["clip_high"] <= 1
+    if level == "token":
+        assert metrics["clip_low"] + metrics["clip_high"] > 0                  # the batch does exercise the clip
+
+
+def test_policy_loss_float32_agrees_with_float64():
+    logp, old_logp, ref_logp, adv, mask = random_batch(seed=7)
+    l64, _ = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.1)
+    l32, _ = policy_loss(logp.float(), old_logp.float(), adv.float(), mask, ref_logp=ref_logp.float(), beta=0.1)
+    assert abs(l32.item() - l64.item()) < 1e-5
+
+
+def test_clip_metrics_count_the_clipped_tokens():
+    logp = torch.zeros(2, 3)
+    old_logp = torch.log(torch.tensor([[1 / 0.5, 1 / 1.1, 1.0], [1 / 1.5, 1 / 0.7, 1.0]]))  # ratios .5 1.1 1 / 1.5 .7 1
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    _, m = policy_loss(logp, old_logp, torch.tensor([-1.0, 1.0]), mask, eps_low=0.2, eps_high=0.2)
+    assert m["clip_low"].item() == pytest.approx(1 / 6)     # ratio .5 with A < 0
+    assert m["clip_high"].item() == pytest.approx(1 / 6)    # ratio 1.5 with A > 0
+    assert m["ratio"].item() == pytest.approx((0.5 + 1.1 + 1 + 1.5 + 0.7 + 1) / 6)
+
+
+# -----------------------------------------------------------------------------
+# gradients
+
+def token_logp(logits, tokens):
+    # logits (B, T, V), tokens (B, T) -> (B, T)
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_on_policy_ratio_is_one_and_gradient_is_reinforce(loss_type):
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 4, 6, 11
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    _, _, _, adv, mask = random_batch(B, T, seed=2)
+    logp = token_logp(logits, tokens)
+    loss, metrics = policy_loss(logp, logp.detach(), adv, mask, loss_type=loss_type, max_completion_length=T)
+    assert metrics["ratio"].item() == 1.0 and metrics["clip_low"] == 0 and metrics["clip_high"] == 0
+    grad, = torch.autograd.grad(loss, logits)
+
+    logp = token_logp(logits, tokens)
+    m = mask.double()
+    weighted = adv[:, None] * logp * m           # REINFORCE: -E[A * grad log pi], same per-token normaliser
+    reinforce = {"grpo": -(weighted.sum(1) / m.sum(1)).mean(), "dr_grpo": -weighted.sum() / (B * T),
+                 "dapo": -weighted.sum() / m.sum()}[loss_type]
+    expected, = torch.autograd.grad(reinforce, logits)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dapo_gradient_does_not_depend_on_micro_batching(level):
+    logp, old_logp, ref_logp, adv, mask = random_batch(B=7, T=9, seed=3)
+    logp.requires_grad_(True)
+    kwargs = dict(loss_type="dapo", level=level, beta=0.04)
+    loss, _ = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, **kwargs)
+    full, = torch.autograd.grad(loss, logp)
+    num_tokens = mask.sum()                       # the whole step's tokens, as the loop all-reduces them
+    split = torch.zeros_like(logp)
+    for rows in [slice(0, 2), slice(2, 3), slice(3, 7)]:
+        loss, _ = policy_loss(logp[rows], old_logp[rows], adv[rows], mask[rows], ref_logp=ref_logp[rows],
+                              num_tokens=num_tokens, **kwargs)
+        split += torch.autograd.grad(loss, logp)[0]
+    torch.testing.assert_close(split, full, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_masked_tokens_get_exactly_zero_gradient(loss_type, level):
+    logp, old_logp, ref_logp, adv, mask = random_batch(B=6, T=8, seed=4)
+    logp = logp.clone()
+    logp[~mask] = torch.tensor([-math.inf, 50.0, -1e30])[torch.arange(int((~mask).sum())) % 3].double()  # garbage
+    old_logp[~mask] = 3.0
+    ref_logp[~mask] = -math.inf
+    logp.requires_grad_(True)
+    loss, _ = policy_loss(logp, old_logp, adv, mask, loss_type=loss_type, level=level, ref_logp=ref_logp,
+                          beta=0.1, max_completion_length=8)
+    grad, = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (grad[~mask] == 0).all()
+    assert (grad[mask] != 0).any()
+
+
+def test_k3_kl_is_zero_at_the_start():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 7, (3, 5), generator=g)
+    _, _, _, adv, mask = random_batch(3, 5, seed=6)
+    logp = token_logp(logits, tokens)
+    with_kl, m = policy_loss(logp, logp.detach(), adv, mask, ref_logp=logp.detach(), beta=0.5)
+    without, _ = policy_loss(logp, logp.detach(), adv, mask)
+    assert m["kl"].item() == 0.0 and with_kl.item() == without.item()
+    g1, = torch.autograd.grad(with_kl, logits, retain_graph=True)
+    g2, = torch.autograd.grad(without, logits)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)   # d/dlogp of k3 is 1 - exp(ref - logp) = 0 at the start
+    _, m = policy_loss(logp, logp.detach(), adv, mask, ref_logp=logp.detach() - 0.3, beta=0.5)
+    assert m["kl"].item() > 0
+
+
+def test_policy_loss_rejects_bad_arguments():
+    logp, old_logp, ref_logp, adv, mask = random_batch(seed=8)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        policy_loss(logp, old_logp, adv, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(logp, old_logp, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="loss_type"):
+        policy_loss(logp, old_logp, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="level"):
+        policy_loss(logp, old_logp, adv, mask, level="word")
