@@ -1,0 +1,75 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from muon import Muon, muon_update, newton_schulz
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def conditioned(shape, gen, smallest=1e-2):
+    """Random (..., m, n) matrix with singular values log-uniform in [smallest, 1] times a random scale."""
+    *batch, m, n = shape
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(*batch, m, k, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(*batch, n, k, generator=gen))[0]
+    s = smallest ** torch.rand(*batch, k, generator=gen)
+    return (U * s[..., None, :]) @ V.mT * (10 ** torch.empty(1).uniform_(-3, 3, generator=gen))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (24, 130), (3, 40, 56)])
+@pytest.mark.parametrize("polar_express,band", [(False, (0.6, 1.25)), (True, (0.8, 1.2))])
+def test_newton_schulz_singular_values(shape, polar_express, band):
+    gen = torch.Generator().manual_seed(sum(shape))
+    G = conditioned(shape, gen)
+    X = newton_schulz(G, steps=5, polar_express=polar_express)
+    assert X.shape == G.shape and X.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(X.float())
+    assert band[0] < s.min() and s.max() < band[1], (s.min().item(), s.max().item())
+    # same singular vectors: X ≈ U Vᵀ of G
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    polar = U @ Vh
+    assert (X.double() - polar).norm() / polar.norm() < 0.3
+
+
+def test_update_scaling_and_nesterov():
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in ((128, 32), (32, 128)):
+        grad, buf = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
+        expected_buf = 0.9 * buf + 0.1 * grad
+        nesterov = 0.1 * grad + 0.9 * expected_buf
+        update = muon_update(grad, buf, momentum=0.9, nesterov=True, ns_steps=5, polar_express=False)
+        assert torch.allclose(buf, expected_buf, atol=1e-6)
+        scale = max(1, rows / cols) ** 0.5
+        assert torch.allclose(update, newton_schulz(nesterov).float() * scale)
+        # per-entry RMS: an orthogonal (m, n) matrix has RMS 1/sqrt(max(m, n)); tall ones are scaled up to 1/sqrt(n)
+        assert abs(update.square().mean().sqrt().item() * cols ** 0.5 - 1) < 0.3
+
+
+def test_muon_step_matches_reference():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(40, 24, generator=gen))
+    ref, buf = p.detach().clone(), torch.zeros(40, 24)
+    opt = Muon([p], lr=0.05, momentum=0.8, nesterov=False, weight_decay=0.1)
+    for _ in range(3):
+        g = torch.randn(40, 24, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        buf = 0.8 * buf + 0.2 * g
+        ref = ref * (1 - 0.05 * 0.1) - 0.05 * newton_schulz(buf).float() * (40 / 24) ** 0.5
+    assert torch.allclose(p.detach(), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="ndim >= 2"):
+        Muon([torch.nn.Parameter(torch.randn(5))])
+
+
+def test_distributed_muon_equals_single_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_muon.py"), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "ok").read_text() == "identical"
