@@ -1,15 +1,20 @@
-"""Turn local text files into token shards (GPT-2 BPE), the format train_gpt.py reads.
+"""Turn local text files into token shards, the format train_gpt.py reads.
 
     python data/tokenize.py corpus/*.txt --out-dir data/mycorpus
     python data/tokenize.py /path/to/site-packages --ext .py .md .rst .txt --out-dir data/code \\
         --tiktoken-file ../shared/data/gpt2.tiktoken
     python train_gpt.py --train-files 'data/mycorpus/train_*.bin' --val-files 'data/mycorpus/val_*.bin'
+    python data/tokenize.py input.txt --doc-separator $'\\n\\n' --encoding bytes --out-dir data/tiny  # --preset tiny
+
+--encoding gpt2 (default) is GPT-2 BPE (tiktoken; --preset speedrun). --encoding bytes writes the UTF-8 bytes of
+the text with 0 as the document separator (NUL bytes dropped from the text): the 256-token vocabulary of
+--preset tiny, which trains on a CPU in seconds.
 
 Inputs are files or folders (walked recursively, keeping files whose names end with one of --ext), read in
 sorted path order. Each file is one document, or several with --doc-separator (e.g. a blank line). Every
-document is preceded by <|endoftext|> (50256), which train_gpt.py uses to align sequences to document starts
-and the model uses to keep attention inside a document. A seeded random --val-fraction of the documents goes to
-val_*.bin, the rest to train_*.bin, --shard-tokens tokens per shard.
+document is preceded by the separator token (<|endoftext|> = 50256, or 0 for bytes), which train_gpt.py uses to
+align sequences to document starts and the model uses to keep attention inside a document. A seeded random
+--val-fraction of the documents goes to val_*.bin, the rest to train_*.bin, --shard-tokens tokens per shard.
 """
 import argparse
 import os
@@ -53,6 +58,11 @@ def input_files(inputs, exts):
     if not paths:
         raise SystemExit(f"error: no input files (looked in {inputs} for names ending with {exts})")
     return sorted(paths)
+
+
+def encode_bytes(docs):
+    """The UTF-8 bytes of each document as token ids, NUL bytes (the separator) dropped."""
+    return [list(doc.encode("utf-8").replace(b"\0", b"")) for doc in docs]
 
 
 def documents(paths, separator):
@@ -101,6 +111,8 @@ def main(argv=None):
     parser.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
+    parser.add_argument("--encoding", choices=["gpt2", "bytes"], default="gpt2",
+                        help="gpt2: GPT-2 BPE, separator 50256; bytes: UTF-8 bytes, separator 0 (for --preset tiny)")
     parser.add_argument("--tiktoken-file", default=None,
                         help="local GPT-2 ranks file (e.g. ../shared/data/gpt2.tiktoken) instead of downloading")
     parser.add_argument("--batch-docs", type=int, default=1024, help="documents encoded per parallel batch")
@@ -108,16 +120,21 @@ def main(argv=None):
     if not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
 
-    enc = gpt2_encoding(args.tiktoken_file)
-    eot = enc.encode_single_token(EOT)
-    if enc.n_vocab > 2**16:
-        raise SystemExit(f"error: vocabulary of {enc.n_vocab} tokens does not fit the uint16 shard format")
+    if args.encoding == "bytes":
+        eot = 0
+        encode_batch = encode_bytes
+    else:
+        enc = gpt2_encoding(args.tiktoken_file)
+        eot = enc.encode_single_token(EOT)
+        if enc.n_vocab > 2**16:
+            raise SystemExit(f"error: vocabulary of {enc.n_vocab} tokens does not fit the uint16 shard format")
+        encode_batch = enc.encode_ordinary_batch
     os.makedirs(args.out_dir, exist_ok=True)
     writers = {split: ShardWriter(args.out_dir, split, args.shard_tokens) for split in ("train", "val")}
     rng = np.random.default_rng(args.seed)
 
     def encode(batch):
-        for ids in enc.encode_ordinary_batch(batch):
+        for ids in encode_batch(batch):
             split = "val" if rng.random() < args.val_fraction else "train"
             writers[split].add([eot] + ids)
 

@@ -86,9 +86,9 @@ def write_tiny_ranks(path):
             f.write(f"{base64.b64encode(token).decode()} {rank}\n")
 
 
-def test_tokenize_end_to_end(tmp_path):
+@pytest.mark.parametrize("encoding", ["gpt2", "bytes"])
+def test_tokenize_end_to_end(tmp_path, encoding):
     write_tiny_ranks(tmp_path / "tiny.tiktoken")
-    eot = len(TINY_TOKENS)
     rng = np.random.default_rng(1)
     words = ["the", "then", "in", "tin", "hat", "ink", "thin", "é", "\t"]
     docs = [" ".join(rng.choice(words, size=rng.integers(3, 40))) for _ in range(120)]
@@ -98,13 +98,23 @@ def test_tokenize_end_to_end(tmp_path):
     (tmp_path / "in" / "skip.md").write_text("not a .txt file")
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(REPO, "data", "tokenize.py"), str(tmp_path / "in"), "--out-dir", str(out),
-           "--doc-separator", "\n\n", "--tiktoken-file", str(tmp_path / "tiny.tiktoken"), "--val-fraction", "0.2",
-           "--shard-tokens", "1000", "--batch-docs", "16"]
+           "--doc-separator", "\n\n", "--encoding", encoding, "--val-fraction", "0.2", "--shard-tokens", "1000",
+           "--batch-docs", "16"]
+    if encoding == "gpt2":  # a tiny stand-in for the GPT-2 ranks file (tests have no network)
+        cmd += ["--tiktoken-file", str(tmp_path / "tiny.tiktoken")]
     subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
 
-    ranks = {token: rank for rank, token in enumerate(TINY_TOKENS)}
-    enc = tiktoken.Encoding(name="tiny", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={"<|endoftext|>": eot})
+    if encoding == "gpt2":
+        eot = len(TINY_TOKENS)
+        ranks = {token: rank for rank, token in enumerate(TINY_TOKENS)}
+        enc = tiktoken.Encoding(name="tiny", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                special_tokens={"<|endoftext|>": eot})
+        decode = enc.decode
+    else:
+        eot = 0
+
+        def decode(tokens):
+            return bytes(tokens).decode("utf-8").replace("\0", "<|endoftext|>")
     got = {}
     for split in ("train", "val"):
         paths = find_shards(str(out / f"{split}_*.bin"), split)
@@ -112,7 +122,7 @@ def test_tokenize_end_to_end(tmp_path):
         assert all(s == 1000 for s in sizes[:-1]) and 0 < sizes[-1] <= 1000
         tokens = np.concatenate([read_shard(p) for p in paths]).tolist()
         assert tokens[0] == eot  # every document starts with <|endoftext|>
-        got[split] = enc.decode(tokens).split("<|endoftext|>")[1:]
+        got[split] = decode(tokens).split("<|endoftext|>")[1:]
     assert 5 <= len(got["val"]) <= 50
     # the two splits interleave back into the documents in their original order
     i = j = 0
