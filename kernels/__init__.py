@@ -1,0 +1,13 @@
+"""Triton kernels for the speedrun's hot paths, each beside its torch reference (see kernels/README.md).
+
+Every public function dispatches on its input: CUDA tensors run the Triton kernel, CPU tensors run the torch
+reference, or the Triton kernel itself in Triton's interpreter when TRITON_INTERPRET=1 (the tests).
+enabled(t) is the switch model.py and muon.py consult before taking a kernel path (env NANOGPT_KERNELS).
+"""
+from .dispatch import enabled
+from .relu2_linear import relu2_linear, relu2_linear_reference
+from .softcap_cross_entropy import softcap_cross_entropy, softcap_cross_entropy_reference
+from .xxt import ba_plus_cAA, ba_plus_cAA_reference, xxt, xxt_reference
+
+__all__ = ["enabled", "softcap_cross_entropy", "softcap_cross_entropy_reference", "xxt", "xxt_reference",
+           "ba_plus_cAA", "ba_plus_cAA_reference", "relu2_linear", "relu2_linear_reference"]
