@@ -66,7 +66,8 @@ def find_shards(pattern, flag):
     if not paths:
         raise FileNotFoundError(
             f"no shards match {flag} {pattern!r}: download FineWeb with `python data/cached_fineweb10B.py 9` "
-            f"or make shards from your own text with `python data/tokenize.py FILES --out-dir DIR`")
+            f"or make shards from your own text with `python data/tokenize.py FILES --out-dir DIR` "
+            f"(add --encoding bytes for --preset tiny)")
     for path in paths:
         read_header(path)
     return paths
