@@ -25,11 +25,12 @@ POLAR_EXPRESS = (
 )
 
 
-def newton_schulz(G: Tensor, steps: int = 5, polar_express: bool = False) -> Tensor:
-    """G (..., m, n) -> an approximately orthogonal matrix with G's singular vectors, in bf16. Leading dims are a
-    batch (e.g. the merged QKV weight (3, d, C) is orthogonalised per q, k, v)."""
+def newton_schulz(G: Tensor, steps: int = 5, polar_express: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """G (..., m, n) -> an approximately orthogonal matrix with G's singular vectors. Leading dims are a batch (e.g.
+    the merged QKV weight (3, d, C) is orthogonalised per q, k, v). Iterates in bf16 on CUDA; dtype=None means fp32
+    on the CPU, whose bf16 matmuls are ~100x slower than fp32 ones."""
     assert G.ndim >= 2
-    X = G.bfloat16()
+    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: XXᵀ is the smaller Gram matrix
         X = X.mT
