@@ -1,0 +1,634 @@
+"""
+Policies for GRPO and the rollout engine that samples from them.
+
+    from_hf("Qwen/Qwen2.5-0.5B-Instruct")  -> (HFDecoder, Tokenizer)   Llama / Qwen2 / Qwen2.5 / Qwen3 checkpoints
+    from_checkpoint("ckpt/step_5000.pt")    -> (GPT, Tokenizer)         our train_gpt.py checkpoints, GPT-2 tokenizer
+    tiny_policy(seed)                       -> (GPT, Tokenizer)         random tiny GPT, byte-level tokenizer (CPU demo)
+    generate(model, prompts, n, ...)        -> Rollout                  n samples per prompt through a static KV cache
+
+A separate file from model.py: model.py is the speedrun's own file, which train_gpt.py embeds whole in every run
+log; HF checkpoints, tokenizers and sampling are no part of the speedrun.
+
+Every policy model maps idx (B, T) -> logits (B, T, vocab) fp32 (right-padded rows are fine: attention is causal)
+and implements model.py's KV-cache protocol: init_cache(batch_size, max_len) -> KVCache and
+forward_cached(idx, pos, cache) -> logits, with per-row absolute positions.
+
+Tokenizers run on tiktoken. A HF tokenizer.json is accepted only when tiktoken reproduces it exactly (byte-level
+BPE whose merges agree with rank order, a known pre-tokenizer, no normalizer but NFC); anything else is an error.
+
+Benchmark (decode tokens/s of a Qwen2.5-0.5B-shaped random model, batch 64/256/512, against transformers' generate
+and against the memory-bandwidth bound):
+    python policy.py --bench            # CUDA, bf16
+    python policy.py --bench --small    # a small shape that runs on a CPU in about a minute
+"""
+import argparse
+import base64
+import json
+import math
+import re
+import time
+import unicodedata
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor
+
+from model import GPT, GPTConfig, KVCache
+
+# GPT-2's pre-tokenisation regex; tokenizers' ByteLevel(use_regex=True) splits the same way
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+class Tokenizer:
+    """A tiktoken Encoding plus what a policy needs around it.
+
+    encode(text) finds special tokens written in the text (leftmost, longest first) and adds nothing else: it equals
+    HF tokenizers' encode(text, add_special_tokens=False). A beginning-of-text token, where the model wants one, is
+    part of apply_chat_template's output. nfc: NFC-normalise the text between special tokens first (Qwen2's
+    tokenizer.json asks for it). chat_style: "chatml" (Qwen), "llama3" (header tokens) or "plain" (base models:
+    bos, then the message contents separated by blank lines)."""
+
+    def __init__(self, enc: tiktoken.Encoding, eos_id: int, pad_id: int | None = None, chat_style: str = "plain",
+                 bos: str = "", nfc: bool = False):
+        if chat_style not in ("plain", "chatml", "llama3"):
+            raise ValueError(f"Tokenizer chat_style={chat_style!r}: use 'plain', 'chatml' or 'llama3'")
+        self.enc = enc
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self.vocab_size = enc.n_vocab
+        self.chat_style = chat_style
+        self.bos = bos
+        self.nfc = nfc
+        self.special_ids = {s: enc.encode_single_token(s) for s in enc.special_tokens_set}
+        by_length = sorted(self.special_ids, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+
+    def encode(self, text: str) -> list[int]:
+        ids, start = [], 0
+        for m in (self._special_re.finditer(text) if self._special_re else ()):
+            ids += self._encode_ordinary(text[start:m.start()])
+            ids.append(self.special_ids[m.group()])
+            start = m.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(ids.tolist() if isinstance(ids, Tensor) else list(ids))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. No default system prompt."""
+        if self.chat_style == "chatml":
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return self.bos + text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if self.chat_style == "llama3":
+            text = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                           for m in messages)
+            return self.bos + text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+        return self.bos + "\n\n".join(m["content"] for m in messages)
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes byte b as a printable character: itself when printable, else chr(256 + k) for
+    the k-th non-printable byte. Returns character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, k = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + k)] = b
+            k += 1
+    return chars
+
+
+def bpe_parts(ranks: dict[bytes, int], piece: bytes, max_rank: int) -> list[bytes]:
+    """tiktoken's merging of one piece, using only tokens of rank < max_rank: repeatedly join the adjacent pair whose
+    join has the lowest rank (leftmost on ties)."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while True:
+        best, at = max_rank, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1], max_rank)
+            if r < best:
+                best, at = r, i
+        if at < 0:
+            return parts
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+
+
+def hf_tokenizer(folder: Path, config: dict) -> Tokenizer:
+    """tokenizer.json (+ tokenizer_config.json for eos/pad) -> Tokenizer, or a ValueError naming what tiktoken
+    cannot reproduce."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: from_hf needs the model's tokenizer.json")
+    tj = json.loads(path.read_text(encoding="utf-8"))
+
+    def fail(what):
+        raise ValueError(f"{path}: {what}; tiktoken cannot reproduce it exactly (only byte-level BPE tokenizers "
+                         "like Llama 3's and Qwen's are supported)")
+
+    model = tj["model"]
+    if model.get("type") != "BPE":
+        fail(f"model type {model.get('type')!r} is not BPE")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+        if model.get(key):
+            fail(f"BPE option {key}={model[key]!r}")
+
+    norm = tj.get("normalizer")
+    steps = norm["normalizers"] if norm and norm["type"] == "Sequence" else [norm] if norm else []
+    if any(s["type"] != "NFC" for s in steps):
+        fail(f"normalizer {[s['type'] for s in steps]}")
+    nfc = bool(steps)
+
+    # pre-tokenizer: ByteLevel with GPT-2's regex, or a Split regex followed by a regex-free ByteLevel
+    pre = tj.get("pre_tokenizer") or {"type": None}
+    steps = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
+    kinds = [s["type"] for s in steps]
+    if any(s.get("add_prefix_space") for s in steps):
+        fail("pre-tokenizer option add_prefix_space=true")
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        pat = GPT2_PATTERN
+    elif (kinds == ["Split", "ByteLevel"] and "Regex" in steps[0]["pattern"] and steps[0]["behavior"] == "Isolated"
+          and not steps[0]["invert"] and not steps[1].get("use_regex", True)):
+        split = steps[0]["pattern"]["Regex"]
+        # Split also emits the text between matches as pieces; tiktoken keeps only matches, so catch the gaps
+        pat = rf"{split}|(?:(?!{split})[\s\S])+"
+    else:
+        fail(f"pre-tokenizer {pre}")
+    if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        fail(f"decoder {tj.get('decoder')}")
+
+    specials = {}
+    for t in tj.get("added_tokens", []):
+        if t["single_word"] or t["lstrip"] or t["rstrip"] or not t["content"]:
+            fail(f"added token {t}")
+        specials[t["content"]] = t["id"]
+
+    # mergeable ranks: the vocab's byte strings (ids as ranks), without the added tokens
+    alphabet, added_ids = byte_level_alphabet(), set(specials.values())
+    ranks = {}
+    for token, i in model["vocab"].items():
+        if i not in added_ids:
+            if any(c not in alphabet for c in token):
+                fail(f"vocab token {token!r} is not byte-level")
+            ranks[bytes(alphabet[c] for c in token)] = i
+    if any(bytes([b]) not in ranks for b in range(256)):
+        fail("the vocab lacks some of the 256 single-byte tokens")
+
+    # tiktoken joins the adjacent pair of lowest joined rank, HF BPE the pair that comes first in merges: the same
+    # when merge i makes the i-th multi-byte token in rank order and tiktoken's merging of that token ends in
+    # exactly merge i's pair
+    previous = -1
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    for a, b in merges:
+        left, right = bytes(alphabet[c] for c in a), bytes(alphabet[c] for c in b)
+        rank = ranks.get(left + right)
+        if rank is None or rank <= previous or bpe_parts(ranks, left + right, rank) != [left, right]:
+            fail(f"merge {a!r} + {b!r} is not consistent with the vocab's rank order")
+        previous = rank
+    if len(merges) != sum(len(t) > 1 for t in ranks):
+        fail("some multi-byte vocab tokens come from no merge")
+
+    enc = tiktoken.Encoding(name=folder.name, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
+    tcfg_path = folder / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.exists() else {}
+
+    def special_id(name):  # tokenizer_config's "eos_token"/"pad_token": a string or {"content": ...}
+        tok = tcfg.get(name)
+        tok = tok["content"] if isinstance(tok, dict) else tok
+        if tok is not None and tok not in specials:
+            fail(f"tokenizer_config.json's {name} {tok!r} is not an added token")
+        return specials.get(tok)
+
+    eos_id = special_id("eos_token")
+    if eos_id is None:
+        eos = config.get("eos_token_id")
+        eos_id = eos[0] if isinstance(eos, list) else eos
+    if eos_id is None:
+        raise ValueError(f"{folder}: no eos token in tokenizer_config.json (eos_token) or config.json (eos_token_id)")
+    if {"<|im_start|>", "<|im_end|>"} <= specials.keys():
+        style, bos = "chatml", ""
+    elif {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= specials.keys():
+        style, bos = "llama3", "<|begin_of_text|>"
+    else:
+        style, bos = "plain", ""
+    return Tokenizer(enc, eos_id, special_id("pad_token"), chat_style=style, bos=bos, nfc=nfc)
+
+
+def gpt2_tokenizer(tiktoken_file: str | None = None) -> Tokenizer:
+    """GPT-2's encoding: tiktoken's "gpt2" (downloaded once by tiktoken) or a local ranks file (lines of
+    "base64(token) rank", like ../shared/data/gpt2.tiktoken), with <|endoftext|> after the last rank."""
+    if tiktoken_file is None:
+        enc = tiktoken.get_encoding("gpt2")
+    else:
+        ranks = {}
+        for line in Path(tiktoken_file).read_text().splitlines():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        enc = tiktoken.Encoding(name=Path(tiktoken_file).stem, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                special_tokens={ENDOFTEXT: max(ranks.values()) + 1})
+    return Tokenizer(enc, enc.encode_single_token(ENDOFTEXT), bos=ENDOFTEXT)
+
+
+# -----------------------------------------------------------------------------
+# The HF decoder: Llama / Qwen2 / Qwen2.5 / Qwen3
+
+@dataclass
+class HFConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str              # "default" | "linear" | "llama3"
+    rope: dict                  # its parameters: linear: factor; llama3: factor, low/high_freq_factor, original_max_...
+    tie_word_embeddings: bool
+    qkv_bias: bool              # Qwen2: always; Llama / Qwen3: attention_bias
+    o_bias: bool                # Llama / Qwen3: attention_bias
+    mlp_bias: bool              # Llama: mlp_bias
+    qk_norm: bool               # Qwen3: RMSNorm of q and k over head_dim, before rotary
+
+
+def hf_config(cfg: dict, where: str = "config.json") -> HFConfig:
+    """A HF config.json (as a dict) -> HFConfig, or a ValueError naming what this decoder does not implement."""
+    kind = cfg.get("model_type")
+    if kind not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"{where}: model_type {kind!r} is not supported; policy.py loads llama, qwen2 (Qwen2, "
+                         "Qwen2.5) and qwen3 checkpoints")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
+        raise ValueError(f"{where}: sliding-window attention layers are not supported; use full attention")
+    raw = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers >= 5 / older configs
+    rope_type = raw.get("rope_type", raw.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (default, linear, llama3)")
+    if raw.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
+    heads, bias = cfg["num_attention_heads"], cfg.get("attention_bias", False)
+    return HFConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=raw.get("rope_theta", cfg.get("rope_theta", 10000.0)), rope_type=rope_type,
+        rope={k: v for k, v in raw.items() if k not in ("type", "rope_type", "rope_theta")},
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False), qkv_bias=kind == "qwen2" or bias,
+        o_bias=kind != "qwen2" and bias, mlp_bias=kind == "llama" and cfg.get("mlp_bias", False),
+        qk_norm=kind == "qwen3")
+
+
+def rope_inv_freq(c: HFConfig) -> Tensor:
+    """(head_dim / 2,) fp32 rotary frequencies, computed as transformers computes them."""
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+    if c.rope_type == "linear":
+        return inv / c.rope["factor"]
+    if c.rope_type == "llama3":
+        # Llama 3.1: wavelengths beyond old_len / low_freq_factor slowed down by factor, those below
+        # old_len / high_freq_factor kept, a linear blend in between
+        factor, low, high = c.rope["factor"], c.rope["low_freq_factor"], c.rope["high_freq_factor"]
+        old_len = c.rope["original_max_position_embeddings"]
+        smooth = ((old_len / (2 * math.pi / inv) - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv / factor + smooth * inv
+    return inv
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, H, D); cos, sin (B, T, 1, D/2). HF's rotary: rotates the pairs (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class RMSNorm(nn.Module):
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:  # normalised in fp32, scaled in x's dtype, as transformers does
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class HFAttention(nn.Module):
+
+    def __init__(self, c: HFConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv=None, pos=None, mask=None) -> Tensor:
+        # x (B, T, C). Without kv: causal attention within x. With kv = (k_cache, v_cache), each (B, S, Hkv, D):
+        # this step's K/V are written at pos (B, T) and the queries attend to the cache under mask (B, 1, T, S).
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if kv is not None:
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            kv[0][rows, pos] = k
+            kv[1][rows, pos] = v
+            k, v = kv
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=kv is None, enable_gqa=True)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class HFMLP(nn.Module):
+
+    def __init__(self, c: HFConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HFBlock(nn.Module):
+
+    def __init__(self, c: HFConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = HFAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = HFMLP(c)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv=None, pos=None, mask=None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HFDecoder(nn.Module):
+    """Llama / Qwen2 / Qwen3 decoder. Parameter names are transformers' without the "model." prefix, so a HF
+    state dict loads as it is."""
+
+    def __init__(self, config: HFConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(HFBlock(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx (B, T) int64 -> logits (B, T, vocab_size) fp32, causal."""
+        pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+        return self._run(idx, pos)
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c, w = self.config, self.embed_tokens.weight
+        shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+        return KVCache(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
+
+    def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
+        """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32; writes K/V at pos, attends to cache slots <= pos."""
+        visible = torch.arange(cache.k.size(2), device=idx.device) <= pos[:, :, None]  # (B, t, S)
+        return self._run(idx, pos, cache, visible[:, None])
+
+    def _run(self, idx: Tensor, pos: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        x = self.embed_tokens(idx)  # (B, T, C)
+        angles = pos[:, :, None, None].float() * self.inv_freq  # (B, T, 1, D/2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else (cache.k[i], cache.v[i]), pos, mask)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(self.norm(x), head.weight).float()
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+HF_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
+            "model.safetensors.index.json", "model-*-of-*.safetensors"]
+
+
+def from_hf(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[HFDecoder, Tokenizer]:
+    """A HF-format folder or hub repo id (downloaded with huggingface_hub, only HF_FILES) -> (model, tokenizer)."""
+    folder = Path(path_or_repo_id)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download(str(path_or_repo_id), allow_patterns=HF_FILES))
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = hf_tokenizer(folder, config)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    with torch.device("meta"):
+        model = HFDecoder(hf_config(config, str(folder / "config.json")))
+    state = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():
+                if not key.endswith("rotary_emb.inv_freq"):  # older checkpoints store the rotary buffer
+                    state[key.removeprefix("model.")] = f.get_tensor(key).to(device=device, dtype=dtype)
+    if model.lm_head is None:
+        state.pop("lm_head.weight", None)  # tied: some checkpoints store the shared matrix twice
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(model.config).to(device)
+    return model, tokenizer
+
+
+def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
+                    tiktoken_file: str | None = None) -> tuple[GPT, Tokenizer]:
+    """A train_gpt.py checkpoint (torch.save of {"model": state_dict, "config": asdict(GPTConfig), ...}) ->
+    (GPT, GPT-2 tokenizer). dtype: the parameters' dtype (the GPT computes in bf16 on CUDA, fp32 on the CPU
+    whatever the parameters are)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a train_gpt.py checkpoint (a dict with 'model' and 'config')")
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = set(ckpt["config"]) - known
+    if unknown:
+        raise ValueError(f"{path}: config fields {sorted(unknown)} are unknown to model.py's GPTConfig")
+    config = GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
+    tokenizer = gpt2_tokenizer(tiktoken_file)
+    if tokenizer.eos_id != config.eos_token_id or tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: the model (eos {config.eos_token_id}, vocab {config.vocab_size}) does not match "
+                         f"the tokenizer (eos {tokenizer.eos_id}, vocab {tokenizer.vocab_size}); pass tiktoken_file")
+    # a compiled or DDP-wrapped model saves its parameters under _orig_mod. / module.
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.to(device=device, dtype=dtype)
+             for k, v in ckpt["model"].items()}
+    with torch.device(device):
+        model = GPT(config)
+    model.load_state_dict(state, strict=True, assign=True)  # the rotary buffers stay fp32
+    return model, tokenizer
+
+
+def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_heads: int = 2, head_dim: int = 64,
+                max_seq_len: int = 256) -> tuple[GPT, Tokenizer]:
+    """A random tiny GPT (about 1M parameters by default) and a byte-level tokenizer: ids 0-255 are the bytes,
+    256 is <|endoftext|> (eos and pad). For tests and the CPU demo."""
+    enc = tiktoken.Encoding(name="bytes", pat_str=GPT2_PATTERN, mergeable_ranks={bytes([b]): b for b in range(256)},
+                            special_tokens={ENDOFTEXT: 256})
+    config = GPTConfig(vocab_size=257, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
+                       head_dim=head_dim, max_seq_len=max_seq_len, window=max_seq_len, eos_token_id=256,
+                       fp8_head=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(config)
+    return model, Tokenizer(enc, 256)
+
+
+# -----------------------------------------------------------------------------
+# The rollout engine
+
+@dataclass
+class Rollout:
+    """N = len(prompts) * n rows; rows i*n .. i*n+n-1 are the samples of prompt i. Each row holds its prompt, its
+    completion right after it, then pad_id."""
+    tokens: Tensor           # (N, L) int64
+    logprobs: Tensor         # (N, L) fp32: log-prob of tokens[:, t] under log_softmax(logits / temperature) (before
+                             # top-k / top-p; temperature 0: log_softmax(logits)) at completion positions, 0 elsewhere
+    prompt_mask: Tensor      # (N, L) bool
+    completion_mask: Tensor  # (N, L) bool: the sampled tokens up to and including the first eos
+    pad_mask: Tensor         # (N, L) bool: after the eos or the budget (nothing sampled there)
+    truncated: Tensor        # (N,) bool: hit max_new_tokens without an eos
+    prompt_lens: Tensor      # (N,) int64
+    completion_lens: Tensor  # (N,) int64
+
+
+def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator):
+    """logits (N, V) fp32 -> tokens (N,) and their log-probs (N,) under log_softmax(logits / temperature), the
+    distribution before top-k / top-p. temperature 0: argmax, log-probs of log_softmax(logits). Rows draw
+    independently."""
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        logp = F.log_softmax(logits, dim=-1)
+    else:
+        logp = F.log_softmax(logits / temperature, dim=-1)  # (N, V)
+        probs = logp.exp()
+        if top_k > 0:
+            kth = probs.topk(min(top_k, probs.size(-1)), dim=-1).values[:, -1:]  # (N, 1)
+            probs = probs.masked_fill(probs < kth, 0.0)
+        if top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
+            sorted_p, order = (probs / probs.sum(dim=-1, keepdim=True)).sort(dim=-1, descending=True)
+            mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+            probs = probs.scatter(1, order, sorted_p.masked_fill(mass_before >= top_p, 0.0))
+        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def cuda_graph(fn, *args):
+    """Run fn(*args) twice on a side stream (warm-up, compilation), then capture it as a CUDA graph. Returns
+    replay(*new_args): copies new_args into args, replays, returns the graph's output (overwritten by the next
+    replay). fn's writes into other tensors it holds (the KV cache) are part of the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)
+
+    def replay(*new_args):
+        for static, new in zip(args, new_args):
+            static.copy_(new)
+        graph.replay()
+        return out
+    return replay
+
+
+PREFILL_TOKENS = 4096  # prompt tokens per prefill forward: bounds its (rows, T, vocab) logits, which are not needed
+CHECK_EVERY = 8        # decode steps between checks that every row has ended (a check is a GPU -> CPU sync)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eos=None, seed: int = 0, pad_id: int = 0) -> Rollout:
+    """Sample n completions of each prompt (a list of token ids). eos: a token id or a list of ids that end a
+    completion (None: only the budget does). Deterministic given seed (and the device).
+
+    1. prefill every prompt but its last token once, as one right-padded batch (chunked by PREFILL_TOKENS);
+    2. copy each prompt's KV cache into its n rows of the static decode cache;
+    3. decode all rows together, each at its own position: step t feeds every row its previous token (step 0: the
+       prompt's last token, so the n rows of a prompt draw even their first token independently) and samples the
+       next. A row's padded prefill slots are overwritten by its own completion before any query can see them.
+       Rows that ended keep decoding into slots nobody reads, until all rows ended or the budget is spent.
+    On CUDA the decode step is torch.compile'd and captured as a CUDA graph; on the CPU it runs eagerly."""
+    if not prompts or min(map(len, prompts)) == 0 or n < 1 or max_new_tokens < 1:
+        raise ValueError("generate: needs at least one prompt, every prompt non-empty, n >= 1, max_new_tokens >= 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: temperature={temperature} (>= 0), top_k={top_k} (>= 0), top_p={top_p} (0, 1]")
+    device = next(model.parameters()).device
+    P, N, T = len(prompts), len(prompts) * n, max(map(len, prompts))
+    padded = torch.tensor([p + [pad_id] * (T - len(p)) for p in prompts], device=device)  # (P, T)
+    prompt_lens = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(n)  # (N,)
+    cache = model.init_cache(N, T + max_new_tokens - 1)  # the last sampled token is never fed back
+    if T > 1:
+        pre = model.init_cache(P, T - 1)
+        pos = torch.arange(T - 1, device=device).expand(P, T - 1)
+        rows = max(1, PREFILL_TOKENS // (T - 1))
+        for i in range(0, P, rows):
+            model.forward_cached(padded[i:i + rows, :-1], pos[i:i + rows], KVCache(pre.k[:, i:i + rows], pre.v[:, i:i + rows]))
+        for dst, src in ((cache.k, pre.k), (cache.v, pre.v)):  # (layers, N, S, H, D) <- (layers, P, T-1, H, D)
+            dst.view(dst.size(0), P, n, *dst.shape[2:])[:, :, :, :T - 1] = src[:, :, None]
+
+    token = padded.gather(1, prompt_lens[::n, None] - 1).repeat_interleave(n)  # (N,) each prompt's last token
+    pos = prompt_lens - 1  # (N,) where token sits
+    if device.type == "cuda":
+        compiled = torch.compile(model.forward_cached)
+        step = cuda_graph(lambda idx, p: compiled(idx, p, cache), token[:, None].clone(), pos[:, None].clone())
+    else:
+        step = lambda idx, p: model.forward_cached(idx, p, cache)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long,
+                           device=device)
+    out = torch.full((N, max_new_tokens), pad_id, device=device)  # sampled tokens
+    out_logp = torch.zeros(N, max_new_tokens, device=device)
+    ended = torch.zeros(N, dtype=torch.bool, device=device)  # sampled an eos
+    completion_lens = torch.full((N,), max_new_tokens, device=device)
+    for t in range(max_new_tokens):
+        logits = step(token[:, None], (pos + t)[:, None])[:, 0]  # (N, V)
+        token, logp = sample(logits, temperature, top_k, top_p, generator)
+        out[:, t], out_logp[:, t] = token, logp
+        first_eos = ~ended & torch.isin(token, eos_ids)
+        completion_lens = torch.where(first_eos, t + 1, completion_lens)
+        ended |= first_eos
+        if t % CHECK_EVERY == CHECK_EVERY - 1 and bool(ended.all()):
+            break
+
+    # lay each row out as prompt, completion, pad
+    L = int((prompt_lens + completion_lens).max())
+    col = torch.arange(L, device=device)  # (L,)
+    prompt_mask = col < prompt_lens[:, None]  # (N, L)
+    completion_mask = ~prompt_mask & (col < (prompt_lens + completion_lens)[:, None])
+    j = (col - prompt_lens[:, None]).clamp(0, max_new_tokens - 1)  # (N, L) index into the completion
+    prompt_part = F.pad(padded, (0, L - T), value=pad_id).repeat_interleave(n, dim=0)  # (N, L)
+    tokens = torch.where(prompt_mask, prompt_part, torch.where(completion_mask, out.gather(1, j), pad_id))
+    logprobs = torch.where(completion_mask, out_logp.gather(1, j), 0.0)
+    return Rollout(tokens, logprobs, prompt_mask, completion_mask, ~(prompt_mask | completion_mask), ~ended,
+                   prompt_lens, completion_lens)

@@ -1,0 +1,392 @@
+"""policy.py: HF decoder parity with transformers, tokenizer parity with tokenizers, checkpoint loading, and the
+rollout engine against brute-force full forwards, on the HF decoder and on model.py's GPT."""
+import base64
+import dataclasses
+import json
+import random
+
+import pytest
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+import policy
+from model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+TEXTS = [
+    "Hello world! It's a test; we've done 12345678 of them, don't you think?",
+    "  leading spaces,\ttabs\t\tand   runs of    spaces   \n\n\n  newlines \r\n windows\r\n",
+    "naïve café — 日本語のテキスト, Ελληνικά, русский текст 🙂🚀 ok",
+    "combining: e\u0301 vs \u00e9, Å vs A\u030a; digits 3.14159 2,718 1e-10 0x1F",
+    "<|im_start|>user\nWhat is 7*8?<|im_end|>\n<|im_start|>assistant\n56<|im_end|>",
+    "a<|endoftext|><|endoftext|>b<|im_end|>c <|im_start|> d",
+    "def f(x):\n    return x ** 2  # square\n\n\nprint(f(3))   ",
+    "",
+    " ",
+    "trailing whitespace    ",
+]
+
+
+def corpus(seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ("the of and to in is it you that he was for on are with as his they be at one have this from or had "
+             "by word but what some we can out other were all there when up use your how said an each she which do "
+             "café naïve 日本 語 русский 🙂 12 345 6789 3.14 x**2 f(x) [1, 2] {'a': 1} <tag> -- ... !!").split()
+    lines = []
+    for _ in range(400):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+        lines.append(line + rng.choice(["\n", "\n\n", "  \n", "\t", " "]) + str(rng.randint(0, 10 ** 6)))
+    return lines + TEXTS[:4] + TEXTS[6:]
+
+
+def train_bpe(style: str, vocab_size: int = 500):
+    """A tiny byte-level BPE. style: "gpt2" (ByteLevel's regex), "qwen" (NFC, Split with Qwen's regex, ByteLevel)
+    or "letters" (Split on letter runs only: the text between matches becomes pieces too)."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    if style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.normalizer = normalizers.NFC() if style == "qwen" else None
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_PATTERN if style == "qwen" else r"\p{L}+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    return tok
+
+
+def write_tokenizer(folder, tok, eos="<|im_end|>"):
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos, "pad_token": "<|endoftext|>"}))
+
+
+@pytest.fixture(scope="module")
+def qwen_bpe():
+    return train_bpe("qwen")
+
+
+# -----------------------------------------------------------------------------
+# tokenizer parity
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen", "letters"])
+def test_tokenizer_matches_tokenizers(tmp_path, style):
+    ref = train_bpe(style)
+    write_tokenizer(tmp_path, ref)
+    tok = policy.hf_tokenizer(tmp_path, {})
+    assert tok.vocab_size == ref.get_vocab_size()
+    for text in TEXTS + corpus(seed=1)[:50]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # arbitrary id sequences, including ones that split UTF-8 characters
+        ids = torch.randint(0, tok.vocab_size, (12,), generator=gen).tolist()
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    assert (tok.eos_id, tok.pad_id) == (SPECIALS.index("<|im_end|>"), SPECIALS.index("<|endoftext|>"))
+
+
+def test_chat_templates(tmp_path, qwen_bpe):
+    write_tokenizer(tmp_path, qwen_bpe)
+    tok = policy.hf_tokenizer(tmp_path, {})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7*8?"}]
+    text = tok.apply_chat_template(messages)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n7*8?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.encode(text).count(tok.special_ids["<|im_start|>"]) == 3
+    llama = policy.Tokenizer(tok.enc, tok.eos_id, chat_style="llama3", bos="<|begin_of_text|>")
+    assert llama.apply_chat_template(messages[1:], add_generation_prompt=False) == \
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n7*8?<|eot_id|>"
+    plain = policy.Tokenizer(tok.enc, tok.eos_id)
+    assert plain.apply_chat_template(messages) == "Be brief.\n\n7*8?"
+
+
+def edit_tokenizer_json(folder, tok, edit):
+    data = json.loads(tok.to_str())
+    edit(data)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+def swap_last_merges(data):
+    merges = data["model"]["merges"]
+    merges[-1], merges[-2] = merges[-2], merges[-1]
+
+
+def merge_from_another_split(data):
+    """Replace the first merge whose token also splits into two other vocab tokens by that other split: the
+    ranks keep their order, but HF would no longer join the pair tiktoken joins."""
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    for i, (a, b) in enumerate(m.split(" ") if isinstance(m, str) else m for m in merges):
+        for s in range(1, len(a + b)):
+            x, y = (a + b)[:s], (a + b)[s:]
+            if x != a and x in vocab and y in vocab:
+                merges[i] = [x, y]
+                return
+    raise AssertionError("no token with two splits in the test vocab")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer"),
+    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
+    (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "add_prefix_space"),
+    (lambda d: d["added_tokens"][0].update(lstrip=True), "added token"),
+    (swap_last_merges, "rank order"),
+    (merge_from_another_split, "rank order"),
+])
+def test_tokenizer_rejects_what_tiktoken_cannot_reproduce(tmp_path, qwen_bpe, edit, message):
+    edit_tokenizer_json(tmp_path, qwen_bpe, edit)
+    with pytest.raises(ValueError, match=message):
+        policy.hf_tokenizer(tmp_path, {})
+
+
+def test_tokenizer_rejects_wordpiece(tmp_path):
+    wp = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    wp.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"],
+                                                               show_progress=False))
+    wp.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="not BPE"):
+        policy.hf_tokenizer(tmp_path, {})
+
+
+# -----------------------------------------------------------------------------
+# HF decoder parity with transformers
+
+def hf_reference(kind: str, **overrides):
+    """A tiny random transformers model with weights large enough that a wrong detail shows in the logits."""
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+    config_class = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig,
+                    "qwen3": transformers.Qwen3Config}[kind]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**{**base, **overrides}),
+                                                           attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_hf(folder, model, tok, shard=None):
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    write_tokenizer(folder, tok)
+
+
+HF_CASES = {
+    "qwen2": ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2-tied-sharded": ("qwen2", dict(tie_word_embeddings=True)),
+    "llama3-rope-bias": ("llama", dict(head_dim=32, attention_bias=True, mlp_bias=True,
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64})),
+    "llama-linear-rope": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    "qwen3": ("qwen3", dict(head_dim=16)),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_logits_match_transformers(tmp_path, qwen_bpe, case):
+    kind, overrides = HF_CASES[case]
+    ref = hf_reference(kind, **overrides)
+    save_hf(tmp_path, ref, qwen_bpe, shard="100KB" if "sharded" in case else None)
+    if "sharded" in case:
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    model, tok = policy.from_hf(str(tmp_path))
+    assert (model.lm_head is None) == ref.config.tie_word_embeddings
+    idx = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(idx).logits
+        got = model(idx)
+    assert got.dtype == torch.float32 and expected.abs().max() > 1
+    assert (got - expected).abs().max() < 1e-4
+    assert tok.encode("<|im_end|>") == [tok.eos_id]
+
+
+def test_hf_config_reads_older_config_files():
+    new = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+               num_attention_heads=2, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0})
+    old = {**new, "rope_theta": 500.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    del old["rope_parameters"]
+    assert policy.hf_config(old) == policy.hf_config(new)
+    assert policy.hf_config(new).rope_theta == 500.0 and policy.hf_config(new).num_kv_heads == 2
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope type"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(use_sliding_window=True), "sliding-window"),
+])
+def test_hf_config_rejects_unsupported(edit, message):
+    cfg = dict(model_type="qwen2", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+               num_attention_heads=2)
+    with pytest.raises(ValueError, match=message):
+        policy.hf_config({**cfg, **edit})
+
+
+def test_from_hf_downloads_only_the_needed_files(tmp_path, qwen_bpe, monkeypatch):
+    save_hf(tmp_path, hf_reference("qwen2"), qwen_bpe)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    policy.from_hf("someone/tiny-qwen")
+    assert calls == [("someone/tiny-qwen", policy.HF_FILES)]
+
+
+# -----------------------------------------------------------------------------
+# our checkpoints and the tiny policy
+
+def tiny_gpt_config(**kw):
+    return GPTConfig(**{**dict(vocab_size=300, num_layers=3, model_dim=64, num_heads=2, head_dim=32, max_seq_len=128,
+                               window=128, eos_token_id=299, fp8_head=False), **kw})
+
+
+def randomize_gpt(model: GPT, seed: int = 0) -> GPT:
+    """The speedrun init zeroes the output projections and the lm_head; give every parameter random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim >= 2 else 0.5) + (p.ndim < 2))
+    return model
+
+
+def write_ranks(path, n_ranks: int):
+    """A tiny tiktoken ranks file: the 256 bytes plus a few merges of common letter pairs."""
+    tokens = [bytes([b]) for b in range(256)] + [b"th", b"he", b"the", b" t", b" the", b"in", b"an"][:n_ranks - 256]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens)))
+
+
+def test_from_checkpoint_roundtrip(tmp_path):
+    config = tiny_gpt_config(vocab_size=264, eos_token_id=263)
+    model = randomize_gpt(GPT(config))
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config), "step": 7},
+               tmp_path / "ckpt.pt")
+    write_ranks(tmp_path / "tiny.tiktoken", 263)
+    loaded, tok = policy.from_checkpoint(str(tmp_path / "ckpt.pt"), tiktoken_file=str(tmp_path / "tiny.tiktoken"))
+    idx = torch.randint(0, 264, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    assert tok.eos_id == 263 and tok.encode("the then") == [258, 260, ord("n")]
+    assert tok.decode(tok.encode("the then<|endoftext|>")) == "the then<|endoftext|>"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|endoftext|>hi"
+    torch.save({"model": model.state_dict(), "config": {**dataclasses.asdict(config), "bogus": 1}},
+               tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bogus"):
+        policy.from_checkpoint(str(tmp_path / "bad.pt"), tiktoken_file=str(tmp_path / "tiny.tiktoken"))
+
+
+def test_tiny_policy():
+    model, tok = policy.tiny_policy(seed=3)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 300_000 < n_params < 2_000_000
+    text = "12+34=46 ünï 🙂"
+    assert tok.encode(text) == list(text.encode()) and tok.decode(tok.encode(text)) == text
+    assert tok.encode("<|endoftext|>") == [tok.eos_id] == [256] and tok.vocab_size == 257
+    again, _ = policy.tiny_policy(seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert model(torch.tensor([tok.encode(text)])).shape == (1, len(text.encode()), 257)
+
+
+# -----------------------------------------------------------------------------
+# the rollout engine, on the HF decoder and on the GPT
+
+@pytest.fixture(scope="module", params=["hf", "gpt"])
+def policy_model(request, tmp_path_factory, qwen_bpe):
+    if request.param == "hf":
+        folder = tmp_path_factory.mktemp("qwen")
+        save_hf(folder, hf_reference("qwen2", vocab_size=96), qwen_bpe)
+        return policy.from_hf(str(folder))[0]
+    return randomize_gpt(GPT(tiny_gpt_config(vocab_size=96, eos_token_id=95))).eval()
+
+
+PROMPTS = [[5, 17, 3], [9], [40, 41, 42, 43, 44, 45, 46]]  # mixed lengths
+EOS = 95  # the GPT's document separator: cached decoding assumes one document per row, so rows must stop there
+
+
+def full_logprobs(model, rollout, temperature):
+    """log_softmax(logits / temperature) of every row's tokens from one full forward per row (B = 1, no padding)."""
+    out = torch.zeros_like(rollout.logprobs)
+    for r in range(rollout.tokens.size(0)):
+        end = int(rollout.prompt_lens[r] + rollout.completion_lens[r])
+        row = rollout.tokens[r, :end]
+        logp = F.log_softmax(model(row[None, :-1])[0] / (temperature or 1.0), dim=-1)  # (end - 1, V)
+        out[r, 1:end] = logp.gather(1, row[1:, None])[:, 0]
+    return torch.where(rollout.completion_mask, out, 0.0)
+
+
+def test_greedy_equals_full_forward_argmax(policy_model):
+    rollout = policy.generate(policy_model, PROMPTS, n=2, max_new_tokens=9, temperature=0.0, eos=EOS)
+    for i, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        with torch.no_grad():
+            while len(seq) < len(prompt) + 9 and seq[-1] != EOS:
+                seq.append(int(policy_model(torch.tensor([seq]))[0, -1].argmax()))
+        for r in (2 * i, 2 * i + 1):
+            assert rollout.tokens[r].tolist() == seq + [0] * (rollout.tokens.size(1) - len(seq))
+            assert rollout.completion_lens[r] == len(seq) - len(prompt)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_logprobs_match_full_forward(policy_model, temperature, top_k, top_p):
+    rollout = policy.generate(policy_model, PROMPTS, n=3, max_new_tokens=12, temperature=temperature, top_k=top_k,
+                              top_p=top_p, eos=EOS, seed=1)
+    with torch.no_grad():
+        expected = full_logprobs(policy_model, rollout, temperature)
+    assert (rollout.logprobs - expected).abs().max() < 1e-4
+    assert (rollout.logprobs[rollout.completion_mask] < 0).all()
+
+
+def test_top_k_samples_only_the_k_most_likely(policy_model):
+    rollout = policy.generate(policy_model, PROMPTS, n=4, max_new_tokens=6, temperature=1.5, top_k=3, eos=EOS,
+                              seed=2)
+    for r in range(rollout.tokens.size(0)):
+        end = int(rollout.prompt_lens[r] + rollout.completion_lens[r])
+        row = rollout.tokens[r, :end]
+        with torch.no_grad():
+            logits = policy_model(row[None, :-1])[0]  # (end - 1, V)
+        start = int(rollout.prompt_lens[r])
+        top3 = logits[start - 1:].topk(3, dim=-1).indices  # (completion, 3)
+        assert (top3 == row[start:, None]).any(dim=1).all()
+
+
+def test_first_tokens_differ_across_samples_and_seeds_reproduce(policy_model):
+    a = policy.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=5)
+    b = policy.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=5)
+    c = policy.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=6)
+    first = a.tokens[:, 2]
+    assert len(set(first.tolist())) > 4
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_eos_and_budget_masks(policy_model):
+    eos = list(range(0, 96, 8)) + [EOS]  # an eighth of the vocabulary ends a completion: many rows stop early
+    rollout = policy.generate(policy_model, PROMPTS, n=8, max_new_tokens=10, temperature=3.0, eos=eos, seed=3,
+                              pad_id=77)
+    N, L = rollout.tokens.shape
+    assert N == 24 and L == int((rollout.prompt_lens + rollout.completion_lens).max())
+    assert rollout.truncated.any() and not rollout.truncated.all()
+    assert torch.equal(rollout.prompt_lens, torch.tensor([3, 1, 7]).repeat_interleave(8))
+    masks = rollout.prompt_mask.int() + rollout.completion_mask.int() + rollout.pad_mask.int()
+    assert (masks == 1).all()
+    assert (rollout.tokens[rollout.pad_mask] == 77).all() and (rollout.logprobs[~rollout.completion_mask] == 0).all()
+    for r in range(N):
+        p, c = int(rollout.prompt_lens[r]), int(rollout.completion_lens[r])
+        row = rollout.tokens[r].tolist()
+        assert row[:p] == PROMPTS[r // 8]
+        assert rollout.completion_mask[r].nonzero()[:, 0].tolist() == list(range(p, p + c))
+        ends = [t in eos for t in row[p:p + c]]
+        if rollout.truncated[r]:
+            assert c == 10 and not any(ends)
+        else:
+            assert ends == [False] * (c - 1) + [True]
