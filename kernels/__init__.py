@@ -5,9 +5,9 @@ reference, or the Triton kernel itself in Triton's interpreter when TRITON_INTER
 enabled(t) is the switch model.py and muon.py consult before taking a kernel path (env NANOGPT_KERNELS).
 """
 from .dispatch import enabled
-from .relu2_linear import relu2_linear, relu2_linear_reference
-from .softcap_cross_entropy import softcap_cross_entropy, softcap_cross_entropy_reference
-from .xxt import ba_plus_cAA, ba_plus_cAA_reference, xxt, xxt_reference
+from .relu2_matmul import relu2_linear, relu2_linear_reference
+from .softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
+from .gram import ba_plus_cAA, ba_plus_cAA_reference, xxt, xxt_reference
 
 __all__ = ["enabled", "softcap_cross_entropy", "softcap_cross_entropy_reference", "xxt", "xxt_reference",
            "ba_plus_cAA", "ba_plus_cAA_reference", "relu2_linear", "relu2_linear_reference"]

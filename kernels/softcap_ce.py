@@ -55,6 +55,7 @@ def _softcap_ce_kernel(z_ptr, z_row_stride, targets_ptr, n_valid_ptr, loss_ptr, 
     z_row = z_ptr + row * z_row_stride
     target = tl.load(targets_ptr + row)
     valid = target != -100
+    in_range = (target >= 0) & (target < V)  # checked here, not on the host (that would sync): a bad target -> NaN
 
     # sweep 1: logsumexp of the capped row, online (running max m, running sum of exp(y - m))
     m = tl.full([], -float("inf"), tl.float32)
@@ -69,7 +70,7 @@ def _softcap_ce_kernel(z_ptr, z_row_stride, targets_ptr, n_valid_ptr, loss_ptr, 
         m = m_new
     lse = m + tl.log(total)
 
-    z_target = tl.load(z_row + target, mask=valid, other=0.0).to(tl.float32)
+    z_target = tl.load(z_row + target, mask=valid & in_range, other=float("nan")).to(tl.float32)
     y_target, _ = _capped(z_target, softcap, TANH)
     tl.store(loss_ptr + row, tl.where(valid, lse - y_target, 0.0))
 
@@ -149,8 +150,6 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_dlogits):
     dlogits, = ctx.saved_tensors  # the version check here makes a second backward through the graph fail loudly
-    if dlogits.shape[0] == 0:
-        raise RuntimeError("softcap_cross_entropy: the gradient was not written (logits did not require grad)")
     torch.ops.kernels.scale_(dlogits, grad_loss)
     return dlogits, None, None, None, None
 
@@ -161,7 +160,8 @@ _softcap_ce_op.register_autograd(_backward, setup_context=_setup_context)
 def softcap_cross_entropy(logits, targets, softcap=30.0, softcap_type="sigmoid"):
     """Mean cross-entropy of softcapped logits over targets != -100, differentiable in logits.
 
-    logits (N, V) bf16 or fp32 (the raw lm_head output z), targets (N,) int64 -> () fp32.
+    logits (N, V) bf16 or fp32 (the raw lm_head output z), targets (N,) int64 in [0, V) or -100 -> () fp32.
+    A target outside [0, V) raises on the CPU reference path and makes the loss NaN on the Triton path.
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"softcap_cross_entropy: want logits (N, V) and targets (N,), got {tuple(logits.shape)} "

@@ -1,0 +1,315 @@
+"""kernels/: every Triton kernel against its torch reference, on the CPU through Triton's interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1 before kernels/ is imported, so the public functions run the real kernels.
+Shapes are small (the interpreter is ~1000x slower than torch) but not multiples of the block sizes, and span
+several blocks, so masked edges and loops are exercised. Output buffers handed to the launchers are poisoned with
+NaN first: an element a kernel forgets to write fails the comparison. The interpreter truncates fp32 -> bf16
+casts (the GPU rounds), so bf16 results are compared at a tolerance of a few bf16 ulps of the largest value.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import muon
+from kernels import gram, relu2_matmul, softcap_ce
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def assert_close(actual, expected):
+    """actual (any dtype) vs a float64 expected, to a tolerance set by actual's dtype, relative to |expected|.max()."""
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -5}[actual.dtype]
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol)
+
+
+def test_kernels_run_in_the_interpreter():
+    assert kernels.dispatch.INTERPRET, "tests/conftest.py must set TRITON_INTERPRET=1 before kernels/ is imported"
+
+
+# -- softcap_cross_entropy ---------------------------------------------------------------------------------------
+
+CE_CASES = [(torch.float32, "sigmoid", 5000), (torch.bfloat16, "sigmoid", 5000),
+            (torch.bfloat16, "tanh", 1000), (torch.float32, "tanh", 1000)]  # V=5000: two 4096 blocks, ragged
+
+
+def ce_inputs(dtype, V, N=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, V, generator=g) * 12).to(dtype)  # wide enough to reach into the cap
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::4] = -100
+    return logits, targets
+
+
+def ce_reference64(logits, targets, softcap_type):
+    """float64 reference: (row losses (N,), gradient of the mean loss (N, V))."""
+    z = logits.double().requires_grad_()
+    y = 30.0 * torch.tanh(z / 30.0) if softcap_type == "tanh" else 30.0 * torch.sigmoid(z / 7.5)
+    rows = F.cross_entropy(y, targets, ignore_index=-100, reduction="none")
+    rows.sum().div((targets != -100).sum()).backward()
+    return rows.detach(), z.grad
+
+
+@pytest.mark.parametrize("dtype,softcap_type,V", CE_CASES)
+def test_softcap_ce_kernel_writes_every_row_loss_and_gradient(dtype, softcap_type, V):
+    logits, targets = ce_inputs(dtype, V)
+    row_loss = torch.full((logits.shape[0],), float("nan"))
+    dlogits = torch.full(logits.shape, float("nan"), dtype=dtype)
+    n_valid = (targets != -100).sum()
+    grid, kw = softcap_ce._launch_args(logits, targets, n_valid, 30.0, softcap_type, row_loss, dlogits)
+    softcap_ce._softcap_ce_kernel[grid](**kw)
+    rows_ref, grad_ref = ce_reference64(logits, targets, softcap_type)
+    assert_close(row_loss, rows_ref)
+    assert_close(dlogits, grad_ref)
+
+
+@pytest.mark.parametrize("dtype,softcap_type,V", CE_CASES)
+def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V):
+    logits, targets = ce_inputs(dtype, V + 64, seed=1)
+    wide = logits.requires_grad_()
+    z = wide[:, :V]  # a strided view, like logits sliced out of a padded vocabulary
+    targets = targets.clamp(max=V - 1).masked_fill(targets == -100, -100)
+    loss = kernels.softcap_cross_entropy(z, targets, 30.0, softcap_type)
+    (loss * 2.5).backward()  # an upstream gradient != 1: the backward must scale
+    rows_ref, grad_ref = ce_reference64(z.detach(), targets, softcap_type)
+    loss_ref = rows_ref.sum() / (targets != -100).sum()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5)
+    assert_close(wide.grad[:, :V], 2.5 * grad_ref)
+    assert (wide.grad[:, V:] == 0).all()
+
+
+def test_softcap_ce_unit_upstream_gradient_and_no_grad():
+    logits, targets = ce_inputs(torch.bfloat16, 700, N=19, seed=2)
+    z = logits.requires_grad_()
+    kernels.softcap_cross_entropy(z, targets).backward()
+    rows_ref, grad_ref = ce_reference64(logits.detach(), targets, "sigmoid")
+    assert_close(z.grad, grad_ref)
+    with torch.no_grad():
+        loss = kernels.softcap_cross_entropy(z, targets)
+    torch.testing.assert_close(loss.double(), rows_ref.sum() / (targets != -100).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_ce_second_backward_fails_loudly():
+    logits, targets = ce_inputs(torch.float32, 300, N=5)
+    loss = kernels.softcap_cross_entropy(logits.requires_grad_(), targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_softcap_ce_target_out_of_range_gives_nan():
+    logits, targets = ce_inputs(torch.float32, 300, N=5, seed=4)
+    targets[2] = 300
+    assert kernels.softcap_cross_entropy(logits, targets).isnan()
+
+
+def test_softcap_ce_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="view"):
+        kernels.softcap_cross_entropy(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="softcap_type"):
+        kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), 30.0, "relu")
+
+
+def test_softcap_ce_opcheck():
+    logits, targets = ce_inputs(torch.float32, 300, N=6, seed=3)
+    torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
+                          (logits, targets, 30.0, "sigmoid", False))
+    # With the gradient written, the backward scales the op's own dlogits output in place (no extra pass over the
+    # (N, V) logits). The public function never hands dlogits out, and compiled that way it works (the
+    # torch.compile test below); opcheck's AOT test makes dlogits a graph output, which AOTAutograd cannot
+    # partition, so it is left out of this one call.
+    torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
+                          (logits.requires_grad_(), targets, 30.0, "tanh", True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.kernels.scale_.default, (torch.randn(7, 300), torch.tensor(0.3)))
+
+
+# -- xxt / ba_plus_cAA ------------------------------------------------------------------------------------------
+
+XXT_SHAPES = [(150, 200), (2, 70, 90)]  # 64-wide tiles: 3x3 tiles with ragged edges; a batch of two
+
+
+def random(shape, dtype, seed=0, scale=1.0):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", XXT_SHAPES)
+def test_xxt_kernel_writes_every_tile(dtype, shape):
+    A = random(shape, dtype).reshape(-1, *shape[-2:])
+    out = torch.full((A.shape[0], A.shape[1], A.shape[1]), float("nan"), dtype=dtype)
+    gram._launch(A, out, 1.0, 0.0, add_a=False)
+    assert_close(out, A.double() @ A.double().mT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ba_plus_cAA_kernel_writes_every_tile(dtype):
+    A = random((2, 130, 130), dtype, seed=1)  # not symmetric: the b*A term must be read at both mirror places
+    out = torch.full(A.shape, float("nan"), dtype=dtype)
+    gram._launch(A, out, 2.0315, -4.775, add_a=True)
+    A64 = A.double()
+    assert_close(out, -4.775 * A64 + 2.0315 * (A64 @ A64.mT))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xxt_and_ba_plus_cAA_public_functions(dtype):
+    X = random((200, 150), dtype, seed=2).mT  # strided, as muon passes X.mT for tall matrices
+    A = kernels.xxt(X)
+    assert A.shape == (150, 150) and A.dtype == dtype
+    assert_close(A, X.double() @ X.double().mT)
+    S = random((3, 90, 90), dtype, seed=3)
+    S = (S + S.mT) / 2  # symmetric, like the Gram matrices Newton-Schulz feeds it
+    B = kernels.ba_plus_cAA(S, -2.8, 0.5)
+    assert_close(B, -2.8 * S.double() + 0.5 * (S.double() @ S.double()))
+
+
+def test_xxt_and_ba_plus_cAA_gradients():
+    X = random((70, 90), torch.float32, seed=4).requires_grad_()
+    G = random((70, 70), torch.float32, seed=5)
+    (kernels.xxt(X) * G).sum().backward()
+    X64 = X.detach().double().requires_grad_()
+    (kernels.xxt_reference(X64) * G.double()).sum().backward()
+    assert_close(X.grad, X64.grad)
+
+    A = random((70, 70), torch.float32, seed=6).requires_grad_()
+    (kernels.ba_plus_cAA(A, 1.5, -0.7) * G).sum().backward()
+    A64 = A.detach().double().requires_grad_()
+    (kernels.ba_plus_cAA_reference(A64, 1.5, -0.7) * G.double()).sum().backward()
+    assert_close(A.grad, A64.grad)
+
+
+def test_xxt_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="square"):
+        kernels.ba_plus_cAA(torch.randn(4, 5), 1.0, 1.0)
+    with pytest.raises(ValueError, match="matrix"):
+        kernels.xxt(torch.randn(4))
+
+
+def test_xxt_opcheck():
+    torch.library.opcheck(torch.ops.kernels.xxt.default, (random((70, 40), torch.float32).requires_grad_(),))
+    torch.library.opcheck(torch.ops.kernels.ba_plus_cAA.default,
+                          (random((70, 70), torch.float32).requires_grad_(), 1.5, -0.5))
+
+
+def test_newton_schulz_with_kernels_matches_torch(monkeypatch):
+    G = random((2, 150, 90), torch.float32, seed=7)  # tall: muon iterates on the strided transpose
+    monkeypatch.setenv("NANOGPT_KERNELS", "0")
+    plain = muon.newton_schulz(G, steps=5).double()
+    monkeypatch.setenv("NANOGPT_KERNELS", "1")
+    fused = muon.newton_schulz(G, steps=5).double()
+    # five bf16 iterations amplify rounding differences; a wrong product would be off by O(1)
+    torch.testing.assert_close(fused, plain, atol=0.1 * plain.abs().max().item(), rtol=0.1)
+
+
+# -- relu2_linear -------------------------------------------------------------------------------------------------
+
+def relu2_inputs(dtype, seed=0):
+    # x (3, 50, 100) -> 150 tokens, W (200, 100): 2x2 output tiles of 128, and a ragged K loop in every product
+    x = random((3, 50, 100), dtype, seed=seed)
+    W = random((200, 100), dtype, seed=seed + 1, scale=0.1)
+    dy = random((3, 50, 200), dtype, seed=seed + 2)
+    return x, W, dy
+
+
+def relu2_reference64(x, W, dy):
+    x64, W64 = x.double().requires_grad_(), W.double().requires_grad_()
+    y = kernels.relu2_linear_reference(x64, W64)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, W64.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu2_matmul_kernel_writes_every_element(dtype):
+    x, W, dy = relu2_inputs(dtype)
+    x, dy = x.view(150, 100), dy.view(150, 200)
+    y_ref, dx_ref, dW_ref = relu2_reference64(x, W, dy)
+    y = torch.full((150, 200), float("nan"), dtype=dtype)
+    relu2_matmul._matmul(x, W.T, y, relu2_out=True)
+    assert_close(y, y_ref)
+    dx = torch.full_like(x, float("nan"))
+    dW = torch.full_like(W, float("nan"))
+    y_exact = y_ref.to(dtype)  # the backward's inputs, without the forward's rounding error
+    relu2_matmul._matmul(dy, W, dx, y=y_exact)
+    relu2_matmul._matmul(dy.T, x, dW, y=y_exact.T)
+    assert_close(dx, dx_ref)
+    assert_close(dW, dW_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu2_linear_forward_backward_matches_reference(dtype):
+    x, W, dy = relu2_inputs(dtype, seed=3)
+    x.requires_grad_()
+    W.requires_grad_()
+    y = kernels.relu2_linear(x, W)
+    y.backward(dy)
+    y_ref, dx_ref, dW_ref = relu2_reference64(x.detach(), W.detach(), dy)
+    assert y.shape == (3, 50, 200) and y.dtype == dtype
+    assert_close(y, y_ref)
+    assert_close(x.grad, dx_ref)
+    assert_close(W.grad, dW_ref)
+
+
+def test_relu2_linear_rejects_mixed_dtypes():
+    with pytest.raises(ValueError, match="type_as"):
+        kernels.relu2_linear(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(6, 8))
+
+
+def test_relu2_linear_opcheck():
+    x, W = random((20, 30), torch.float32), random((40, 30), torch.float32, seed=1)
+    torch.library.opcheck(torch.ops.kernels.relu2_linear.default, (x.requires_grad_(), W.requires_grad_()))
+    y = kernels.relu2_linear_reference(x.detach(), W.detach())
+    torch.library.opcheck(torch.ops.kernels.relu2_linear_backward.default,
+                          (random((20, 40), torch.float32, seed=2), x.detach(), W.detach(), y))
+
+
+# -- switch, compile, GPU build -----------------------------------------------------------------------------------
+
+def test_enabled_switch(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("NANOGPT_KERNELS", raising=False)
+    assert not kernels.enabled(cpu)  # default: CUDA tensors only
+    monkeypatch.setenv("NANOGPT_KERNELS", "1")
+    assert kernels.enabled(cpu)
+    monkeypatch.setenv("NANOGPT_KERNELS", "0")
+    assert not kernels.enabled(cpu)
+    monkeypatch.setenv("NANOGPT_KERNELS", "yes")
+    with pytest.raises(ValueError, match="NANOGPT_KERNELS"):
+        kernels.enabled(cpu)
+
+
+def test_all_kernels_under_torch_compile_fullgraph(monkeypatch):
+    monkeypatch.setenv("NANOGPT_KERNELS", "1")
+
+    def step(x, W, targets):  # the model's pattern: the switch, then the kernels
+        h = kernels.relu2_linear(x, W) if kernels.enabled(x) else kernels.relu2_linear_reference(x, W)  # (30, 70)
+        z = h @ kernels.xxt(W)  # (30, 70)
+        return kernels.softcap_cross_entropy(z, targets)
+
+    x, W = random((30, 40), torch.float32), random((70, 40), torch.float32, seed=1, scale=0.2)
+    targets = torch.randint(0, 70, (30,), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (step, compiled):
+        xg, Wg = x.clone().requires_grad_(), W.clone().requires_grad_()
+        loss = fn(xg, Wg, targets)
+        loss.backward()
+        grads.append((loss.detach(), xg.grad, Wg.grad))
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager)
+
+
+def test_kernels_compile_for_h100():
+    """Every kernel, at the speedrun's shapes, compiles to an sm_90 cubin with the ptxas Triton ships: the
+    interpreter accepts code the GPU compiler rejects. No GPU needed."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, str(ROOT / "kernels" / "bench.py"), "--compile-only"], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "compiled" in out.stdout
