@@ -180,7 +180,8 @@ def compile_only():
     launches.append(("softcap_ce scale_", softcap_ce._scale_kernel,
                      softcap_ce._scale_launch_args(meta(N, V), meta(dtype=torch.float32))))
     for m, k in ((768, 768), (768, 3072), (3072, 768)):
-        launches.append((f"xxt {m}x{k}", gram._xxt_kernel, gram._launch_args(meta(1, m, k), meta(1, m, m), 1.0, 0.0, False)))
+        launches.append((f"xxt {m}x{k}", gram._xxt_kernel,
+                         gram._launch_args(meta(1, m, k), meta(1, m, m), 1.0, 0.0, False)))
     for m in (768, 3072):
         launches.append((f"ba_plus_cAA {m}x{m}", gram._xxt_kernel,
                          gram._launch_args(meta(1, m, m), meta(1, m, m), 2.0, -4.0, True)))

@@ -23,7 +23,8 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 def enabled(t):
     mode = os.environ.get("NANOGPT_KERNELS", "auto")
     if mode not in ("auto", "0", "1"):
-        raise ValueError(f"NANOGPT_KERNELS={mode!r} is not understood: use 0 (off), 1 (on everywhere) or auto (CUDA only)")
+        raise ValueError(f"NANOGPT_KERNELS={mode!r} is not understood: use 0 (off), 1 (on everywhere) "
+                         "or auto (CUDA only)")
     if mode == "auto":
         return t.is_cuda
     return mode == "1"
