@@ -272,9 +272,9 @@ def repo_sources():
     """'==> path <==' + source of every module of this repo that is loaded (train_gpt.py first)."""
     paths = {os.path.abspath(sys.modules["__main__"].__file__)}
     for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path and path.endswith(".py") and os.path.abspath(path).startswith(REPO + os.sep):
-            paths.add(os.path.abspath(path))
+        path = getattr(module, "__file__", None)  # some modules carry a bare name here (torch._classes)
+        if path and os.path.isabs(path) and path.endswith(".py") and path.startswith(REPO + os.sep):
+            paths.add(path)
     main = os.path.abspath(sys.modules["__main__"].__file__)
     texts = []
     for path in sorted(paths, key=lambda p: (p != main, p)):
