@@ -1,0 +1,134 @@
+"""records/compare.py: the t distribution against closed forms (and scipy when installed), log parsing and the
+table, the one-sided and Welch tests on logs the test writes."""
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("compare", os.path.join(REPO, "records", "compare.py"))
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def cdf_df1(t):  # Cauchy
+    return 0.5 + math.atan(t) / math.pi
+
+
+def cdf_df2(t):
+    return 0.5 + t / (2 * math.sqrt(2 + t * t))
+
+
+def test_t_cdf_matches_closed_forms():
+    rng = np.random.default_rng(0)
+    for t in np.concatenate([rng.normal(0, 3, size=50), [0.0, 1e-3, 40.0, -40.0]]):
+        assert compare.t_cdf(t, 1) == pytest.approx(cdf_df1(t), abs=1e-13)
+        assert compare.t_cdf(t, 2) == pytest.approx(cdf_df2(t), abs=1e-13)
+        normal = 0.5 * (1 + math.erf(t / math.sqrt(2)))  # t -> normal as df grows; the gap is O(1/df)
+        assert compare.t_cdf(t, 1e6) == pytest.approx(normal, abs=1e-6)
+
+
+def test_t_cdf_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    for df in (1, 2, 3.7, 9.25, 30, 400):
+        for t in rng.normal(0, 4, size=20):
+            assert compare.t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), abs=1e-12)
+
+
+def test_welch_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(180, 2, size=5), rng.normal(183, 4, size=7)
+    t, df, p2, p_less = compare.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert t == pytest.approx(ref.statistic, rel=1e-12) and p2 == pytest.approx(ref.pvalue, rel=1e-9)
+    assert p_less == pytest.approx(stats.ttest_ind(a, b, equal_var=False, alternative="less").pvalue, rel=1e-9)
+
+
+def write_log(path, hardware, vals, steps, tok_per_s):
+    """A log in train_gpt.py's format. vals: [(step, val_loss, train_time_ms)]. The fake source section holds
+    lines that look like log lines, which the parser must skip."""
+    lines = ["==> train_gpt.py <==", "step:9/9 val_loss:9.9999 train_time:1ms step_avg:1.00ms", "hardware: fake",
+             "=" * 100, "python 3.11.7 | torch 2.13.0 | triton 3.7.1 | numpy 2.0", f"hardware: {hardware}"]
+    step_ms = vals[-1][2] / steps
+    for step in range(steps + 1):
+        for s, loss, ms in vals:
+            if s == step:
+                lines.append(f"step:{s}/{steps} val_loss:{loss:.4f} train_time:{ms}ms step_avg:{ms / max(s, 1):.2f}ms")
+        if step < steps:
+            lines.append(f"step:{step + 1}/{steps} train_loss:4.000000 train_time:{round(step_ms * (step + 1))}ms "
+                         f"step_avg:{step_ms:.2f}ms tok/s:{tok_per_s[step]} mfu:40.00%")
+    lines.append("peak memory allocated: 1000 MiB reserved: 1100 MiB")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_compare(*args):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "records", "compare.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+    return proc
+
+
+def test_table_and_one_sided_t_test(tmp_path):
+    rng = np.random.default_rng(3)
+    finals, medians = [3.2761, 3.2790, 3.2774], []
+    for i, final in enumerate(finals):
+        tok = rng.integers(1_000_000, 2_000_000, size=4)
+        medians.append(np.median(tok))
+        write_log(tmp_path / f"run{i}.txt", "8x NVIDIA H100 80GB HBM3", [(0, 10.83, 0), (2, 4.1, 90_000 + i),
+                                                                        (4, final, 180_000 + 1000 * i)], 4, tok)
+    proc = run_compare(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| runs |")]
+    assert [r[1] for r in rows] == ["run0", "run1", "run2"]
+    for i, r in enumerate(rows):
+        assert r[2] == "8x NVIDIA H100 80GB HBM3" and r[3] == "4/4"
+        assert float(r[4]) == finals[i] and float(r[5]) == 180 + i
+        assert float(r[6].strip(" |").replace(",", "")) == round(medians[i])
+    # n = 3 runs: t has 2 degrees of freedom, whose CDF has a closed form
+    x = np.array(finals)
+    t = (x.mean() - 3.28) / (x.std(ddof=1) / math.sqrt(3))
+    m = re.search(r"one-sided t-test mean < 3\.28: t=(\S+) df=2 p=(\S+);", proc.stdout)
+    assert float(m[1]) == pytest.approx(t, abs=1e-3)
+    assert float(m[2]) == pytest.approx(cdf_df2(t), rel=1e-3)
+    assert 0.01 < cdf_df2(t) < 0.2  # the case is not trivial: a real p-value, not 0 or 1
+
+
+def test_welch_on_two_groups(tmp_path):
+    # two runs per group with equal spreads: Welch's df is exactly 2, so the closed form gives the reference
+    times = {"base": [185.0, 187.0], "cand": [181.0, 183.0]}
+    for group, ts in times.items():
+        (tmp_path / group).mkdir()
+        for i, sec in enumerate(ts):
+            write_log(tmp_path / group / f"{group}{i}.txt", "8x NVIDIA H100 80GB HBM3",
+                      [(0, 10.8, 0), (4, 3.27 + 0.004 * i, int(sec * 1000))], 4, [1_500_000] * 4)
+    proc = run_compare("--baseline", tmp_path / "base", "--candidate", tmp_path / "cand")
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("| baseline |")]) == 2
+    t = (np.mean(times["cand"]) - np.mean(times["base"])) / math.sqrt(2 / 2 + 2 / 2)  # variances 2 and 2, n = 2
+    m = re.search(r"train time candidate - baseline: (\S+)s; Welch t=(\S+) df=(\S+) p\(two-sided\)=(\S+) "
+                  r"p\(candidate faster\)=(\S+)", proc.stdout)
+    assert float(m[1]) == pytest.approx(-4.0) and float(m[2]) == pytest.approx(t, abs=1e-3)
+    assert float(m[3]) == pytest.approx(2.0)
+    assert float(m[4]) == pytest.approx(2 * cdf_df2(-abs(t)), rel=1e-3)
+    assert float(m[5]) == pytest.approx(cdf_df2(t), rel=1e-3)
+
+
+def test_plot_or_clear_message(tmp_path):
+    write_log(tmp_path / "a.txt", "1x cpu", [(0, 5.5, 0), (4, 2.0, 4000)], 4, [1000] * 4)
+    proc = run_compare(tmp_path / "a.txt", "--plot", tmp_path / "val.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        assert proc.returncode == 1 and "--plot needs matplotlib" in proc.stderr
+    else:
+        assert proc.returncode == 0 and (tmp_path / "val.png").stat().st_size > 0
+
+
+def test_log_without_validation_is_an_error(tmp_path):
+    (tmp_path / "broken.txt").write_text("hardware: 1x cpu\nstep:1/4 train_loss:5.0\n")
+    proc = run_compare(tmp_path / "broken.txt")
+    assert proc.returncode == 1 and "broken.txt has no validation line" in proc.stderr
