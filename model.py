@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+import kernels
+
 FLEX_BLOCK = 128  # FlexAttention tile (tokens); the BlockMask is built at this granularity
 
 
@@ -264,6 +266,8 @@ class MLP(nn.Module):
         self.c_proj = Linear(hidden, config.model_dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernels.enabled(x):  # ReLU² fused into the up-projection (kernels/relu2_matmul.py)
+            return self.c_proj(kernels.relu2_linear(x, self.c_fc.weight.type_as(x)))
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
@@ -330,14 +334,16 @@ class GPT(nn.Module):
                 skips.append(x)
         return norm(x)
 
-    def _logits(self, x: Tensor) -> Tensor:
-        """x (B, T, C) -> softcapped logits (B, T, padded_vocab) fp32."""
+    def _head(self, x: Tensor) -> Tensor:
+        """x (B, T, C) -> raw lm_head output z (B, T, padded_vocab), before the softcap."""
         B, T, C = x.shape
         if self.config.fp8_head:
-            z = fp8_mm(x.reshape(B * T, C), self.lm_head.weight, *self.fp8_scales)[0].view(B, T, -1)
-        else:
-            z = self.lm_head(x)
-        z, c = z.float(), self.config.softcap
+            return fp8_mm(x.reshape(B * T, C), self.lm_head.weight, *self.fp8_scales)[0].view(B, T, -1)
+        return self.lm_head(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """x (B, T, C) -> softcapped logits (B, T, padded_vocab) fp32."""
+        z, c = self._head(x).float(), self.config.softcap
         if self.config.softcap_type == "sigmoid":
             return c * torch.sigmoid(z / (c / 4))
         return c * torch.tanh(z / c)
@@ -364,7 +370,12 @@ class GPT(nn.Module):
                               attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                                      self.config.attn_scale).transpose(1, 2))
         rope = (self.cos[None, :T], self.sin[None, :T])  # (1, T, D/2)
-        logits = self._logits(self._trunk(idx, rope, attend_fns))  # (B, T, V_padded)
+        x = self._trunk(idx, rope, attend_fns)  # (B, T, C)
+        if targets is not None and kernels.enabled(x):  # softcap + cross-entropy + its gradient in one kernel
+            z = self._head(x)  # (B, T, V_padded)
+            return kernels.softcap_cross_entropy(z.view(B * T, -1), targets.reshape(B * T), self.config.softcap,
+                                                 self.config.softcap_type)
+        logits = self._logits(x)  # (B, T, V_padded)
         if targets is None:
             return logits[..., :self.config.vocab_size]
         return F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
