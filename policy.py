@@ -536,7 +536,11 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, generat
             sorted_p, order = (probs / probs.sum(dim=-1, keepdim=True)).sort(dim=-1, descending=True)
             mass_before = sorted_p.cumsum(dim=-1) - sorted_p
             probs = probs.scatter(1, order, sorted_p.masked_fill(mass_before >= top_p, 0.0))
-        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        # inverse CDF: one uniform per row (drawing one exponential per vocabulary entry costs more than the model
+        # on the CPU); the normalised CDF ends at exactly 1 > u and is flat over the filtered-out tokens
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)  # (N, 1) in [0, 1)
+        tokens = torch.searchsorted(cdf / cdf[:, -1:], u, right=True)[:, 0]  # first token whose CDF exceeds u
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
@@ -632,3 +636,96 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
     logprobs = torch.where(completion_mask, out_logp.gather(1, j), 0.0)
     return Rollout(tokens, logprobs, prompt_mask, completion_mask, ~(prompt_mask | completion_mask), ~ended,
                    prompt_lens, completion_lens)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: python policy.py --bench [--small]
+
+QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                  tie_word_embeddings=True, max_position_embeddings=32768)
+SMALL = {**QWEN25_05B, "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+         "num_attention_heads": 2}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write): what decoding can hope to stream."""
+    x = torch.empty(2 ** (28 if device.type == "cuda" else 25), dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync()
+    return 10 * 2 * x.numel() * x.element_size() / (time.perf_counter() - t0)
+
+
+def decode_rate(run, batch: int, steps: tuple[int, int], sync, repeats: int = 3) -> float:
+    """Decode tokens/s from runs of two lengths (the difference cancels the prefill and set-up); each length's
+    time is the best of `repeats` runs after a warm-up run (compilation, graph capture, allocator)."""
+    times = []
+    for k in steps:
+        run(k)
+        best = float("inf")
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            run(k)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    return batch * (steps[1] - steps[0]) / (times[1] - times[0])
+
+
+def bench(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = SMALL if args.small else QWEN25_05B
+    with torch.device(device):
+        model = HFDecoder(hf_config(cfg)).to(dtype).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(device)
+    c = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+    steps = (args.steps // 4, args.steps)
+    context = args.prompt_len + sum(steps) / 2  # mean context length over the timed steps
+    try:
+        import transformers
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg)).to(device=device, dtype=dtype).eval()
+    except ImportError:
+        hf = None
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name}, {dtype}, torch {torch.__version__}, {'small' if args.small else 'Qwen2.5-0.5B'} shape "
+          f"({weight_bytes / 2 ** 20:.0f} MiB of weights), prompts of {args.prompt_len} tokens, decode steps "
+          f"{steps[0]}..{steps[1]}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'batch':>6} {'policy tok/s':>13} {'transformers':>13} {'speedup':>8} {'bound tok/s':>12} {'of bound':>9}")
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batches:
+        prompts = torch.randint(0, c.vocab_size, (batch, args.prompt_len), generator=gen)
+        ours = decode_rate(lambda k: generate(model, prompts.tolist(), 1, k, seed=0), batch, steps, sync)
+        theirs = float("nan")
+        if hf is not None:
+            ids = prompts.to(device)
+            theirs = decode_rate(lambda k: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                                       max_new_tokens=k, min_new_tokens=k, pad_token_id=0),
+                                 batch, steps, sync)
+        bound = batch * bandwidth / (weight_bytes + batch * context * kv_bytes_per_token)
+        print(f"{batch:>6} {ours:>13.0f} {theirs:>13.0f} {ours / theirs:>7.1f}x {bound:>12.0f} {ours / bound:>8.0%}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Rollout-engine benchmark: decode tokens/s of a Qwen2.5-0.5B-shaped "
+                                                 "random model against transformers' generate and the bandwidth bound")
+    parser.add_argument("--bench", action="store_true", help="run the benchmark")
+    parser.add_argument("--small", action="store_true", help="a small shape for the CPU (2 layers, width 128)")
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[64, 256, 512])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=128, help="decode steps of the longer timed run")
+    parser.add_argument("--bandwidth", type=float, default=0.0, help="GB/s for the bound (default: measured copy)")
+    args = parser.parse_args()
+    if not args.bench:
+        parser.error("nothing to do: pass --bench")
+    bench(args)

@@ -346,6 +346,24 @@ def test_logprobs_match_full_forward(policy_model, temperature, top_k, top_p):
     assert (rollout.logprobs[rollout.completion_mask] < 0).all()
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7),
+                                                      (2.0, 4, 0.8)])
+def test_sample_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    probs = torch.softmax(logits / temperature, dim=0)
+    keep = torch.ones(6, dtype=torch.bool)
+    if top_k:
+        keep[top_k:] = False  # logits are sorted: the top k are the first k
+    if top_p < 1:
+        mass_before = torch.cumsum(probs * keep, 0) / (probs * keep).sum() - probs * keep / (probs * keep).sum()
+        keep &= mass_before < top_p
+    expected = probs * keep / (probs * keep).sum()
+    tokens, logp = policy.sample(logits.expand(40_000, 6), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=6) / 40_000
+    assert (freq - expected).abs().max() < 0.01 and (freq[~keep] == 0).all()
+    assert torch.allclose(logp, torch.log(probs)[tokens])
+
+
 def test_top_k_samples_only_the_k_most_likely(policy_model):
     rollout = policy.generate(policy_model, PROMPTS, n=4, max_new_tokens=6, temperature=1.5, top_k=3, eos=EOS,
                               seed=2)
