@@ -136,9 +136,13 @@ def attention_window(step, hp):
 # Data
 
 
-def load_shard(path, eos):
+def load_shard(path, eos, vocab_size):
     """(tokens (N,) uint16, positions of the eos tokens (D,) int64): a shard and its document starts."""
     tokens = read_shard(path)
+    if tokens.size and tokens.max() >= vocab_size:
+        raise SystemExit(f"error: {path} holds token id {tokens.max()}, beyond the model's vocabulary of "
+                         f"{vocab_size}: GPT-2 shards need --preset speedrun, --preset tiny needs byte shards "
+                         f"(python data/tokenize.py FILES --encoding bytes --out-dir DIR)")
     return tokens, np.flatnonzero(tokens == eos)
 
 
@@ -150,30 +154,23 @@ class TrainLoader:
 
     def __init__(self, files, seq_len, seqs_per_step, rank, world, eos, vocab_size, device, shard=0, pos=0):
         self.files, self.seq_len, self.eos, self.vocab_size, self.device = files, seq_len, eos, vocab_size, device
-        self.per_rank = seqs_per_step // world
-        self.mine = range(rank * self.per_rank, (rank + 1) * self.per_rank)
+        per_rank = seqs_per_step // world
+        self.mine = range(rank * per_rank, (rank + 1) * per_rank)
         self.seqs_per_step = seqs_per_step
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.shard, self.pos = shard, pos
-        self.tokens, self.starts = self.check(load_shard(files[shard], eos), files[shard])
-        self.prefetch = self.pool.submit(load_shard, files[(shard + 1) % len(files)], eos)
-
-    def check(self, shard, path):
-        tokens, starts = shard
-        if tokens.size and tokens.max() >= self.vocab_size:
-            raise SystemExit(f"error: {path} holds token id {tokens.max()}, beyond the model's vocabulary of "
-                             f"{self.vocab_size}: GPT-2 shards need --preset speedrun, --preset tiny needs byte "
-                             f"shards (python data/tokenize.py FILES --encoding bytes --out-dir DIR)")
-        return tokens, starts
+        self.tokens, self.starts = load_shard(files[shard], eos, vocab_size)
+        self.prefetch = self.pool.submit(load_shard, files[(shard + 1) % len(files)], eos, vocab_size)
 
     def state_dict(self):
         return {"shard": self.shard, "pos": self.pos}
 
     def next_shard(self):
         self.shard = (self.shard + 1) % len(self.files)
-        self.tokens, self.starts = self.check(self.prefetch.result(), self.files[self.shard])
+        self.tokens, self.starts = self.prefetch.result()
         self.pos = 0
-        self.prefetch = self.pool.submit(load_shard, self.files[(self.shard + 1) % len(self.files)], self.eos)
+        next_file = self.files[(self.shard + 1) % len(self.files)]
+        self.prefetch = self.pool.submit(load_shard, next_file, self.eos, self.vocab_size)
 
     def next_sequence_start(self):
         """Position of the first document start at or after pos that has seq_len + 1 tokens behind it."""
