@@ -94,7 +94,8 @@ class Tokenizer:
         if self.chat_style == "llama3":
             text = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
                            for m in messages)
-            return self.bos + text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+            prompt = "<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""
+            return self.bos + text + prompt
         return self.bos + "\n\n".join(m["content"] for m in messages)
 
 
@@ -176,14 +177,16 @@ def hf_tokenizer(folder: Path, config: dict) -> Tokenizer:
             fail(f"added token {t}")
         specials[t["content"]] = t["id"]
 
+    alphabet = byte_level_alphabet()
+
+    def to_bytes(token):
+        if any(c not in alphabet for c in token):
+            fail(f"token {token!r} is not byte-level")
+        return bytes(alphabet[c] for c in token)
+
     # mergeable ranks: the vocab's byte strings (ids as ranks), without the added tokens
-    alphabet, added_ids = byte_level_alphabet(), set(specials.values())
-    ranks = {}
-    for token, i in model["vocab"].items():
-        if i not in added_ids:
-            if any(c not in alphabet for c in token):
-                fail(f"vocab token {token!r} is not byte-level")
-            ranks[bytes(alphabet[c] for c in token)] = i
+    added_ids = set(specials.values())
+    ranks = {to_bytes(token): i for token, i in model["vocab"].items() if i not in added_ids}
     if any(bytes([b]) not in ranks for b in range(256)):
         fail("the vocab lacks some of the 256 single-byte tokens")
 
@@ -193,7 +196,7 @@ def hf_tokenizer(folder: Path, config: dict) -> Tokenizer:
     previous = -1
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     for a, b in merges:
-        left, right = bytes(alphabet[c] for c in a), bytes(alphabet[c] for c in b)
+        left, right = to_bytes(a), to_bytes(b)
         rank = ranks.get(left + right)
         if rank is None or rank <= previous or bpe_parts(ranks, left + right, rank) != [left, right]:
             fail(f"merge {a!r} + {b!r} is not consistent with the vocab's rank order")
@@ -335,9 +338,8 @@ class HFAttention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
-        if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
-            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv=None, pos=None, mask=None) -> Tensor:
         # x (B, T, C). Without kv: causal attention within x. With kv = (k_cache, v_cache), each (B, S, Hkv, D):
@@ -346,7 +348,7 @@ class HFAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if kv is not None:
@@ -406,7 +408,8 @@ class HFDecoder(nn.Module):
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         c, w = self.config, self.embed_tokens.weight
         shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
-        return KVCache(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
+        return KVCache(torch.zeros(shape, dtype=w.dtype, device=w.device),
+                       torch.zeros(shape, dtype=w.dtype, device=w.device))
 
     def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
         """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32; writes K/V at pos, attends to cache slots <= pos."""
@@ -536,11 +539,10 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, generat
             sorted_p, order = (probs / probs.sum(dim=-1, keepdim=True)).sort(dim=-1, descending=True)
             mass_before = sorted_p.cumsum(dim=-1) - sorted_p
             probs = probs.scatter(1, order, sorted_p.masked_fill(mass_before >= top_p, 0.0))
-        # inverse CDF: one uniform per row (drawing one exponential per vocabulary entry costs more than the model
-        # on the CPU); the normalised CDF ends at exactly 1 > u and is flat over the filtered-out tokens
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)  # (N, 1) in [0, 1)
-        tokens = torch.searchsorted(cdf / cdf[:, -1:], u, right=True)[:, 0]  # first token whose CDF exceeds u
+        # exponential race: argmax of p_i / E_i with E_i ~ Exp(1) i.i.d. is a draw from p (unnormalised is fine);
+        # filtered-out tokens have p_i = 0 and can never win
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        tokens = (probs / race).argmax(dim=-1)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
@@ -597,7 +599,8 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
         pos = torch.arange(T - 1, device=device).expand(P, T - 1)
         rows = max(1, PREFILL_TOKENS // (T - 1))
         for i in range(0, P, rows):
-            model.forward_cached(padded[i:i + rows, :-1], pos[i:i + rows], KVCache(pre.k[:, i:i + rows], pre.v[:, i:i + rows]))
+            chunk = KVCache(pre.k[:, i:i + rows], pre.v[:, i:i + rows])  # views: the writes land in pre
+            model.forward_cached(padded[i:i + rows, :-1], pos[i:i + rows], chunk)
         for dst, src in ((cache.k, pre.k), (cache.v, pre.v)):  # (layers, N, S, H, D) <- (layers, P, T-1, H, D)
             dst.view(dst.size(0), P, n, *dst.shape[2:])[:, :, :, :T - 1] = src[:, :, None]
 

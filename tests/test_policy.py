@@ -38,7 +38,8 @@ def corpus(seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     words = ("the of and to in is it you that he was for on are with as his they be at one have this from or had "
              "by word but what some we can out other were all there when up use your how said an each she which do "
-             "café naïve 日本 語 русский 🙂 12 345 6789 3.14 x**2 f(x) [1, 2] {'a': 1} <tag> -- ... !!").split()
+             "café naïve 日本 語 русский 🙂 12 345 6789 3.14 x**2 f(x) [1, 2] {'a': 1} <tag> -- ... !!"
+             ).split()
     lines = []
     for _ in range(400):
         line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
@@ -324,9 +325,12 @@ def full_logprobs(model, rollout, temperature):
     return torch.where(rollout.completion_mask, out, 0.0)
 
 
-def test_greedy_equals_full_forward_argmax(policy_model):
-    rollout = policy.generate(policy_model, PROMPTS, n=2, max_new_tokens=9, temperature=0.0, eos=EOS)
-    for i, prompt in enumerate(PROMPTS):
+@pytest.mark.parametrize("prompts, prefill_tokens", [(PROMPTS, 4096), (PROMPTS, 6), ([[9], [3]], 4096)],
+                         ids=["mixed-lengths", "one-prompt-per-prefill", "no-prefill"])
+def test_greedy_equals_full_forward_argmax(policy_model, monkeypatch, prompts, prefill_tokens):
+    monkeypatch.setattr(policy, "PREFILL_TOKENS", prefill_tokens)  # 6: prefill one prompt per forward
+    rollout = policy.generate(policy_model, prompts, n=2, max_new_tokens=9, temperature=0.0, eos=EOS)
+    for i, prompt in enumerate(prompts):
         seq = list(prompt)
         with torch.no_grad():
             while len(seq) < len(prompt) + 9 and seq[-1] != EOS:
