@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import kernels
 from data.shards import find_shards, read_shard
 from model import GPT, GPTConfig
 from muon import Muon, sync_grads
@@ -260,6 +261,9 @@ def environment_report(device, world):
         lines.append(f"hardware: {world}x {torch.cuda.get_device_name(device)}")
     else:
         lines.append(f"hardware: {world}x cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank)")
+    switch = os.environ.get("NANOGPT_KERNELS", "auto")
+    lines.append(f"kernels: {'on' if kernels.enabled(torch.empty(0, device=device)) else 'off'} "
+                 f"(NANOGPT_KERNELS={switch})")
     if shutil.which("nvidia-smi"):
         lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout.rstrip())
     return "\n".join(lines)

@@ -153,6 +153,7 @@ def test_tiny_run_learns_and_logs(straight):
     after_sources = log.split("\n" + "=" * 100 + "\n", 1)[1]
     assert re.search(r"^python 3\.\S+ \| torch \S+ \| triton \S+", after_sources, flags=re.M)
     assert re.search(r"^hardware: 1x cpu", after_sources, flags=re.M)
+    assert re.search(r"^kernels: (on|off) \(NANOGPT_KERNELS=", after_sources, flags=re.M)
     assert "preset: tiny (given with --preset)" in after_sources
     step_lines = re.findall(r"^step:(\d+)/12 train_loss:\d+\.\d+ train_time:\d+ms step_avg:\d+\.\d+ms "
                             r"tok/s:\d+ mfu:n/a$", after_sources, flags=re.M)
