@@ -43,6 +43,7 @@ from model import GPT, GPTConfig, KVCache
 # GPT-2's pre-tokenisation regex; tokenizers' ByteLevel(use_regex=True) splits the same way
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
+BYTE_RANKS = {bytes([b]): b for b in range(256)}  # a byte-level vocabulary: token b is byte b, no merges
 
 
 # -----------------------------------------------------------------------------
@@ -243,6 +244,15 @@ def gpt2_tokenizer(tiktoken_file: str | None = None) -> Tokenizer:
         enc = tiktoken.Encoding(name=Path(tiktoken_file).stem, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                 special_tokens={ENDOFTEXT: max(ranks.values()) + 1})
     return Tokenizer(enc, enc.encode_single_token(ENDOFTEXT), bos=ENDOFTEXT)
+
+
+def bytes_tokenizer(eos_id: int) -> Tokenizer:
+    """data/tokenize.py's --encoding bytes (train_gpt.py --preset tiny): the tokens are the UTF-8 bytes and the
+    (ASCII) byte eos_id separates documents, before each one."""
+    if not 0 <= eos_id < 128:
+        raise ValueError(f"bytes_tokenizer: eos_id={eos_id} must be an ASCII byte (data/tokenize.py uses 0)")
+    enc = tiktoken.Encoding(name="bytes", pat_str=GPT2_PATTERN, mergeable_ranks=BYTE_RANKS, special_tokens={})
+    return Tokenizer(enc, eos_id, bos=chr(eos_id))
 
 
 # -----------------------------------------------------------------------------
@@ -466,8 +476,9 @@ def from_hf(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cp
 def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
                     tiktoken_file: str | None = None) -> tuple[GPT, Tokenizer]:
     """A train_gpt.py checkpoint (torch.save of {"model": state_dict, "config": asdict(GPTConfig), ...}) ->
-    (GPT, GPT-2 tokenizer). dtype: the parameters' dtype (the GPT computes in bf16 on CUDA, fp32 on the CPU
-    whatever the parameters are)."""
+    (GPT, tokenizer): GPT-2's (tiktoken_file: a local ranks file instead of tiktoken's download), or the bytes
+    encoding for a 256-token vocabulary (--preset tiny). dtype: the parameters' dtype (the GPT computes in bf16 on
+    CUDA, fp32 on the CPU whatever the parameters are)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path}: not a train_gpt.py checkpoint (a dict with 'model' and 'config')")
@@ -476,7 +487,7 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     if unknown:
         raise ValueError(f"{path}: config fields {sorted(unknown)} are unknown to model.py's GPTConfig")
     config = GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
-    tokenizer = gpt2_tokenizer(tiktoken_file)
+    tokenizer = bytes_tokenizer(config.eos_token_id) if config.vocab_size == 256 else gpt2_tokenizer(tiktoken_file)
     if tokenizer.eos_id != config.eos_token_id or tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: the model (eos {config.eos_token_id}, vocab {config.vocab_size}) does not match "
                          f"the tokenizer (eos {tokenizer.eos_id}, vocab {tokenizer.vocab_size}); pass tiktoken_file")
@@ -493,7 +504,7 @@ def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_he
                 max_seq_len: int = 256) -> tuple[GPT, Tokenizer]:
     """A random tiny GPT (about 1M parameters by default) and a byte-level tokenizer: ids 0-255 are the bytes,
     256 is <|endoftext|> (eos and pad). For tests and the CPU demo."""
-    enc = tiktoken.Encoding(name="bytes", pat_str=GPT2_PATTERN, mergeable_ranks={bytes([b]): b for b in range(256)},
+    enc = tiktoken.Encoding(name="bytes+eos", pat_str=GPT2_PATTERN, mergeable_ranks=BYTE_RANKS,
                             special_tokens={ENDOFTEXT: 256})
     config = GPTConfig(vocab_size=257, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
                        head_dim=head_dim, max_seq_len=max_seq_len, window=max_seq_len, eos_token_id=256,

@@ -286,6 +286,17 @@ def test_from_checkpoint_roundtrip(tmp_path):
         policy.from_checkpoint(str(tmp_path / "bad.pt"), tiktoken_file=str(tmp_path / "tiny.tiktoken"))
 
 
+def test_from_checkpoint_bytes_vocabulary(tmp_path):
+    """train_gpt.py --preset tiny trains on data/tokenize.py --encoding bytes: 256 tokens, byte 0 separates documents."""
+    config = tiny_gpt_config(vocab_size=256, eos_token_id=0)
+    torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config)}, tmp_path / "ckpt.pt")
+    model, tok = policy.from_checkpoint(str(tmp_path / "ckpt.pt"))
+    text = "ROMEO: ü"
+    assert tok.encode(text) == list(text.encode()) and tok.decode(tok.encode(text)) == text
+    assert tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}])) == [0, ord("h"), ord("i")]
+    assert tok.eos_id == 0 and tok.vocab_size == 256
+
+
 def test_tiny_policy():
     model, tok = policy.tiny_policy(seed=3)
     n_params = sum(p.numel() for p in model.parameters())
