@@ -139,7 +139,7 @@ def document_ids(idx: Tensor, eos_token_id: int) -> Tensor:
     last document, so that flex may evaluate the mask function on its padded tile). Each eos starts a document."""
     docs = (idx == eos_token_id).cumsum(dim=1)
     pad = -idx.size(1) % FLEX_BLOCK
-    return F.pad(docs, (0, pad), mode="replicate") if pad else docs
+    return torch.cat([docs, docs[:, -1:].expand(-1, pad)], dim=1)
 
 
 def make_mask_mod(docs: Tensor, window):
