@@ -339,6 +339,23 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q (B, T, H, D); k, v (B, S, Hkv, D) cache slices; mask (B, T, S) bool -> (B, T, H, D). One batched matmul
+    pair per K/V head, reading the cache in place: SDPA with both a mask and GQA falls back to its math kernel,
+    which copies K and V once per query head. Query head h*g + j uses K/V head h (g = H / Hkv), as in HF."""
+    B, T, H, D = q.shape
+    Hkv = k.size(2)
+    g = H // Hkv
+    q = q.view(B, T, Hkv, g, D)
+    hidden = ~mask.repeat_interleave(g, dim=1)  # (B, T*g, S), rows ordered (t, j)
+    out = []
+    for h in range(Hkv):
+        scores = (q[:, :, h].reshape(B, T * g, D) @ k[:, :, h].transpose(1, 2)).float() * D ** -0.5  # (B, T*g, S)
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1).to(v.dtype)
+        out.append((probs @ v[:, :, h]).view(B, T, g, D))
+    return torch.stack(out, dim=2).view(B, T, H, D)
+
+
 class HFAttention(nn.Module):
 
     def __init__(self, c: HFConfig):
@@ -353,7 +370,7 @@ class HFAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv=None, pos=None, mask=None) -> Tensor:
         # x (B, T, C). Without kv: causal attention within x. With kv = (k_cache, v_cache), each (B, S, Hkv, D):
-        # this step's K/V are written at pos (B, T) and the queries attend to the cache under mask (B, 1, T, S).
+        # this step's K/V are written at pos (B, T) and the queries attend to the cache under mask (B, T, S).
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -361,14 +378,15 @@ class HFAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if kv is not None:
+        if kv is None:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, H, D)
+        else:
             rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
             kv[0][rows, pos] = k
             kv[1][rows, pos] = v
-            k, v = kv
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           is_causal=kv is None, enable_gqa=True)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = cached_attention(q, kv[0], kv[1], mask)
+        return self.o_proj(y.reshape(B, T, -1))
 
 
 class HFMLP(nn.Module):
@@ -424,7 +442,7 @@ class HFDecoder(nn.Module):
     def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
         """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32; writes K/V at pos, attends to cache slots <= pos."""
         visible = torch.arange(cache.k.size(2), device=idx.device) <= pos[:, :, None]  # (B, t, S)
-        return self._run(idx, pos, cache, visible[:, None])
+        return self._run(idx, pos, cache, visible)
 
     def _run(self, idx: Tensor, pos: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
         x = self.embed_tokens(idx)  # (B, T, C)
