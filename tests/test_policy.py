@@ -6,16 +6,14 @@ import json
 import random
 
 import pytest
-import tiktoken
+import tokenizers
 import torch
 import torch.nn.functional as F
+import transformers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 import policy
 from model import GPT, GPTConfig
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -208,6 +206,19 @@ def test_hf_logits_match_transformers(tmp_path, qwen_bpe, case):
     assert got.dtype == torch.float32 and expected.abs().max() > 1
     assert (got - expected).abs().max() < 1e-4
     assert tok.encode("<|im_end|>") == [tok.eos_id]
+
+
+def test_from_hf_bfloat16(tmp_path, qwen_bpe):
+    ref = hf_reference("qwen3", head_dim=16)
+    save_hf(tmp_path, ref, qwen_bpe)
+    model, _ = policy.from_hf(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.inv_freq.dtype == torch.float32
+    idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = ref(idx).logits, model(idx)
+    assert got.dtype == torch.float32 and (got - expected).abs().max() < 0.05 * expected.abs().max()
+    rollout = policy.generate(model, idx.tolist(), n=2, max_new_tokens=4, seed=0)
+    assert model.init_cache(1, 4).k.dtype == torch.bfloat16 and rollout.completion_mask.sum() == 16
 
 
 def test_hf_config_reads_older_config_files():
