@@ -552,27 +552,23 @@ class Rollout:
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator):
-    """logits (N, V) fp32 -> tokens (N,) and their log-probs (N,) under log_softmax(logits / temperature), the
-    distribution before top-k / top-p. temperature 0: argmax, log-probs of log_softmax(logits). Rows draw
+    """logits (N, V) fp32 -> tokens (N,) and their log-probs (N,) under softmax(logits / temperature), the
+    distribution before top-k / top-p. temperature 0: argmax, log-probs under softmax(logits). Rows draw
     independently."""
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
-        logp = F.log_softmax(logits, dim=-1)
-    else:
-        logp = F.log_softmax(logits / temperature, dim=-1)  # (N, V)
-        probs = logp.exp()
-        if top_k > 0:
-            kth = probs.topk(min(top_k, probs.size(-1)), dim=-1).values[:, -1:]  # (N, 1)
-            probs = probs.masked_fill(probs < kth, 0.0)
-        if top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
-            sorted_p, order = (probs / probs.sum(dim=-1, keepdim=True)).sort(dim=-1, descending=True)
-            mass_before = sorted_p.cumsum(dim=-1) - sorted_p
-            probs = probs.scatter(1, order, sorted_p.masked_fill(mass_before >= top_p, 0.0))
-        # exponential race: argmax of p_i / E_i with E_i ~ Exp(1) i.i.d. is a draw from p (unnormalised is fine);
-        # filtered-out tokens have p_i = 0 and can never win
-        race = torch.empty_like(probs).exponential_(generator=generator)
-        tokens = (probs / race).argmax(dim=-1)
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+        return tokens, logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
+    probs = F.softmax(logits / temperature, dim=-1)  # (N, V)
+    kept = probs
+    if top_k > 0:
+        kth = probs.topk(min(top_k, probs.size(-1)), dim=-1).values[:, -1:]  # (N, 1)
+        kept = kept.masked_fill(kept < kth, 0.0)
+    if top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = (kept / kept.sum(dim=-1, keepdim=True)).sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        kept = kept.scatter(1, order, sorted_p.masked_fill(mass_before >= top_p, 0.0))
+    tokens = torch.multinomial(kept, 1, generator=generator)[:, 0]  # unnormalised is fine; zeros are never drawn
+    return tokens, probs.gather(1, tokens[:, None])[:, 0].log()
 
 
 def cuda_graph(fn, *args):
@@ -722,15 +718,16 @@ def bench(args):
     c = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
-    steps = (args.steps // 4, args.steps)
+    steps = (args.steps // 4, args.steps) if args.steps else (4, 16) if args.small else (32, 128)
     context = args.prompt_len + sum(steps) / 2  # mean context length over the timed steps
     try:
         import transformers
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg)).to(device=device, dtype=dtype).eval()
+        versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     except ImportError:
-        hf = None
+        hf, versions = None, f"torch {torch.__version__}, no transformers"
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{name}, {dtype}, torch {torch.__version__}, {'small' if args.small else 'Qwen2.5-0.5B'} shape "
+    print(f"{name}, {dtype}, {versions}, {'small' if args.small else 'Qwen2.5-0.5B'} shape "
           f"({weight_bytes / 2 ** 20:.0f} MiB of weights), prompts of {args.prompt_len} tokens, decode steps "
           f"{steps[0]}..{steps[1]}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'batch':>6} {'policy tok/s':>13} {'transformers':>13} {'speedup':>8} {'bound tok/s':>12} {'of bound':>9}")
@@ -742,7 +739,7 @@ def bench(args):
         if hf is not None:
             ids = prompts.to(device)
             theirs = decode_rate(lambda k: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                                       max_new_tokens=k, min_new_tokens=k, pad_token_id=0),
+                                                       top_k=0, max_new_tokens=k, min_new_tokens=k, pad_token_id=0),
                                  batch, steps, sync)
         bound = batch * bandwidth / (weight_bytes + batch * context * kv_bytes_per_token)
         print(f"{batch:>6} {ours:>13.0f} {theirs:>13.0f} {ours / theirs:>7.1f}x {bound:>12.0f} {ours / bound:>8.0%}")
@@ -755,7 +752,8 @@ if __name__ == "__main__":
     parser.add_argument("--small", action="store_true", help="a small shape for the CPU (2 layers, width 128)")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[64, 256, 512])
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=128, help="decode steps of the longer timed run")
+    parser.add_argument("--steps", type=int, default=0, help="decode steps of the longer timed run (the shorter "
+                                                                 "runs a quarter): default 128, 16 with --small")
     parser.add_argument("--bandwidth", type=float, default=0.0, help="GB/s for the bound (default: measured copy)")
     args = parser.parse_args()
     if not args.bench:
