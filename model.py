@@ -68,7 +68,8 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 def _scale(t: Tensor, s: float) -> Tensor:
-    return t.new_tensor(s, dtype=torch.float32)
+    """A 0-dim fp32 scale on t's device, made there (no host-to-device copy: safe under CUDA-graph capture)."""
+    return torch.full((), s, dtype=torch.float32, device=t.device)
 
 
 @torch.library.custom_op("nanogpt::fp8_mm", mutates_args=())
