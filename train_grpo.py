@@ -8,7 +8,24 @@ Per step: sample P prompts x G completions, score them with rule-based rewards (
 group-relative advantages, then take clipped policy-gradient steps on the completion tokens.
 """
 
+import argparse
+import collections
+import copy
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+
+import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import muon
+import policy
+import tasks
 
 
 # -----------------------------------------------------------------------------
@@ -19,7 +36,7 @@ def group_advantages(rewards, group_size, scale="group"):
     # carries no signal and gets exactly 0, whatever the scale.
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not a multiple of group_size={group_size}")
-    if group_size == 1:                                                     # nothing to compare with
+    if group_size == 1 or rewards.numel() == 0:                             # nothing to compare with
         return torch.zeros_like(rewards)
     groups = rewards.view(-1, group_size)                                   # (P, G)
     centred = groups - groups.mean(dim=1, keepdim=True)                     # (P, G)
@@ -85,3 +102,542 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="to
         if entropy is not None:
             metrics["entropy"] = (entropy * maskf).sum() / n
     return loss, metrics
+
+
+# -----------------------------------------------------------------------------
+# distributed helpers (torchrun; gloo on the CPU, nccl on CUDA)
+
+def setup_distributed(device_arg):
+    # -> (rank, world, device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def global_sum(values, device):
+    # list of floats -> their sums over ranks (one all_reduce)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def print0(*args):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# policies, prompts and the rollout batch
+
+def load_policy(spec, device, dtype, seed, tiktoken_file, tiny_layers=4, tiny_dim=128):
+    # "tiny" | "hf:<repo id or path>" | "ckpt:<path>" -> (model, tokenizer)
+    if spec == "tiny":
+        model, tok = policy.tiny_policy(seed=seed, num_layers=tiny_layers, model_dim=tiny_dim, num_heads=2,
+                                        head_dim=tiny_dim // 2)
+        return model.to(device), tok
+    kind, _, path = spec.partition(":")
+    if kind == "hf" and path:
+        return policy.from_hf(path, dtype=dtype, device=device)
+    if kind == "ckpt" and path:
+        return policy.from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file)
+    raise ValueError(f"--policy {spec!r}: use tiny, hf:<repo id or path> or ckpt:<path to a train_gpt.py checkpoint>")
+
+
+def make_task(args):
+    # -> (sample(rng) -> training Problem, held-out test problems)
+    if args.task == "gsm8k":
+        train, test = tasks.load_gsm8k("train"), tasks.load_gsm8k("test")[:args.test_size]
+        return (lambda rng: rng.choice(train)), test
+    if args.task == "arithmetic":
+        make = lambda rng: tasks.arithmetic_problem(rng, digits=args.digits, ops=args.ops)
+    elif args.task == "countdown":
+        make = lambda rng: tasks.countdown_problem(rng, n_numbers=args.countdown_numbers,
+                                                   max_number=args.countdown_max_number)
+    else:
+        raise ValueError(f"--task {args.task!r}: use arithmetic, countdown or gsm8k")
+    test = tasks.held_out_set(make, args.test_size, seed=10_000 + args.seed)
+    return tasks.train_sampler(make, test), test
+
+
+def encode_prompt(tok, problem, system_prompt):
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+               [{"role": "user", "content": problem.prompt}]
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def completion_texts(tok, rollout):
+    # the sampled text of every row, without the closing eos
+    texts = []
+    for row, start, n in zip(rollout.tokens.tolist(), rollout.prompt_lens.tolist(), rollout.completion_lens.tolist()):
+        ids = row[start:start + n]
+        texts.append(tok.decode(ids[:-1] if ids and ids[-1] == tok.eos_id else ids))
+    return texts
+
+
+def cat_rollouts(parts, pad_id):
+    # concatenate Rollouts row-wise, right-padding the (N, L) fields to the longest L
+    L = max(r.tokens.size(1) for r in parts)
+    pad_value = {"tokens": pad_id, "pad_mask": True}
+    out = {}
+    for f in dataclasses.fields(parts[0]):
+        ts = [getattr(r, f.name) for r in parts]
+        if ts[0].ndim == 2:
+            ts = [F.pad(t, (0, L - t.size(1)), value=pad_value.get(f.name, 0)) for t in ts]
+        out[f.name] = torch.cat(ts)
+    return type(parts[0])(**out)
+
+
+def select_rows(rollout, rows):
+    return type(rollout)(**{f.name: getattr(rollout, f.name)[rows] for f in dataclasses.fields(rollout)})
+
+
+def token_logprobs(model, tokens, temperature, with_entropy=False):
+    # tokens (B, L) -> log-prob of tokens[:, 1:] (B, L-1) under softmax(logits / temperature), the sampler's
+    # distribution; entropy (B, L-1) of that distribution (no grad) or None
+    logits = model(tokens[:, :-1]).float()                                  # (B, L-1, V)
+    if temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)                            # (B, L-1, V)
+    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)             # (B, L-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)                  # (B, L-1)
+    return logp, entropy
+
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy pass@1, pass@k and maj@k (majority vote over k sampled answers)
+
+@torch.no_grad()
+def evaluate(model, tok, problems, args, rank, world, device, k=None):
+    # problems are split over ranks; k=None: args.eval_k; k=0: greedy pass@1 only
+    k = args.eval_k if k is None else k
+    model.eval()
+    mine = problems[rank::world]
+    counts = [0.0, 0.0, 0.0, float(len(mine))]                  # pass@1, pass@k, maj@k, problems
+    chunk = max(1, args.prompts_per_step * args.group_size // max(k, 1))
+    for start in range(0, len(mine), chunk):
+        batch = mine[start:start + chunk]
+        prompts = [encode_prompt(tok, p, args.system_prompt) for p in batch]
+        greedy = policy.generate(model, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                 eos=tok.eos_id, seed=args.seed, pad_id=tok.pad_id)
+        for problem, text in zip(batch, completion_texts(tok, greedy)):
+            counts[0] += tasks.correctness_reward(problem, text)
+        if k == 0:
+            continue
+        sampled = policy.generate(model, prompts, n=k, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  eos=tok.eos_id, seed=args.seed + 1, pad_id=tok.pad_id)
+        texts = completion_texts(tok, sampled)
+        for i, problem in enumerate(batch):
+            mine_texts = texts[i * k:(i + 1) * k]
+            correct = [tasks.correctness_reward(problem, t) for t in mine_texts]
+            counts[1] += max(correct)
+            keys = [tasks.answer_key(problem, t) for t in mine_texts]
+            votes = collections.Counter(key for key in keys if key is not None)
+            if votes:
+                counts[2] += correct[keys.index(votes.most_common(1)[0][0])]
+    pass1, passk, majk, n = global_sum(counts, device)
+    model.train()
+    if k == 0:
+        return {"pass@1": pass1 / n}
+    return {"pass@1": pass1 / n, f"pass@{k}": passk / n, f"maj@{k}": majk / n}
+
+
+# -----------------------------------------------------------------------------
+# SFT cold start on the task's worked solutions (loss on the completion only), stopped early once greedy accuracy
+# on training problems reaches --sft-target: RL then starts from a policy that is right some of the time
+
+def sft(model, tok, sample, args, rank, world, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    check_rng = random.Random(f"sft-check/{args.seed}")
+    check = [sample(check_rng) for _ in range(args.sft_check_size)]       # training problems, not the test set
+    model.train()
+    for step in range(args.sft_steps):
+        rng = random.Random(f"sft/{args.seed}/{step}/{rank}")
+        rows, targets = [], []
+        for problem in (sample(rng) for _ in range(args.sft_batch_size)):
+            prompt = encode_prompt(tok, problem, args.system_prompt)
+            completion = tok.encode(problem.solution) + [tok.eos_id]
+            rows.append(prompt + completion)
+            targets.append([-100] * len(prompt) + completion)
+        L = max(len(r) for r in rows)
+        idx = torch.tensor([r + [tok.pad_id] * (L - len(r)) for r in rows], device=device)         # (B, L)
+        tgt = torch.tensor([t + [-100] * (L - len(t)) for t in targets], device=device)           # (B, L)
+        logits = model(idx[:, :-1]).float()                                                        # (B, L-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=-100)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"SFT step {step}: loss is {loss.item()}; lower --sft-lr")
+        loss.backward()
+        muon.sync_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = args.sft_lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % args.sft_check_every == 0 or step + 1 == args.sft_steps:
+            message = f"sft step {step + 1}/{args.sft_steps} loss {loss.item():.4f}"
+            if args.sft_target < 1:
+                accuracy = evaluate(model, tok, check, args, rank, world, device, k=0)["pass@1"]
+                print0(f"{message} | greedy accuracy on training problems {100 * accuracy:.1f}%")
+                if accuracy >= args.sft_target:
+                    return
+            else:
+                print0(message)
+
+
+# -----------------------------------------------------------------------------
+# one RL step: sample groups (refilling zero-std ones), score them, compute advantages
+
+@torch.no_grad()
+def collect(model, tok, sample, args, step, rank):
+    # -> (Rollout of the kept groups, advantages (N,), stats of everything sampled)
+    model.eval()
+    G, kept, kept_rewards = args.group_size, [], []
+    stats = collections.Counter()
+    for attempt in range(1 + (args.max_refills if args.drop_zero_std else 0)):
+        missing = args.prompts_per_step - sum(r.numel() for r in kept_rewards) // G
+        if missing == 0:
+            break
+        rng = random.Random(f"rl/{args.seed}/{step}/{rank}/{attempt}")
+        problems = [sample(rng) for _ in range(missing)]
+        t0 = time.perf_counter()
+        rollout = policy.generate(model, [encode_prompt(tok, p, args.system_prompt) for p in problems], n=G,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, eos=tok.eos_id, seed=rng.getrandbits(31),
+                                  pad_id=tok.pad_id)
+        t1 = time.perf_counter()
+        rows = [p for p in problems for _ in range(G)]
+        rewards, errors = tasks.rewards(rows, completion_texts(tok, rollout), args.correct_weight, args.format_weight)
+        rewards = torch.tensor(rewards)                                     # (missing * G,)
+        t2 = time.perf_counter()
+        groups = rewards.view(-1, G)
+        informative = (groups != groups[:, :1]).any(dim=1)                  # (missing,)
+        keep = informative if args.drop_zero_std else torch.ones_like(informative)
+        keep_rows = keep.repeat_interleave(G).nonzero().squeeze(1)
+        kept.append(select_rows(rollout, keep_rows.to(rollout.tokens.device)))
+        kept_rewards.append(rewards[keep_rows])
+        stats.update({"gen_s": t1 - t0, "reward_s": t2 - t1, "sampled_tokens": rollout.completion_lens.sum().item(),
+                      "samples": rewards.numel(), "reward_sum": rewards.sum().item(),
+                      "reward_sq": (rewards ** 2).sum().item(), "groups": len(problems),
+                      "zero_std_groups": (~informative).sum().item(), "reward_errors": errors,
+                      "truncated": rollout.truncated.sum().item(),
+                      "completion_len": rollout.completion_lens.sum().item()})
+    model.train()
+    rollout = cat_rollouts(kept, tok.pad_id)
+    rewards = torch.cat(kept_rewards)
+    return rollout, group_advantages(rewards, G, args.adv_scale).to(rollout.tokens.device), stats
+
+
+# -----------------------------------------------------------------------------
+# one RL update: mu passes over the rollout, each in --minibatches optimizer steps of micro-batches
+
+def make_optimizers(model, args):
+    # -> (optimizers, the params whose grads we all-reduce and clip; Muon averages its own)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        return [torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)], params
+    if args.optimizer != "muon":
+        raise ValueError(f"--optimizer {args.optimizer!r}: use adamw or muon")
+    if hasattr(model, "param_groups"):                                      # our GPT names its hidden matrices
+        hidden = model.param_groups()["hidden"]
+    else:                                                                   # HF-style: 2D weights of the blocks
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in hidden_ids]
+    return [muon.Muon(hidden, lr=args.muon_lr, momentum=0.95, weight_decay=args.weight_decay),
+            torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)], rest
+
+
+def optimizer_step(model, optimizers, synced_params, args, lr_scale):
+    for p in model.parameters():                        # every rank takes part in every collective, even with no rows
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    muon.sync_grads(synced_params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(synced_params, args.grad_clip)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * lr_scale
+        opt.step()
+    model.zero_grad(set_to_none=False)
+    return grad_norm.item()
+
+
+def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device):
+    # -> sums of metrics over this rank's tokens (the caller all-reduces them)
+    tokens = rollout.tokens                                                 # (N, L)
+    mask = rollout.completion_mask[:, 1:].clone()                           # (N, L-1): targets that were sampled
+    if args.mask_truncated:
+        mask[rollout.truncated] = False
+    sampler_logp = rollout.logprobs[:, 1:]                                  # (N, L-1)
+    lengths = rollout.prompt_lens + rollout.completion_lens                 # (N,)
+    N = tokens.size(0)
+    on_policy = args.updates_per_rollout * args.minibatches == 1            # one optimizer step: ratio exactly 1
+
+    def micro_batches(rows):                                                # -> (rows, columns to keep)
+        for r in rows.split(args.micro_batch_size):
+            if len(r):
+                yield r, int(lengths[r].max())
+
+    # Several optimizer steps per rollout need the log-probs of the policy that sampled it. We take them from one
+    # no-grad forward of the trainer rather than from the sampler's Rollout.logprobs, so that the ratio measures
+    # only the policy's change and not sampler/trainer numerics (KV cache, bf16); that gap is logged as logp_gap.
+    old_logp = torch.zeros_like(sampler_logp) if not on_policy else None
+    ref_logp = torch.zeros_like(sampler_logp) if args.beta > 0 else None
+    if old_logp is not None or ref_logp is not None:
+        with torch.no_grad():
+            for rows, L in micro_batches(torch.arange(N, device=tokens.device)):
+                if old_logp is not None:
+                    old_logp[rows, :L - 1] = token_logprobs(model, tokens[rows, :L], args.temperature)[0]
+                if ref_logp is not None:
+                    ref_logp[rows, :L - 1] = token_logprobs(ref_model, tokens[rows, :L], args.temperature)[0]
+
+    sums = collections.Counter()
+    lr_scale = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    for epoch in range(args.updates_per_rollout):
+        for minibatch in torch.arange(N, device=tokens.device).tensor_split(args.minibatches):
+            # dapo normalises by the completion tokens of the whole optimizer step, over micro-batches and ranks
+            num_tokens, num_rows = global_sum([mask[minibatch].sum().item(), len(minibatch)], device)
+            if num_tokens == 0:                                             # nothing to learn from on any rank
+                continue
+            for rows, L in micro_batches(minibatch):
+                logp, entropy = token_logprobs(model, tokens[rows, :L], args.temperature, with_entropy=True)
+                m = mask[rows, :L - 1]                                      # (b, L-1)
+                loss, metrics = policy_loss(
+                    logp, logp.detach() if on_policy else old_logp[rows, :L - 1], advantages[rows], m,
+                    loss_type=args.loss_type, level=args.level, eps_low=args.eps_low, eps_high=args.eps_high,
+                    ref_logp=ref_logp[rows, :L - 1] if ref_logp is not None else None, beta=args.beta,
+                    max_completion_length=args.max_new_tokens, num_tokens=num_tokens, entropy=entropy)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"step {step}: the policy loss is {loss.item()}; lower --lr or check the policy")
+                # grads are averaged over ranks: scale each rank's share so the average is the global loss's grad
+                share = world if args.loss_type == "dapo" else world * len(rows) / num_rows
+                (loss * share).backward()
+                n = m.sum().item()
+                sums["tokens"] += n
+                for name, value in metrics.items():
+                    sums[name] += value.item() * n
+                if epoch == 0:
+                    sums["first_pass_tokens"] += n
+                    sums["logp_gap"] += ((sampler_logp[rows, :L - 1] - logp.detach()).abs() * m).sum().item()
+            sums["grad_norm"] += optimizer_step(model, optimizers, synced_params, args, lr_scale)
+            sums["optimizer_steps"] += 1
+    return sums
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: model.safetensors + config.json (+ reference.safetensors, per-rank optimizer state), atomic
+
+def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank):
+    final = os.path.join(directory, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
+        if ref_model is not None:
+            safetensors.torch.save_model(ref_model, os.path.join(tmp, "reference.safetensors"))
+        config = getattr(model, "config", None)
+        config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else getattr(config, "__dict__", {})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"model": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, list, tuple))},
+                       "train": {**state, "step": step}}, f, indent=1)
+    torch.save([opt.state_dict() for opt in optimizers], os.path.join(tmp, f"optimizer_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(directory, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(directory, "latest.tmp"), os.path.join(directory, "latest"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, model, ref_model, optimizers, rank, device):
+    # path: a step_* directory or the checkpoint directory holding "latest" -> the saved train state
+    if os.path.exists(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(f"--resume {path}: no model.safetensors there; pass a step_* checkpoint directory")
+    safetensors.torch.load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
+    if ref_model is not None:
+        safetensors.torch.load_model(ref_model, os.path.join(path, "reference.safetensors"), device=str(device))
+    opt_file = os.path.join(path, f"optimizer_rank{rank}.pt")
+    if not os.path.exists(opt_file):
+        raise FileNotFoundError(f"--resume {path}: no {os.path.basename(opt_file)}; resume with the same world size")
+    for opt, sd in zip(optimizers, torch.load(opt_file, map_location=device, weights_only=True), strict=True):
+        opt.load_state_dict(sd)
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)["train"]
+
+
+# -----------------------------------------------------------------------------
+# arguments (the defaults are the CPU demo: tiny policy, 2-digit arithmetic, SFT cold start, then GRPO)
+
+parser = argparse.ArgumentParser(description="GRPO fine-tuning with verifiable rewards")
+# policy and task
+parser.add_argument("--policy", default="tiny", help="tiny | hf:<repo id or path> | ckpt:<train_gpt.py checkpoint>")
+parser.add_argument("--tiny-layers", type=int, default=4, help="--policy tiny: layers")
+parser.add_argument("--tiny-dim", type=int, default=64, help="--policy tiny: width (2 heads)")
+parser.add_argument("--tiktoken-file", default=None, help="tokenizer ranks for --policy ckpt:")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights of hf:/ckpt: policies")
+parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "countdown", "gsm8k"])
+parser.add_argument("--digits", type=int, default=2, help="arithmetic: digits per operand")
+parser.add_argument("--ops", default="+", help="arithmetic: operations to draw from, e.g. +-*")
+parser.add_argument("--countdown-numbers", type=int, default=3, help="countdown: how many numbers are given")
+parser.add_argument("--countdown-max-number", type=int, default=20, help="countdown: largest given number")
+parser.add_argument("--test-size", type=int, default=200, help="held-out problems for evaluation")
+parser.add_argument("--system-prompt", default="", help="system message for chat policies (e.g. the answer format)")
+# sampling
+parser.add_argument("--prompts-per-step", type=int, default=16, help="P: prompts per step per rank")
+parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
+parser.add_argument("--max-new-tokens", type=int, default=24)
+parser.add_argument("--temperature", type=float, default=1.0)
+parser.add_argument("--top-k", type=int, default=0)
+parser.add_argument("--top-p", type=float, default=1.0)
+# rewards
+parser.add_argument("--correct-weight", type=float, default=1.0)
+parser.add_argument("--format-weight", type=float, default=0.0)
+# GRPO
+parser.add_argument("--steps", type=int, default=60, help="RL steps")
+parser.add_argument("--loss-type", default="dapo", choices=["grpo", "dr_grpo", "dapo"])
+parser.add_argument("--level", default="token", choices=["token", "sequence"], help="sequence = GSPO")
+parser.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"])
+parser.add_argument("--eps-low", type=float, default=0.2)
+parser.add_argument("--eps-high", type=float, default=0.28)
+parser.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen start policy (0: no reference)")
+parser.add_argument("--drop-zero-std", action="store_true", help="drop all-equal-reward groups, refill from new prompts")
+parser.add_argument("--max-refills", type=int, default=2, help="refill rounds per step with --drop-zero-std")
+parser.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit --max-new-tokens")
+parser.add_argument("--updates-per-rollout", type=int, default=1, help="mu: passes over each rollout")
+parser.add_argument("--minibatches", type=int, default=1, help="optimizer steps per pass")
+parser.add_argument("--micro-batch-size", type=int, default=128, help="rows per forward/backward")
+# optimisation
+parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on hidden matrices")
+parser.add_argument("--lr", type=float, default=3e-4)
+parser.add_argument("--muon-lr", type=float, default=0.005)
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--warmup-steps", type=int, default=5)
+parser.add_argument("--grad-clip", type=float, default=1.0)
+# SFT cold start
+parser.add_argument("--sft-steps", type=int, default=1500, help="most steps on worked solutions before RL (0: none)")
+parser.add_argument("--sft-batch-size", type=int, default=32)
+parser.add_argument("--sft-lr", type=float, default=3e-3)
+parser.add_argument("--sft-target", type=float, default=0.4, help="stop SFT at this greedy accuracy (1: never)")
+parser.add_argument("--sft-check-every", type=int, default=25, help="SFT steps between accuracy checks")
+parser.add_argument("--sft-check-size", type=int, default=100, help="training problems in each check")
+# evaluation
+parser.add_argument("--eval-every", type=int, default=0, help="RL steps between evaluations (0: only before/after)")
+parser.add_argument("--eval-k", type=int, default=8, help="k of pass@k and maj@k")
+# run
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+parser.add_argument("--checkpoint-dir", default=None)
+parser.add_argument("--save-every", type=int, default=0, help="RL steps between checkpoints (0: only at the end)")
+parser.add_argument("--resume", default=None, help="a step_* checkpoint directory (or the --checkpoint-dir)")
+parser.add_argument("--log-file", default=None, help="JSON lines: one per step and per evaluation")
+
+
+def log_json(args, record):
+    if args.log_file and int(os.environ.get("RANK", 0)) == 0:
+        with open(args.log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def format_eval(name, result):
+    return f"eval {name}: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
+    rank, world, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    model, tok = load_policy(args.policy, device, getattr(torch, args.dtype), args.seed, args.tiktoken_file,
+                             args.tiny_layers, args.tiny_dim)
+    sample, test = make_task(args)
+    print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | task {args.task} | "
+           f"world {world} | device {device}")
+
+    if args.resume is None and args.sft_steps > 0:
+        sft(model, tok, sample, args, rank, world, device)
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    optimizers, synced_params = make_optimizers(model, args)
+    if args.resume is not None:
+        state = load_checkpoint(args.resume, model, ref_model, optimizers, rank, device)
+        print0(f"resumed from {args.resume} at step {state['step']}")
+    else:
+        state = {"step": 0, "before_rl": evaluate(model, tok, test, args, rank, world, device)}
+        print0(format_eval("before RL", state["before_rl"]))
+        log_json(args, {"eval": "before_rl", **state["before_rl"]})
+
+    for step in range(state["step"], args.steps):
+        t0 = time.perf_counter()
+        rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
+        t1 = time.perf_counter()
+        sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device)
+        t2 = time.perf_counter()
+        names = sorted(stats) + sorted(sums)
+        total = dict(zip(names, global_sum([stats[k] for k in sorted(stats)] + [sums[k] for k in sorted(sums)], device)))
+        tokens, samples = max(total["tokens"], 1), total["samples"]
+        mean = total["reward_sum"] / samples
+        record = {
+            "step": step + 1, "reward": mean, "reward_std": max(total["reward_sq"] / samples - mean ** 2, 0) ** 0.5,
+            "zero_std": total["zero_std_groups"] / total["groups"], "groups": total["groups"],
+            "completion_len": total["completion_len"] / samples, "truncated": total["truncated"] / samples,
+            "clip_low": total["clip_low"] / tokens, "clip_high": total["clip_high"] / tokens,
+            "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens,
+            "logp_gap": total["logp_gap"] / max(total["first_pass_tokens"], 1),
+            "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
+            "reward_errors": int(total["reward_errors"]), "tok_per_s": total["sampled_tokens"] / max(stats["gen_s"], 1e-9),
+            "gen_s": stats["gen_s"], "reward_s": stats["reward_s"], "train_s": t2 - t1,
+            "other_s": (t1 - t0) - stats["gen_s"] - stats["reward_s"],
+        }
+        print0(f"step {step + 1}/{args.steps} | reward {record['reward']:.3f} ± {record['reward_std']:.3f} | "
+               f"zero-std {record['zero_std']:.2f} | len {record['completion_len']:.1f} trunc {record['truncated']:.2f} | "
+               f"clip {record['clip_low']:.3f}/{record['clip_high']:.3f} | kl {record['kl']:.4f} | "
+               f"ent {record['entropy']:.3f} | gap {record['logp_gap']:.1e} | {record['tok_per_s']:.0f} tok/s | "
+               f"gen {record['gen_s']:.2f}s reward {record['reward_s']:.2f}s train {record['train_s']:.2f}s"
+               + (f" | reward errors {record['reward_errors']}" if record["reward_errors"] else ""))
+        log_json(args, record)
+        state["step"] = step + 1
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            result = evaluate(model, tok, test, args, rank, world, device)
+            print0(format_eval(f"step {step + 1}", result))
+            log_json(args, {"eval": step + 1, **result})
+        if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.checkpoint_dir, step + 1, model, ref_model, optimizers, state, rank)
+
+    after = evaluate(model, tok, test, args, rank, world, device)
+    print0(format_eval("after RL", after))
+    log_json(args, {"eval": "after_rl", **after})
+    if args.checkpoint_dir:
+        save_checkpoint(args.checkpoint_dir, state["step"], model, ref_model, optimizers, state, rank)
+    before = state["before_rl"]
+    print0(f"held-out pass@1 (greedy): {100 * before['pass@1']:.1f}% before RL -> {100 * after['pass@1']:.1f}% after "
+           f"({100 * (after['pass@1'] - before['pass@1']):+.1f} points) in {time.perf_counter() - t_start:.0f}s")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"before": before, "after": after}
+
+
+if __name__ == "__main__":
+    main()
