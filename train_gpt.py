@@ -76,7 +76,7 @@ class Hyperparameters:
 SPEEDRUN = Hyperparameters()
 TINY = dataclasses.replace(
     SPEEDRUN, train_files="data/tiny/train_*.bin", val_files="data/tiny/val_*.bin", seq_len=256,
-    val_tokens=16 * 1024, steps=200, window_block=32, momentum_warmup_steps=50, val_every=50, compile=False,
+    val_tokens=8 * 1024, steps=200, window_block=32, momentum_warmup_steps=50, val_every=50, compile=False,
     model=GPTConfig(vocab_size=256, num_layers=4, model_dim=64, num_heads=2, head_dim=32, max_seq_len=256,
                     window=128, eos_token_id=0))
 PRESETS = {"speedrun": SPEEDRUN, "tiny": TINY}
