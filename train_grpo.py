@@ -517,7 +517,7 @@ parser.add_argument("--top-p", type=float, default=1.0)
 parser.add_argument("--correct-weight", type=float, default=1.0)
 parser.add_argument("--format-weight", type=float, default=0.0)
 # GRPO
-parser.add_argument("--steps", type=int, default=60, help="RL steps")
+parser.add_argument("--steps", type=int, default=120, help="RL steps")
 parser.add_argument("--loss-type", default="dapo", choices=["grpo", "dr_grpo", "dapo"])
 parser.add_argument("--level", default="token", choices=["token", "sequence"], help="sequence = GSPO")
 parser.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"])
@@ -614,7 +614,8 @@ def main(argv=None):
         print0(f"step {step + 1}/{args.steps} | reward {record['reward']:.3f} ± {record['reward_std']:.3f} | "
                f"zero-std {record['zero_std']:.2f} | len {record['completion_len']:.1f} trunc {record['truncated']:.2f} | "
                f"clip {record['clip_low']:.3f}/{record['clip_high']:.3f} | kl {record['kl']:.4f} | "
-               f"ent {record['entropy']:.3f} | gap {record['logp_gap']:.1e} | {record['tok_per_s']:.0f} tok/s | "
+               f"ent {record['entropy']:.3f} | gap {record['logp_gap']:.1e} | gnorm {record['grad_norm']:.3f} | "
+               f"{record['tok_per_s']:.0f} tok/s | "
                f"gen {record['gen_s']:.2f}s reward {record['reward_s']:.2f}s train {record['train_s']:.2f}s"
                + (f" | reward errors {record['reward_errors']}" if record["reward_errors"] else ""))
         log_json(args, record)

@@ -1,8 +1,15 @@
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import policy
+import train_grpo
 from train_grpo import group_advantages, policy_loss
 
 
@@ -207,3 +214,93 @@ def test_policy_loss_rejects_bad_arguments():
         policy_loss(logp, old_logp, adv, mask, loss_type="ppo")
     with pytest.raises(ValueError, match="level"):
         policy_loss(logp, old_logp, adv, mask, level="word")
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny models gain nothing from more threads, lose a lot when other processes share the cores, and a
+    # fixed thread count keeps the float reductions (and so the demo's trajectory) the same on every machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+# a few steps of the demo that do have reward variance: 80 SFT steps teach the format, the format reward varies
+SMALL = ["--sft-steps", "80", "--sft-target", "1", "--sft-check-every", "80", "--prompts-per-step", "4",
+         "--group-size", "4", "--test-size", "8", "--eval-k", "2", "--format-weight", "1"]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_rl_update_does_not_depend_on_micro_batch_size(loss_type):
+    model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
+    prompts = [tok.encode(p) for p in ["12+34=", "7-1=", "99+99="]]
+    rollout = policy.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
+    advantages = torch.randn(12, generator=torch.Generator().manual_seed(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    deltas = []
+    for micro in ["12", "5"]:
+        model.load_state_dict(start)
+        args = train_grpo.parser.parse_args(["--loss-type", loss_type, "--micro-batch-size", micro,
+                                             "--grad-clip", "1e9", "--max-new-tokens", "6"])
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)        # parameter change = -gradient
+        train_grpo.rl_update(model, None, [sgd], list(model.parameters()), rollout, advantages, args, step=10,
+                             world=1, device=torch.device("cpu"))
+        deltas.append(torch.cat([(p.detach() - start[n]).flatten() for n, p in model.named_parameters()]))
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[1], deltas[0], rtol=1e-4, atol=1e-7)
+
+
+def test_resume_continues_exactly(tmp_path):
+    # 3 steps in one go == 2 steps, a checkpoint, then resuming for the third (mu = 2 with minibatches, a KL
+    # reference, dynamic sampling and Muon: every piece of state a resume must restore)
+    flags = SMALL + ["--updates-per-rollout", "2", "--minibatches", "2", "--beta", "0.05", "--drop-zero-std",
+                     "--optimizer", "muon", "--micro-batch-size", "5"]
+    train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "a")])
+    train_grpo.main(flags + ["--steps", "2", "--checkpoint-dir", str(tmp_path / "b")])
+    train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")])
+    a = load_file(tmp_path / "a" / "step_000003" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "step_000003" / "model.safetensors")
+    b2 = load_file(tmp_path / "b" / "step_000002" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(b[k], b2[k]) for k in b)            # the third step did change the weights
+    assert (tmp_path / "b" / "latest").read_text() == "step_000003"
+    config = (tmp_path / "b" / "step_000003" / "config.json").read_text()
+    assert '"model_dim": 64' in config and '"step": 3' in config
+
+
+def test_bad_flags_fail_with_a_clear_message():
+    with pytest.raises(ValueError, match="--policy"):
+        train_grpo.main(["--policy", "gpt4"])
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train_grpo.main(SMALL + ["--sft-steps", "0", "--resume", "/nonexistent/ckpt"])
+
+
+def test_torchrun_two_processes(tmp_path):
+    log = tmp_path / "log.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(REPO, "train_grpo.py"), *SMALL, "--steps", "2", "--updates-per-rollout", "2",
+           "--drop-zero-std", "--optimizer", "muon", "--log-file", str(log), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["groups"] >= 8 for r in steps)                   # 4 prompts per rank, both ranks counted
+    assert {r.get("eval") for r in records} >= {"before_rl", "after_rl"}
+    assert sorted(os.listdir(tmp_path / "ckpt" / "step_000002")) == [
+        "config.json", "model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt"]
+
+
+def test_cpu_demo_raises_pass_at_1():
+    # the demo, shortened: fewer RL steps and a cheaper evaluation; fixed seed
+    result = train_grpo.main(["--steps", "80", "--eval-k", "2"])
+    before, after = result["before"]["pass@1"], result["after"]["pass@1"]
+    assert 0.2 <= before <= 0.9, before                            # SFT stopped at a middling accuracy
+    assert after - before >= 0.10, (before, after)
