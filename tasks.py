@@ -4,8 +4,8 @@ Verifiable tasks for train_grpo.py: problems, worked solutions (for the SFT cold
   arithmetic  procedural multi-digit a+b, a-b, a*b                      reward: the number in <answer>…</answer>
   countdown   reach a target with given numbers, each at most once,    reward: the expression in <answer>…</answer>,
               with + - * /                                                      checked with `ast`, never executed
-  gsm8k       grade-school word problems from the hub (openai/gsm8k)    reward: <answer>…</answer>, else "#### n", else
-                                                                                the last number of the completion
+  gsm8k       grade-school word problems from the hub (openai/gsm8k)    reward: <answer>…</answer>, else "#### n",
+                                                                                else the completion's last number
 Every problem carries its kind, so the reward needs nothing but the problem and the completion. Model output is
 untrusted text: it is only matched with regular expressions and parsed with `ast` into a tree we walk ourselves.
 """
@@ -84,7 +84,7 @@ def held_out_set(make, n, seed):
             problems.append(problem)
             if len(problems) == n:
                 return problems
-    raise ValueError(f"held_out_set: could not draw {n} distinct problems; make the task larger or the test set smaller")
+    raise ValueError(f"held_out_set: could not draw {n} distinct problems; use a larger task or a smaller test set")
 
 
 # -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import random
 import shutil
 import time
 
+import huggingface_hub
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ def group_advantages(rewards, group_size, scale="group"):
     # rewards (N,) in contiguous groups of group_size -> advantages (N,). A group whose rewards are all equal
     # carries no signal and gets exactly 0, whatever the scale.
     if rewards.ndim != 1 or rewards.numel() % group_size:
-        raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not a multiple of group_size={group_size}")
+        raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not groups of group_size={group_size}")
     if group_size == 1 or rewards.numel() == 0:                             # nothing to compare with
         return torch.zeros_like(rewards)
     groups = rewards.view(-1, group_size)                                   # (P, G)
@@ -138,17 +139,21 @@ def print0(*args):
 # -----------------------------------------------------------------------------
 # policies, prompts and the rollout batch
 
-def load_policy(spec, device, dtype, seed, tiktoken_file, tiny_layers=4, tiny_dim=128):
-    # "tiny" | "hf:<repo id or path>" | "ckpt:<path>" -> (model, tokenizer)
+def load_policy(spec, device, dtype, seed, tiktoken_file, tiny_layers, tiny_dim):
+    # "tiny" | "hf:<repo id or path>" | "ckpt:<path>" -> (model, tokenizer, HF files a checkpoint should carry)
     if spec == "tiny":
         model, tok = policy.tiny_policy(seed=seed, num_layers=tiny_layers, model_dim=tiny_dim, num_heads=2,
                                         head_dim=tiny_dim // 2)
-        return model.to(device), tok
+        return model.to(device), tok, []
     kind, _, path = spec.partition(":")
     if kind == "hf" and path:
-        return policy.from_hf(path, dtype=dtype, device=device)
+        folder = path if os.path.isdir(path) else \
+            huggingface_hub.snapshot_download(path, allow_patterns=policy.HF_FILES)
+        model, tok = policy.from_hf(folder, dtype=dtype, device=device)
+        names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+        return model, tok, [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
     if kind == "ckpt" and path:
-        return policy.from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file)
+        return (*policy.from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file), [])
     raise ValueError(f"--policy {spec!r}: use tiny, hf:<repo id or path> or ckpt:<path to a train_gpt.py checkpoint>")
 
 
@@ -328,8 +333,8 @@ def collect(model, tok, sample, args, step, rank):
         keep_rows = keep.repeat_interleave(G).nonzero().squeeze(1)
         kept.append(select_rows(rollout, keep_rows.to(rollout.tokens.device)))
         kept_rewards.append(rewards[keep_rows])
-        stats.update({"gen_s": t1 - t0, "reward_s": t2 - t1, "sampled_tokens": rollout.completion_lens.sum().item(),
-                      "samples": rewards.numel(), "reward_sum": rewards.sum().item(),
+        stats.update({"gen_s": t1 - t0, "reward_s": t2 - t1, "samples": rewards.numel(),
+                      "reward_sum": rewards.sum().item(),
                       "reward_sq": (rewards ** 2).sum().item(), "groups": len(problems),
                       "zero_std_groups": (~informative).sum().item(), "reward_errors": errors,
                       "truncated": rollout.truncated.sum().item(),
@@ -438,9 +443,14 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: model.safetensors + config.json (+ reference.safetensors, per-rank optimizer state), atomic
+# checkpoints, one directory per step, written to a temporary directory and renamed into place:
+#   model.safetensors, config.json     the policy: for hf: policies also its tokenizer files, so that
+#                                      policy.from_hf(<step dir>) loads it; for our GPT, GPTConfig's fields
+#   train_state.json                   step, evaluation before RL, the flags
+#   reference.safetensors              the frozen reference (beta > 0)
+#   optimizer_rank{r}.pt               each rank's optimizer state (Muon's is sharded over ranks)
 
-def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank):
+def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, hf_files):
     final = os.path.join(directory, f"step_{step:06d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -452,11 +462,13 @@ def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank):
         safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
         if ref_model is not None:
             safetensors.torch.save_model(ref_model, os.path.join(tmp, "reference.safetensors"))
-        config = getattr(model, "config", None)
-        config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else getattr(config, "__dict__", {})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"model": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, list, tuple))},
-                       "train": {**state, "step": step}}, f, indent=1)
+        for path in hf_files:
+            shutil.copy(path, tmp)
+        if not hf_files:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(model.config), f, indent=1)
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump({**state, "step": step}, f, indent=1)
     torch.save([opt.state_dict() for opt in optimizers], os.path.join(tmp, f"optimizer_rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
@@ -485,8 +497,8 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
         raise FileNotFoundError(f"--resume {path}: no {os.path.basename(opt_file)}; resume with the same world size")
     for opt, sd in zip(optimizers, torch.load(opt_file, map_location=device, weights_only=True), strict=True):
         opt.load_state_dict(sd)
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)["train"]
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
@@ -524,7 +536,7 @@ parser.add_argument("--adv-scale", default="group", choices=["group", "batch", "
 parser.add_argument("--eps-low", type=float, default=0.2)
 parser.add_argument("--eps-high", type=float, default=0.28)
 parser.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen start policy (0: no reference)")
-parser.add_argument("--drop-zero-std", action="store_true", help="drop all-equal-reward groups, refill from new prompts")
+parser.add_argument("--drop-zero-std", action="store_true", help="drop all-equal-reward groups, refill with new ones")
 parser.add_argument("--max-refills", type=int, default=2, help="refill rounds per step with --drop-zero-std")
 parser.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit --max-new-tokens")
 parser.add_argument("--updates-per-rollout", type=int, default=1, help="mu: passes over each rollout")
@@ -556,6 +568,32 @@ parser.add_argument("--resume", default=None, help="a step_* checkpoint director
 parser.add_argument("--log-file", default=None, help="JSON lines: one per step and per evaluation")
 
 
+# what collect() and rl_update() count; summed over ranks in this fixed order (every rank sends every name)
+SUMS = ["gen_s", "reward_s", "samples", "reward_sum", "reward_sq", "groups", "zero_std_groups", "reward_errors",
+        "truncated", "completion_len", "tokens", "first_pass_tokens", "clip_low", "clip_high", "ratio", "kl",
+        "entropy", "logp_gap", "grad_norm", "optimizer_steps"]
+
+
+def step_record(step, stats, sums, train_s, world, device):
+    # per-rank counts -> the step's log record (means over all ranks)
+    local = {**stats, **sums}
+    total = dict(zip(SUMS, global_sum([local.get(k, 0.0) for k in SUMS], device)))
+    samples, tokens = max(total["samples"], 1), max(total["tokens"], 1)
+    mean = total["reward_sum"] / samples
+    return {
+        "step": step, "reward": mean, "reward_std": max(total["reward_sq"] / samples - mean ** 2, 0) ** 0.5,
+        "zero_std": total["zero_std_groups"] / max(total["groups"], 1), "groups": int(total["groups"]),
+        "completion_len": total["completion_len"] / samples, "truncated": total["truncated"] / samples,
+        "clip_low": total["clip_low"] / tokens, "clip_high": total["clip_high"] / tokens,
+        "ratio": total["ratio"] / tokens, "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens,
+        "logp_gap": total["logp_gap"] / max(total["first_pass_tokens"], 1),
+        "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
+        "reward_errors": int(total["reward_errors"]),
+        "tok_per_s": total["completion_len"] / max(total["gen_s"] / world, 1e-9),   # all ranks together
+        "gen_s": stats["gen_s"], "reward_s": stats["reward_s"], "train_s": train_s,    # this rank
+    }
+
+
 def log_json(args, record):
     if args.log_file and int(os.environ.get("RANK", 0)) == 0:
         with open(args.log_file, "a") as f:
@@ -571,8 +609,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    model, tok = load_policy(args.policy, device, getattr(torch, args.dtype), args.seed, args.tiktoken_file,
-                             args.tiny_layers, args.tiny_dim)
+    model, tok, hf_files = load_policy(args.policy, device, getattr(torch, args.dtype), args.seed, args.tiktoken_file,
+                                       args.tiny_layers, args.tiny_dim)
     sample, test = make_task(args)
     print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | task {args.task} | "
            f"world {world} | device {device}")
@@ -590,29 +628,14 @@ def main(argv=None):
         log_json(args, {"eval": "before_rl", **state["before_rl"]})
 
     for step in range(state["step"], args.steps):
-        t0 = time.perf_counter()
         rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
         t1 = time.perf_counter()
         sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device)
         t2 = time.perf_counter()
-        names = sorted(stats) + sorted(sums)
-        total = dict(zip(names, global_sum([stats[k] for k in sorted(stats)] + [sums[k] for k in sorted(sums)], device)))
-        tokens, samples = max(total["tokens"], 1), total["samples"]
-        mean = total["reward_sum"] / samples
-        record = {
-            "step": step + 1, "reward": mean, "reward_std": max(total["reward_sq"] / samples - mean ** 2, 0) ** 0.5,
-            "zero_std": total["zero_std_groups"] / total["groups"], "groups": total["groups"],
-            "completion_len": total["completion_len"] / samples, "truncated": total["truncated"] / samples,
-            "clip_low": total["clip_low"] / tokens, "clip_high": total["clip_high"] / tokens,
-            "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens,
-            "logp_gap": total["logp_gap"] / max(total["first_pass_tokens"], 1),
-            "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
-            "reward_errors": int(total["reward_errors"]), "tok_per_s": total["sampled_tokens"] / max(stats["gen_s"], 1e-9),
-            "gen_s": stats["gen_s"], "reward_s": stats["reward_s"], "train_s": t2 - t1,
-            "other_s": (t1 - t0) - stats["gen_s"] - stats["reward_s"],
-        }
+        record = step_record(step + 1, stats, sums, t2 - t1, world, device)
         print0(f"step {step + 1}/{args.steps} | reward {record['reward']:.3f} ± {record['reward_std']:.3f} | "
-               f"zero-std {record['zero_std']:.2f} | len {record['completion_len']:.1f} trunc {record['truncated']:.2f} | "
+               f"zero-std {record['zero_std']:.2f} | len {record['completion_len']:.1f} "
+               f"trunc {record['truncated']:.2f} | "
                f"clip {record['clip_low']:.3f}/{record['clip_high']:.3f} | kl {record['kl']:.4f} | "
                f"ent {record['entropy']:.3f} | gap {record['logp_gap']:.1e} | gnorm {record['grad_norm']:.3f} | "
                f"{record['tok_per_s']:.0f} tok/s | "
@@ -625,13 +648,13 @@ def main(argv=None):
             print0(format_eval(f"step {step + 1}", result))
             log_json(args, {"eval": step + 1, **result})
         if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.checkpoint_dir, step + 1, model, ref_model, optimizers, state, rank)
+            save_checkpoint(args.checkpoint_dir, step + 1, model, ref_model, optimizers, state, rank, hf_files)
 
     after = evaluate(model, tok, test, args, rank, world, device)
     print0(format_eval("after RL", after))
     log_json(args, {"eval": "after_rl", **after})
     if args.checkpoint_dir:
-        save_checkpoint(args.checkpoint_dir, state["step"], model, ref_model, optimizers, state, rank)
+        save_checkpoint(args.checkpoint_dir, state["step"], model, ref_model, optimizers, state, rank, hf_files)
     before = state["before_rl"]
     print0(f"held-out pass@1 (greedy): {100 * before['pass@1']:.1f}% before RL -> {100 * after['pass@1']:.1f}% after "
            f"({100 * (after['pass@1'] - before['pass@1']):+.1f} points) in {time.perf_counter() - t_start:.0f}s")

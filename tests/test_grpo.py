@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 
 import policy
 import train_grpo
@@ -259,7 +259,7 @@ def test_resume_continues_exactly(tmp_path):
     # 3 steps in one go == 2 steps, a checkpoint, then resuming for the third (mu = 2 with minibatches, a KL
     # reference, dynamic sampling and Muon: every piece of state a resume must restore)
     flags = SMALL + ["--updates-per-rollout", "2", "--minibatches", "2", "--beta", "0.05", "--drop-zero-std",
-                     "--optimizer", "muon", "--micro-batch-size", "5"]
+                     "--optimizer", "muon", "--micro-batch-size", "5", "--loss-type", "dr_grpo"]
     train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "a")])
     train_grpo.main(flags + ["--steps", "2", "--checkpoint-dir", str(tmp_path / "b")])
     train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")])
@@ -270,8 +270,46 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(b[k], b2[k]) for k in b)            # the third step did change the weights
     assert (tmp_path / "b" / "latest").read_text() == "step_000003"
-    config = (tmp_path / "b" / "step_000003" / "config.json").read_text()
-    assert '"model_dim": 64' in config and '"step": 3' in config
+    config = json.loads((tmp_path / "b" / "step_000003" / "config.json").read_text())
+    assert config["model_dim"] == 64 and config["vocab_size"] == 257
+    assert json.loads((tmp_path / "b" / "step_000003" / "train_state.json").read_text())["step"] == 3
+
+
+def write_tiny_hf_folder(folder):
+    # a random 1-layer Qwen2-format model with a byte-level tokenizer (256 bytes + <|endoftext|>, no merges)
+    config = {"model_type": "qwen2", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    vocab = {char: byte for char, byte in policy.byte_level_alphabet().items()}
+    eos = {"id": 256, "content": "<|endoftext|>", "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False, "special": True}
+    tokenizer = {"model": {"type": "BPE", "vocab": {**vocab, "<|endoftext|>": 256}, "merges": []},
+                 "normalizer": None,
+                 "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+                 "decoder": {"type": "ByteLevel"}, "added_tokens": [eos]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    torch.manual_seed(0)
+    model = policy.HFDecoder(policy.hf_config(config))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1) if p.ndim == 2 else torch.nn.init.ones_(p)
+    save_model(model, str(folder / "model.safetensors"))
+
+
+def test_hf_policy_trains_and_its_checkpoint_loads_with_from_hf(tmp_path):
+    source = tmp_path / "hf"
+    source.mkdir()
+    write_tiny_hf_folder(source)
+    train_grpo.main(["--policy", f"hf:{source}", *SMALL, "--sft-steps", "20", "--sft-check-every", "20",
+                     "--steps", "1", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    step_dir = tmp_path / "ckpt" / "step_000001"
+    model, tok = policy.from_hf(str(step_dir))
+    trained = load_file(step_dir / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    before = load_file(source / "model.safetensors")
+    assert any(not torch.equal(before[k], trained[k]) for k in before)     # SFT and RL did train it
+    assert tok.decode(tok.encode("12+34=")) == "12+34=" and tok.eos_id == 256
 
 
 def test_bad_flags_fail_with_a_clear_message():
@@ -285,7 +323,8 @@ def test_torchrun_two_processes(tmp_path):
     log = tmp_path / "log.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            os.path.join(REPO, "train_grpo.py"), *SMALL, "--steps", "2", "--updates-per-rollout", "2",
-           "--drop-zero-std", "--optimizer", "muon", "--log-file", str(log), "--checkpoint-dir", str(tmp_path / "ckpt")]
+           "--drop-zero-std", "--optimizer", "muon", "--mask-truncated", "--level", "sequence", "--log-file", str(log),
+           "--checkpoint-dir", str(tmp_path / "ckpt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -295,7 +334,7 @@ def test_torchrun_two_processes(tmp_path):
     assert all(r["groups"] >= 8 for r in steps)                   # 4 prompts per rank, both ranks counted
     assert {r.get("eval") for r in records} >= {"before_rl", "after_rl"}
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_000002")) == [
-        "config.json", "model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt"]
+        "config.json", "model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt", "train_state.json"]
 
 
 def test_cpu_demo_raises_pass_at_1():

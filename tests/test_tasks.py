@@ -91,7 +91,8 @@ def test_countdown_accepts_valid_expressions():
 def test_countdown_rejects_bad_numbers_and_syntax():
     numbers = (25, 3, 4)
     for bad in ["25+25", "4*4", "25+5", "(25+3)*40", "-3+25", "25.0+3", "25//3", "25**3", "25%3", "3/(4-4)",
-                "25 3", "", "(", "25+3 == 28", "[25]", "'25'", "True+3", "0x19+3", "2_5+3", "25e0+3", "(" * 500 + "3" + ")" * 500]:
+                "25 3", "", "(", "25+3 == 28", "[25]", "'25'", "True+3", "0x19+3", "2_5+3", "25e0+3",
+                "(" * 500 + "3" + ")" * 500]:
         assert tasks.countdown_value(bad, numbers) is None, bad
 
 
