@@ -255,6 +255,30 @@ def test_rl_update_does_not_depend_on_micro_batch_size(loss_type):
     torch.testing.assert_close(deltas[1], deltas[0], rtol=1e-4, atol=1e-7)
 
 
+def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
+    # an untrained policy never earns a reward: every group is all-zero, so each refill round draws all P again
+    # and nothing is kept; the update then has no tokens and must leave the weights alone
+    args = train_grpo.parser.parse_args(["--drop-zero-std", "--max-refills", "2", "--prompts-per-step", "3",
+                                         "--group-size", "4", "--max-new-tokens", "5"])
+    model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
+    sample, _ = train_grpo.make_task(args)
+    rollout, advantages, stats = train_grpo.collect(model, tok, sample, args, step=0, rank=0)
+    assert stats["groups"] == 9 and stats["zero_std_groups"] == 9 and stats["samples"] == 36
+    assert rollout.tokens.shape[0] == 0 and advantages.shape == (0,)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = torch.optim.AdamW(model.parameters(), lr=1.0)
+    sums = train_grpo.rl_update(model, None, [adam], list(model.parameters()), rollout, advantages, args, step=0,
+                                world=1, device=torch.device("cpu"))
+    assert sums["optimizer_steps"] == 0
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_countdown_task_runs():
+    result = train_grpo.main([*SMALL, "--task", "countdown", "--sft-steps", "5", "--sft-check-every", "5", "--steps", "1",
+                              "--max-new-tokens", "40"])
+    assert set(result["after"]) == {"pass@1", "pass@2", "maj@2"}
+
+
 def test_resume_continues_exactly(tmp_path):
     # 3 steps in one go == 2 steps, a checkpoint, then resuming for the third (mu = 2 with minibatches, a KL
     # reference, dynamic sampling and Muon: every piece of state a resume must restore)
