@@ -399,6 +399,7 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     # Several optimizer steps per rollout need the log-probs of the policy that sampled it. We take them from one
     # no-grad forward of the trainer rather than from the sampler's Rollout.logprobs, so that the ratio measures
     # only the policy's change and not sampler/trainer numerics (KV cache, bf16); that gap is logged as logp_gap.
+    sums = collections.Counter()
     old_logp = torch.zeros_like(sampler_logp) if not on_policy else None
     ref_logp = torch.zeros_like(sampler_logp) if args.beta > 0 else None
     if old_logp is not None or ref_logp is not None:
@@ -406,10 +407,12 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
             for rows, L in micro_batches(torch.arange(N, device=tokens.device)):
                 if old_logp is not None:
                     old_logp[rows, :L - 1] = token_logprobs(model, tokens[rows, :L], args.temperature)[0]
+                    m = mask[rows, :L - 1]
+                    sums["logp_gap"] += ((sampler_logp[rows, :L - 1] - old_logp[rows, :L - 1]).abs() * m).sum().item()
+                    sums["gap_tokens"] += m.sum().item()
                 if ref_logp is not None:
                     ref_logp[rows, :L - 1] = token_logprobs(ref_model, tokens[rows, :L], args.temperature)[0]
 
-    sums = collections.Counter()
     lr_scale = min(1.0, (step + 1) / max(1, args.warmup_steps))
     for epoch in range(args.updates_per_rollout):
         for minibatch in torch.arange(N, device=tokens.device).tensor_split(args.minibatches):
@@ -434,9 +437,9 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
                 sums["tokens"] += n
                 for name, value in metrics.items():
                     sums[name] += value.item() * n
-                if epoch == 0:
-                    sums["first_pass_tokens"] += n
+                if on_policy:
                     sums["logp_gap"] += ((sampler_logp[rows, :L - 1] - logp.detach()).abs() * m).sum().item()
+                    sums["gap_tokens"] += n
             sums["grad_norm"] += optimizer_step(model, optimizers, synced_params, args, lr_scale)
             sums["optimizer_steps"] += 1
     return sums
@@ -545,7 +548,7 @@ parser.add_argument("--micro-batch-size", type=int, default=128, help="rows per 
 # optimisation
 parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on hidden matrices")
 parser.add_argument("--lr", type=float, default=3e-4)
-parser.add_argument("--muon-lr", type=float, default=0.005)
+parser.add_argument("--muon-lr", type=float, default=0.001)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--warmup-steps", type=int, default=5)
 parser.add_argument("--grad-clip", type=float, default=1.0)
@@ -570,7 +573,7 @@ parser.add_argument("--log-file", default=None, help="JSON lines: one per step a
 
 # what collect() and rl_update() count; summed over ranks in this fixed order (every rank sends every name)
 SUMS = ["gen_s", "reward_s", "samples", "reward_sum", "reward_sq", "groups", "zero_std_groups", "reward_errors",
-        "truncated", "completion_len", "tokens", "first_pass_tokens", "clip_low", "clip_high", "ratio", "kl",
+        "truncated", "completion_len", "tokens", "gap_tokens", "clip_low", "clip_high", "ratio", "kl",
         "entropy", "logp_gap", "grad_norm", "optimizer_steps"]
 
 
@@ -586,7 +589,7 @@ def step_record(step, stats, sums, train_s, world, device):
         "completion_len": total["completion_len"] / samples, "truncated": total["truncated"] / samples,
         "clip_low": total["clip_low"] / tokens, "clip_high": total["clip_high"] / tokens,
         "ratio": total["ratio"] / tokens, "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens,
-        "logp_gap": total["logp_gap"] / max(total["first_pass_tokens"], 1),
+        "logp_gap": total["logp_gap"] / max(total["gap_tokens"], 1),
         "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
         "reward_errors": int(total["reward_errors"]),
         "tok_per_s": total["completion_len"] / max(total["gen_s"] / world, 1e-9),   # all ranks together
