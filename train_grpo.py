@@ -349,7 +349,8 @@ def collect(model, tok, sample, args, step, rank):
 # one RL update: mu passes over the rollout, each in --minibatches optimizer steps of micro-batches
 
 def make_optimizers(model, args):
-    # -> (optimizers, the params whose grads we all-reduce and clip; Muon averages its own)
+    # -> (optimizers, the params whose grads we all-reduce and clip). Muon averages its own gradients over ranks
+    # inside its step and orthogonalises its update (its scale is lr's), so only the AdamW side is synced and clipped.
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
         return [torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)], params
@@ -626,7 +627,7 @@ def main(argv=None):
         state = load_checkpoint(args.resume, model, ref_model, optimizers, rank, device)
         print0(f"resumed from {args.resume} at step {state['step']}")
     else:
-        state = {"step": 0, "before_rl": evaluate(model, tok, test, args, rank, world, device)}
+        state = {"step": 0, "before_rl": evaluate(model, tok, test, args, rank, world, device), "flags": vars(args)}
         print0(format_eval("before RL", state["before_rl"]))
         log_json(args, {"eval": "before_rl", **state["before_rl"]})
 
