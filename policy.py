@@ -25,12 +25,14 @@ import argparse
 import base64
 import json
 import math
+import os
 import re
 import time
 import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import safetensors.torch
 import tiktoken
 import torch
 import torch.nn as nn
@@ -493,44 +495,68 @@ def from_hf(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cp
 
 def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
                     tiktoken_file: str | None = None) -> tuple[GPT, Tokenizer]:
-    """A train_gpt.py checkpoint (torch.save of {"model": state_dict, "config": asdict(GPTConfig), ...}) ->
-    (GPT, tokenizer): GPT-2's (tiktoken_file: a local ranks file instead of tiktoken's download), or the bytes
-    encoding for a 256-token vocabulary (--preset tiny). dtype: the parameters' dtype (the GPT computes in bf16 on
+    """Our GPT -> (GPT, tokenizer), from either checkpoint format:
+    - a train_gpt.py checkpoint file (torch.save of {"model": state_dict, "config": asdict(GPTConfig), ...});
+    - a train_grpo.py checkpoint directory (model.safetensors + config.json of GPTConfig fields).
+    The tokenizer follows the vocabulary (gpt_tokenizer). dtype: the parameters' dtype (the GPT computes in bf16 on
     CUDA, fp32 on the CPU whatever the parameters are)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a train_gpt.py checkpoint (a dict with 'model' and 'config')")
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = set(ckpt["config"]) - known
+    if os.path.isdir(path):
+        weights, config_file = os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")
+        if not (os.path.exists(weights) and os.path.exists(config_file)):
+            raise ValueError(f"{path}: not a train_grpo.py checkpoint (model.safetensors + config.json)")
+        with open(config_file) as f:
+            config_dict = json.load(f)
+        state = safetensors.torch.load_file(weights)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+            raise ValueError(f"{path}: not a train_gpt.py checkpoint (a dict with 'model' and 'config')")
+        config_dict, state = ckpt["config"], ckpt["model"]
+    unknown = set(config_dict) - {f.name for f in fields(GPTConfig)}
     if unknown:
         raise ValueError(f"{path}: config fields {sorted(unknown)} are unknown to model.py's GPTConfig")
-    config = GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()})
-    tokenizer = bytes_tokenizer(config.eos_token_id) if config.vocab_size == 256 else gpt2_tokenizer(tiktoken_file)
+    config = GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config_dict.items()})
+    tokenizer = gpt_tokenizer(config, tiktoken_file)
     if tokenizer.eos_id != config.eos_token_id or tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: the model (eos {config.eos_token_id}, vocab {config.vocab_size}) does not match "
                          f"the tokenizer (eos {tokenizer.eos_id}, vocab {tokenizer.vocab_size}); pass tiktoken_file")
     # a compiled or DDP-wrapped model saves its parameters under _orig_mod. / module.
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.to(device=device, dtype=dtype)
-             for k, v in ckpt["model"].items()}
+             for k, v in state.items()}
     with torch.device(device):
         model = GPT(config)
     model.load_state_dict(state, strict=True, assign=True)  # the rotary buffers stay fp32
     return model, tokenizer
 
 
+def gpt_tokenizer(config: GPTConfig, tiktoken_file: str | None = None) -> Tokenizer:
+    """The tokenizer of one of our GPTs, told by its vocabulary: 256 -> bytes with an eos byte (--preset tiny),
+    257 -> bytes + <|endoftext|> 256 (tiny_policy), else GPT-2's (tiktoken_file: a local ranks file)."""
+    if config.vocab_size == 256:
+        return bytes_tokenizer(config.eos_token_id)
+    if config.vocab_size == 257 and config.eos_token_id == 256:
+        return bytes_eos_tokenizer()
+    return gpt2_tokenizer(tiktoken_file)
+
+
+def bytes_eos_tokenizer() -> Tokenizer:
+    """Byte-level tokenizer: ids 0-255 are the bytes, 256 is <|endoftext|> (eos and pad)."""
+    enc = tiktoken.Encoding(name="bytes+eos", pat_str=GPT2_PATTERN, mergeable_ranks=BYTE_RANKS,
+                            special_tokens={ENDOFTEXT: 256})
+    return Tokenizer(enc, 256)
+
+
 def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_heads: int = 2, head_dim: int = 64,
                 max_seq_len: int = 256) -> tuple[GPT, Tokenizer]:
     """A random tiny GPT (about 1M parameters by default) and a byte-level tokenizer: ids 0-255 are the bytes,
     256 is <|endoftext|> (eos and pad). For tests and the CPU demo."""
-    enc = tiktoken.Encoding(name="bytes+eos", pat_str=GPT2_PATTERN, mergeable_ranks=BYTE_RANKS,
-                            special_tokens={ENDOFTEXT: 256})
     config = GPTConfig(vocab_size=257, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
                        head_dim=head_dim, max_seq_len=max_seq_len, window=max_seq_len, eos_token_id=256,
                        fp8_head=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT(config)
-    return model, Tokenizer(enc, 256)
+    return model, bytes_eos_tokenizer()
 
 
 # -----------------------------------------------------------------------------

@@ -154,7 +154,8 @@ def load_policy(spec, device, dtype, seed, tiktoken_file, tiny_layers, tiny_dim)
         return model, tok, [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
     if kind == "ckpt" and path:
         return (*policy.from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file), [])
-    raise ValueError(f"--policy {spec!r}: use tiny, hf:<repo id or path> or ckpt:<path to a train_gpt.py checkpoint>")
+    raise ValueError(f"--policy {spec!r}: use tiny, hf:<repo id or path> or ckpt:<train_gpt.py checkpoint file or "
+                     f"train_grpo.py step directory>")
 
 
 def make_task(args):
@@ -510,7 +511,7 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
 
 parser = argparse.ArgumentParser(description="GRPO fine-tuning with verifiable rewards")
 # policy and task
-parser.add_argument("--policy", default="tiny", help="tiny | hf:<repo id or path> | ckpt:<train_gpt.py checkpoint>")
+parser.add_argument("--policy", default="tiny", help="tiny | hf:<repo id or path> | ckpt:<train_gpt.py .pt file or train_grpo.py step_* directory>")
 parser.add_argument("--tiny-layers", type=int, default=4, help="--policy tiny: layers")
 parser.add_argument("--tiny-dim", type=int, default=64, help="--policy tiny: width (2 heads)")
 parser.add_argument("--tiktoken-file", default=None, help="tokenizer ranks for --policy ckpt:")

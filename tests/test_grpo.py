@@ -297,6 +297,13 @@ def test_resume_continues_exactly(tmp_path):
     config = json.loads((tmp_path / "b" / "step_000003" / "config.json").read_text())
     assert config["model_dim"] == 64 and config["vocab_size"] == 257
     assert json.loads((tmp_path / "b" / "step_000003" / "train_state.json").read_text())["step"] == 3
+    # the step directory is a policy of its own: policy.from_checkpoint and --policy ckpt: load it
+    model, tok = policy.from_checkpoint(str(tmp_path / "b" / "step_000003"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in b.items())
+    assert tok.eos_id == 256 and tok.decode(tok.encode("12+34=")) == "12+34="
+    result = train_grpo.main([*SMALL, "--policy", f"ckpt:{tmp_path / 'b' / 'step_000003'}", "--sft-steps", "0",
+                              "--steps", "1"])
+    assert set(result["after"]) == {"pass@1", "pass@2", "maj@2"}
 
 
 def write_tiny_hf_folder(folder):
