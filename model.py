@@ -407,15 +407,17 @@ class GPT(nn.Module):
         rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
         key_pos = torch.arange(cache.k.size(2), device=idx.device)  # (S,)
         behind = pos[:, :, None] - key_pos  # (B, t, S) distance from each query to each cache slot
+        windows = {self._window(i, self.config.window) for i in range(len(self.blocks))}  # long and short
+        visible = {w: ((behind >= 0) & (behind < w))[:, None] for w in windows}  # each (B, 1, t, S)
 
         def cached_attend(layer: int):
-            visible = (behind >= 0) & (behind < self._window(layer, self.config.window))  # (B, t, S)
+            mask = visible[self._window(layer, self.config.window)]
 
             def attend_fn(q, k, v):  # (B, t, H, D)
                 cache.k[layer][rows, pos] = k.to(cache.k.dtype)
                 cache.v[layer][rows, pos] = v.to(cache.v.dtype)
                 keys, values = cache.k[layer].transpose(1, 2), cache.v[layer].transpose(1, 2)  # (B, H, S, D)
-                return attend(q.transpose(1, 2), keys, values, visible[:, None], self.config.attn_scale).transpose(1, 2)
+                return attend(q.transpose(1, 2), keys, values, mask, self.config.attn_scale).transpose(1, 2)
             return attend_fn
 
         rope = (self.cos[pos], self.sin[pos])  # (B, t, D/2)
