@@ -349,11 +349,12 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     Hkv = k.size(2)
     g = H // Hkv
     q = q.view(B, T, Hkv, g, D)
-    hidden = ~mask.repeat_interleave(g, dim=1)  # (B, T*g, S), rows ordered (t, j)
+    hidden = ~mask[:, :, None]  # (B, T, 1, S): broadcast over the g query heads of a K/V head
     out = []
     for h in range(Hkv):
         scores = (q[:, :, h].reshape(B, T * g, D) @ k[:, :, h].transpose(1, 2)).float() * D ** -0.5  # (B, T*g, S)
-        probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1).to(v.dtype)
+        scores = scores.view(B, T, g, -1).masked_fill(hidden, float("-inf"))  # rows ordered (t, j)
+        probs = scores.softmax(dim=-1).to(v.dtype).view(B, T * g, -1)
         out.append((probs @ v[:, :, h]).view(B, T, g, D))
     return torch.stack(out, dim=2).view(B, T, H, D)
 
