@@ -202,16 +202,21 @@ def countdown_value(expression, numbers):
 # -----------------------------------------------------------------------------
 # rewards
 
+def answer_number(problem, completion):
+    # arithmetic, gsm8k: the completion's answer as an exact Fraction; None when there is none
+    if problem.kind == "gsm8k":
+        return last_number(extract_gsm8k(completion))
+    return parse_number(extract_answer(completion))
+
+
 def correctness_reward(problem, completion):
     # 1.0 when the completion's answer is right, else 0.0
     if problem.kind == "countdown":
         answer = extract_answer(completion)
         value = countdown_value(answer, problem.numbers) if answer is not None else None
         return float(value is not None and value == Fraction(problem.answer))
-    if problem.kind == "arithmetic":
-        return float(parse_number(extract_answer(completion)) == Fraction(problem.answer))
-    if problem.kind == "gsm8k":
-        return float(last_number(extract_gsm8k(completion)) == Fraction(problem.answer))
+    if problem.kind in ("arithmetic", "gsm8k"):
+        return float(answer_number(problem, completion) == Fraction(problem.answer))
     raise ValueError(f"correctness_reward: unknown problem kind {problem.kind!r}")
 
 
@@ -226,8 +231,7 @@ def answer_key(problem, completion):
     if problem.kind == "countdown":
         answer = extract_answer(completion)
         return None if answer is None else re.sub(r"\s+", "", answer)
-    answer = extract_gsm8k(completion) if problem.kind == "gsm8k" else extract_answer(completion)
-    number = last_number(answer) if problem.kind == "gsm8k" else parse_number(answer)
+    number = answer_number(problem, completion)
     return None if number is None else str(number)
 
 
