@@ -430,6 +430,7 @@ def main():
 
     # the training loop; the timer runs only while training (not validating or checkpointing)
     tokens_per_step = hp.seqs_per_step * hp.seq_len
+    flops_per_token = {w: model.estimate_flops_per_token(w) for w in windows}
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
     last_checkpoint = args.resume
@@ -438,7 +439,8 @@ def main():
     t0 = time.perf_counter()
     for step in range(start_step, hp.steps + 1):
         last = step == hp.steps
-        window = torch.tensor(attention_window(step, hp), device=device)  # 0-dim tensor: no recompiles
+        window_tokens = attention_window(step, hp)
+        window = torch.tensor(window_tokens, device=device)  # 0-dim tensor: no recompiles
         validate = last or (hp.val_every > 0 and step % hp.val_every == 0)
         save = args.checkpoint_dir and (last or (args.save_every > 0 and step % args.save_every == 0
                                                  and step > start_step))
@@ -485,7 +487,7 @@ def main():
         elapsed_ms = train_time_ms + 1000 * (now - t0)
         dt = now - step_start
         tok_per_s = tokens_per_step / dt
-        flops = model.estimate_flops_per_token(attention_window(step, hp)) * tok_per_s
+        flops = flops_per_token[window_tokens] * tok_per_s
         mfu = f"{100 * flops / (peak * world):.2f}%" if peak else "n/a"
         log(f"step:{step + 1}/{hp.steps} train_loss:{train_loss:.6f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{elapsed_ms / (step + 1):.2f}ms tok/s:{tok_per_s:.0f} mfu:{mfu}", console=False)
