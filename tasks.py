@@ -135,8 +135,9 @@ def extract_gsm8k(text):
     if answer is not None:
         return answer
     _, sep, after = text.rpartition("####")
-    if sep and NUMBER_RE.search(after):
-        return NUMBER_RE.search(after).group()
+    found = NUMBER_RE.search(after) if sep else None
+    if found:
+        return found.group()
     numbers = NUMBER_RE.findall(text)
     return numbers[-1] if numbers else None
 
