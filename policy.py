@@ -464,12 +464,18 @@ HF_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.saf
             "model.safetensors.index.json", "model-*-of-*.safetensors"]
 
 
-def from_hf(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[HFDecoder, Tokenizer]:
-    """A HF-format folder or hub repo id (downloaded with huggingface_hub, only HF_FILES) -> (model, tokenizer)."""
+def hf_folder(path_or_repo_id: str) -> Path:
+    """A HF-format folder as it is, or a hub repo id downloaded with huggingface_hub (only HF_FILES) -> its folder."""
     folder = Path(path_or_repo_id)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-        folder = Path(snapshot_download(str(path_or_repo_id), allow_patterns=HF_FILES))
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(str(path_or_repo_id), allow_patterns=HF_FILES))
+
+
+def from_hf(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[HFDecoder, Tokenizer]:
+    """A HF-format folder or hub repo id (hf_folder) -> (model, tokenizer)."""
+    folder = hf_folder(path_or_repo_id)
     config = json.loads((folder / "config.json").read_text())
     tokenizer = hf_tokenizer(folder, config)
     index = folder / "model.safetensors.index.json"

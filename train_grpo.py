@@ -18,7 +18,6 @@ import random
 import shutil
 import time
 
-import huggingface_hub
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -147,8 +146,7 @@ def load_policy(spec, device, dtype, seed, tiktoken_file, tiny_layers, tiny_dim)
         return model.to(device), tok, []
     kind, _, path = spec.partition(":")
     if kind == "hf" and path:
-        folder = path if os.path.isdir(path) else \
-            huggingface_hub.snapshot_download(path, allow_patterns=policy.HF_FILES)
+        folder = policy.hf_folder(path)
         model, tok = policy.from_hf(folder, dtype=dtype, device=device)
         names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
         return model, tok, [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
