@@ -353,10 +353,7 @@ class GPT(nn.Module):
 
     def _logits(self, x: Tensor) -> Tensor:
         """x (B, T, C) -> softcapped logits (B, T, padded_vocab) fp32."""
-        z, c = self._head(x).float(), self.config.softcap
-        if self.config.softcap_type == "sigmoid":
-            return c * torch.sigmoid(z / (c / 4))
-        return c * torch.tanh(z / c)
+        return kernels.softcap_logits(self._head(x).float(), self.config.softcap, self.config.softcap_type)
 
     def _window(self, layer: int, window):
         return window if layer in self.long_layers else window // 2

@@ -6,8 +6,8 @@ enabled(t) is the switch model.py and muon.py consult before taking a kernel pat
 """
 from .dispatch import enabled
 from .relu2_matmul import relu2_linear, relu2_linear_reference
-from .softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
+from .softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference, softcap_logits
 from .gram import ba_plus_cAA, ba_plus_cAA_reference, xxt, xxt_reference
 
-__all__ = ["enabled", "softcap_cross_entropy", "softcap_cross_entropy_reference", "xxt", "xxt_reference",
-           "ba_plus_cAA", "ba_plus_cAA_reference", "relu2_linear", "relu2_linear_reference"]
+__all__ = ["enabled", "softcap_logits", "softcap_cross_entropy", "softcap_cross_entropy_reference", "xxt",
+           "xxt_reference", "ba_plus_cAA", "ba_plus_cAA_reference", "relu2_linear", "relu2_linear_reference"]

@@ -24,13 +24,16 @@ IGNORE_INDEX = -100
 SOFTCAP_TYPES = ("sigmoid", "tanh")
 
 
+def softcap_logits(z, softcap=30.0, softcap_type="sigmoid"):
+    # z (..., V) fp32 -> capped logits y, same shape (the formulas at the top of this file)
+    if softcap_type == "tanh":
+        return softcap * torch.tanh(z / softcap)
+    return softcap * torch.sigmoid(z / (softcap / 4))
+
+
 def softcap_cross_entropy_reference(logits, targets, softcap=30.0, softcap_type="sigmoid"):
     # logits (N, V) any float dtype, targets (N,) int64 -> () fp32
-    z = logits.float()
-    if softcap_type == "tanh":
-        y = softcap * torch.tanh(z / softcap)
-    else:
-        y = softcap * torch.sigmoid(z / (softcap / 4))
+    y = softcap_logits(logits.float(), softcap, softcap_type)
     return F.cross_entropy(y, targets, ignore_index=IGNORE_INDEX)
 
 
