@@ -100,6 +100,10 @@ def fp8_mm_backward(g: Tensor, x_bits: Tensor, w_bits: Tensor, x_s: float, w_s: 
     if g.is_cuda:
         grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, out_dtype=torch.bfloat16,
                                   scale_a=_scale(g, grad_s), scale_b=_scale(g, w_s), use_fast_accum=False)
+        pad = -g.size(0) % 16  # grad_w's product runs over the N tokens: _scaled_mm needs N % 16 == 0
+        if pad:  # zero rows add nothing (padded as bytes: float8 has no pad kernel)
+            x_f8 = F.pad(x_bits, (0, 0, 0, pad)).view(E4M3)
+            g_f8 = F.pad(g_f8.view(torch.uint8), (0, 0, 0, pad)).view(E5M2)
         grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, out_dtype=torch.float32,
                                   scale_a=_scale(g, x_s), scale_b=_scale(g, grad_s), use_fast_accum=False).T
     else:
