@@ -8,9 +8,11 @@ Verifiable tasks for train_grpo.py: problems, worked solutions (for the SFT cold
                                                                                 else the completion's last number
 Every problem carries its kind, so the reward needs nothing but the problem and the completion. Model output is
 untrusted text: it is only matched with regular expressions and parsed with `ast` into a tree we walk ourselves.
+A wrong answer scores 0; a verifier that fails scores None (not 0): see rewards(). maj@k votes on answer values.
 """
 
 import ast
+import collections
 import random
 import re
 from dataclasses import dataclass
@@ -210,15 +212,31 @@ def answer_number(problem, completion):
     return parse_number(extract_answer(completion))
 
 
-def correctness_reward(problem, completion):
-    # 1.0 when the completion's answer is right, else 0.0
+def reference_value(problem):
+    # the problem's reference answer as an exact Fraction; a problem without a numeric one cannot be verified
+    value = parse_number(problem.answer)
+    if value is None:
+        raise ValueError(f"unverifiable problem: its reference answer {problem.answer!r} is not a number")
+    return value
+
+
+def answer_key(problem, completion):
+    # The completion's answer as the task defines equality: its exact value, or None when it gives no valid answer.
+    # countdown: the value of an expression that uses only the given numbers, so "3+4", "4 + 3" and "(4+3)" are one
+    # answer; arithmetic and gsm8k: the number ("1,200" == "1200.0"). Right exactly when it equals reference_value.
     if problem.kind == "countdown":
         answer = extract_answer(completion)
-        value = countdown_value(answer, problem.numbers) if answer is not None else None
-        return float(value is not None and value == Fraction(problem.answer))
+        return countdown_value(answer, problem.numbers) if answer is not None else None
     if problem.kind in ("arithmetic", "gsm8k"):
-        return float(answer_number(problem, completion) == Fraction(problem.answer))
-    raise ValueError(f"correctness_reward: unknown problem kind {problem.kind!r}")
+        return answer_number(problem, completion)
+    raise ValueError(f"unknown problem kind {problem.kind!r}")
+
+
+def correctness_reward(problem, completion):
+    # 1.0 when the completion's answer is right, 0.0 when it is wrong or missing; raises when the verifier cannot
+    # decide (an unknown kind, a reference that is not a number)
+    reference = reference_value(problem)
+    return float(answer_key(problem, completion) == reference)
 
 
 def format_reward(completion):
@@ -227,23 +245,43 @@ def format_reward(completion):
     return float(tail is not None and "<answer>" not in tail.group(1) and tail.group(2).strip() != "")
 
 
-def answer_key(problem, completion):
-    # what majority voting compares: the number (arithmetic, gsm8k) or the whitespace-free expression (countdown)
-    if problem.kind == "countdown":
-        answer = extract_answer(completion)
-        return None if answer is None else re.sub(r"\s+", "", answer)
-    number = answer_number(problem, completion)
-    return None if number is None else str(number)
+def describe(error):
+    return f"{type(error).__name__}: {error}"
 
 
 def rewards(problems, completions, correct_weight=1.0, format_weight=0.0):
-    # -> (list of rewards, number of reward evaluations that raised; those count as 0 and the run goes on)
-    out, errors = [], 0
+    # -> (one reward per completion, the verifier's failures as text). A wrong or missing answer scores 0; a reward
+    # whose verifier failed (raised, or the problem cannot be verified) is None: it carries no information, so the
+    # trainer leaves that row out of its group's statistics and out of the loss. The run goes on either way.
+    out, failures = [], []
     for problem, completion in zip(problems, completions, strict=True):
         try:
             out.append(correct_weight * correctness_reward(problem, completion) +
                        format_weight * format_reward(completion))
-        except Exception:
-            out.append(0.0)
-            errors += 1
-    return out, errors
+        except Exception as error:
+            out.append(None)
+            failures.append(describe(error))
+    return out, failures
+
+
+def majority_vote(problem, completions):
+    # maj@k for one problem -> (1.0 when the most common answer is right, 0.0 when it is wrong or no completion gives
+    # a valid answer, None when the verifier failed; the failures as text). Completions vote with answer_key, so
+    # equivalent answers ("3+4", "4+3") pool their votes and invalid answers cast none. A tie goes to the answer
+    # that was sampled first: sampling order, never correctness, decides.
+    keys, failures = [], []
+    for completion in completions:
+        try:
+            keys.append(answer_key(problem, completion))
+        except Exception as error:
+            keys.append(None)
+            failures.append(describe(error))
+    votes = collections.Counter(key for key in keys if key is not None)
+    if not votes:
+        return 0.0, failures
+    top = max(votes.values())
+    winner = next(key for key in keys if key is not None and votes[key] == top)
+    try:
+        return float(winner == reference_value(problem)), failures
+    except Exception as error:
+        return None, failures + [describe(error)]

@@ -31,25 +31,45 @@ import tasks
 # -----------------------------------------------------------------------------
 # the algorithm: advantages and the clipped policy-gradient loss
 
-def group_advantages(rewards, group_size, scale="group"):
-    # rewards (N,) in contiguous groups of group_size -> advantages (N,). A group whose rewards are all equal
-    # carries no signal and gets exactly 0, whatever the scale.
+def group_statistics(rewards, group_size):
+    # rewards (N,) in contiguous groups of group_size, NaN where the verifier failed -> (valid (P, G), centred (P, G):
+    # reward minus the mean of its group's valid rewards, 0 at failed rows; count (P, 1) of valid rows, informative (P,):
+    # the group has two valid rewards that differ). Failed rows are left out of the statistics entirely.
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not groups of group_size={group_size}")
-    if group_size == 1 or rewards.numel() == 0:                             # nothing to compare with
-        return torch.zeros_like(rewards)
     groups = rewards.view(-1, group_size)                                   # (P, G)
-    centred = groups - groups.mean(dim=1, keepdim=True)                     # (P, G)
-    if scale == "group":                                                    # GRPO
-        advantages = centred / (groups.std(dim=1, keepdim=True) + 1e-4)
-    elif scale == "batch":                                                  # one std for the whole batch
-        advantages = centred / (rewards.std() + 1e-4)
+    valid = ~torch.isnan(groups)                                            # (P, G)
+    count = valid.sum(dim=1, keepdim=True)                                  # (P, 1)
+    mean = torch.where(valid, groups, 0.0).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(valid, groups - mean, 0.0)                        # (P, G)
+    lowest = torch.where(valid, groups, torch.inf).amin(dim=1)              # (P,)
+    highest = torch.where(valid, groups, -torch.inf).amax(dim=1)            # (P,)
+    return valid, centred, count, (count.squeeze(1) >= 2) & (lowest < highest)
+
+
+def batch_std(values):
+    # values (n,) on this rank -> the unbiased std of every rank's values together: count, sum and sum of squares are
+    # all-reduced in float64 (a collective: every rank must call it, with or without values)
+    n, total, squares = global_sum([values.numel(), values.double().sum().item(), values.double().square().sum().item()],
+                                   values.device)
+    return (max(squares - total * total / n, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def group_advantages(rewards, group_size, scale="group"):
+    # rewards (N,) in contiguous groups of group_size, NaN where the verifier failed -> advantages (N,). A failed row
+    # is left out of its group's mean and std and gets exactly 0; so does every row of a group whose valid rewards
+    # are all equal (or fewer than two): it carries no signal, whatever the scale.
+    valid, centred, count, informative = group_statistics(rewards, group_size)
+    if scale == "group":                                                    # GRPO: Bessel std of the group
+        std = (centred.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        advantages = centred / (std + 1e-4)
+    elif scale == "batch":                                                  # one std: all valid rewards, all ranks
+        advantages = centred / (batch_std(rewards[~torch.isnan(rewards)]) + 1e-4)
     elif scale == "none":                                                   # Dr. GRPO: centre only
         advantages = centred
     else:
         raise ValueError(f"group_advantages: scale must be 'group', 'batch' or 'none', got {scale!r}")
-    all_equal = (groups == groups[:, :1]).all(dim=1, keepdim=True)         # (P, 1)
-    return advantages.masked_fill(all_equal, 0.0).view(-1)
+    return torch.where(valid & informative[:, None], advantages, 0.0).view(-1)
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="token", eps_low=0.2, eps_high=0.2,
@@ -220,7 +240,7 @@ def token_logprobs(model, tokens, temperature, with_entropy=False):
 
 
 # -----------------------------------------------------------------------------
-# evaluation: greedy pass@1, pass@k and maj@k (majority vote over k sampled answers)
+# evaluation: greedy pass@1, pass@k and maj@k (majority vote over k sampled answers, on their values)
 
 @torch.no_grad()
 def evaluate(model, tok, problems, args, rank, world, device, k=None):
@@ -228,15 +248,16 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
     k = args.eval_k if k is None else k
     model.eval()
     mine = problems[rank::world]
-    counts = [0.0, 0.0, 0.0, float(len(mine))]                  # pass@1, pass@k, maj@k, problems
+    counts = [0.0, 0.0, 0.0, float(len(mine)), 0.0]             # pass@1, pass@k, maj@k, problems, failed verifications
     chunk = max(1, args.prompts_per_step * args.group_size // max(k, 1))
     for start in range(0, len(mine), chunk):
         batch = mine[start:start + chunk]
         prompts = [encode_prompt(tok, p, args.system_prompt) for p in batch]
         greedy = policy.generate(model, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                  eos=tok.eos_id, seed=args.seed, pad_id=tok.pad_id)
-        for problem, text in zip(batch, completion_texts(tok, greedy)):
-            counts[0] += tasks.correctness_reward(problem, text)
+        correct, failures = tasks.rewards(batch, completion_texts(tok, greedy))    # None (failed) counts as wrong
+        counts[0] += sum(c or 0.0 for c in correct)
+        counts[4] += len(failures)
         if k == 0:
             continue
         sampled = policy.generate(model, prompts, n=k, max_new_tokens=args.max_new_tokens,
@@ -245,17 +266,15 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
         texts = completion_texts(tok, sampled)
         for i, problem in enumerate(batch):
             mine_texts = texts[i * k:(i + 1) * k]
-            correct = [tasks.correctness_reward(problem, t) for t in mine_texts]
-            counts[1] += max(correct)
-            keys = [tasks.answer_key(problem, t) for t in mine_texts]
-            votes = collections.Counter(key for key in keys if key is not None)
-            if votes:
-                counts[2] += correct[keys.index(votes.most_common(1)[0][0])]
-    pass1, passk, majk, n = global_sum(counts, device)
+            correct, failures = tasks.rewards([problem] * k, mine_texts)
+            counts[1] += max(c or 0.0 for c in correct)
+            counts[2] += tasks.majority_vote(problem, mine_texts)[0] or 0.0  # votes on answer values
+            counts[4] += len(failures)
+    pass1, passk, majk, n, errors = global_sum(counts, device)
     model.train()
     if k == 0:
-        return {"pass@1": pass1 / n}
-    return {"pass@1": pass1 / n, f"pass@{k}": passk / n, f"maj@{k}": majk / n}
+        return {"pass@1": pass1 / n, "verify_errors": int(errors)}
+    return {"pass@1": pass1 / n, f"pass@{k}": passk / n, f"maj@{k}": majk / n, "verify_errors": int(errors)}
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +325,8 @@ def sft(model, tok, sample, args, rank, world, device):
 
 @torch.no_grad()
 def collect(model, tok, sample, args, step, rank):
-    # -> (Rollout of the kept groups, advantages (N,), stats of everything sampled)
+    # -> (Rollout of the kept groups' verified rows, their advantages (N,), stats of everything sampled). A row whose
+    # verifier failed is left out of its group's statistics and out of the rollout (no loss), and counted.
     model.eval()
     G, kept, kept_rewards = args.group_size, [], []
     stats = collections.Counter()
@@ -323,25 +343,31 @@ def collect(model, tok, sample, args, step, rank):
                                   pad_id=tok.pad_id)
         t1 = time.perf_counter()
         rows = [p for p in problems for _ in range(G)]
-        rewards, errors = tasks.rewards(rows, completion_texts(tok, rollout), args.correct_weight, args.format_weight)
-        rewards = torch.tensor(rewards)                                     # (missing * G,)
+        rewards, failures = tasks.rewards(rows, completion_texts(tok, rollout), args.correct_weight,
+                                          args.format_weight)
+        if failures:
+            print(f"rank {rank} step {step + 1}: {len(failures)} reward(s) failed, left out of their groups; "
+                  f"first: {failures[0]}", flush=True)
+        rewards = torch.tensor([float("nan") if r is None else r for r in rewards])   # (missing * G,)
         t2 = time.perf_counter()
-        groups = rewards.view(-1, G)
-        informative = (groups != groups[:, :1]).any(dim=1)                  # (missing,)
+        informative = group_statistics(rewards, G)[3]                       # (missing,)
         keep = informative if args.drop_zero_std else torch.ones_like(informative)
         keep_rows = keep.repeat_interleave(G).nonzero().squeeze(1)
         kept.append(select_rows(rollout, keep_rows.to(rollout.tokens.device)))
         kept_rewards.append(rewards[keep_rows])
+        verified = rewards[~torch.isnan(rewards)]
         stats.update({"gen_s": t1 - t0, "reward_s": t2 - t1, "samples": rewards.numel(),
-                      "reward_sum": rewards.sum().item(),
-                      "reward_sq": (rewards ** 2).sum().item(), "groups": len(problems),
-                      "zero_std_groups": (~informative).sum().item(), "reward_errors": errors,
+                      "rewards": verified.numel(), "reward_sum": verified.sum().item(),
+                      "reward_sq": (verified ** 2).sum().item(), "groups": len(problems),
+                      "zero_std_groups": (~informative).sum().item(), "reward_errors": len(failures),
                       "truncated": rollout.truncated.sum().item(),
                       "completion_len": rollout.completion_lens.sum().item()})
     model.train()
     rollout = cat_rollouts(kept, tok.pad_id)
-    rewards = torch.cat(kept_rewards)
-    return rollout, group_advantages(rewards, G, args.adv_scale).to(rollout.tokens.device), stats
+    rewards = torch.cat(kept_rewards).to(rollout.tokens.device)             # (N,) NaN where the verifier failed
+    advantages = group_advantages(rewards, G, args.adv_scale)               # every rank: "batch" all-reduces
+    verified = (~torch.isnan(rewards)).nonzero().squeeze(1)
+    return select_rows(rollout, verified), advantages[verified], stats
 
 
 # -----------------------------------------------------------------------------
@@ -535,7 +561,10 @@ parser.add_argument("--format-weight", type=float, default=0.0)
 parser.add_argument("--steps", type=int, default=120, help="RL steps")
 parser.add_argument("--loss-type", default="dapo", choices=["grpo", "dr_grpo", "dapo"])
 parser.add_argument("--level", default="token", choices=["token", "sequence"], help="sequence = GSPO")
-parser.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"])
+parser.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"],
+                    help="divide the group-centred rewards by: group: the group's std (GRPO); batch: one std of every "
+                         "verified reward trained on this step, all ranks together (with --drop-zero-std: of the kept "
+                         "groups); none: nothing (Dr. GRPO)")
 parser.add_argument("--eps-low", type=float, default=0.2)
 parser.add_argument("--eps-high", type=float, default=0.28)
 parser.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen start policy (0: no reference)")
@@ -572,7 +601,7 @@ parser.add_argument("--log-file", default=None, help="JSON lines: one per step a
 
 
 # what collect() and rl_update() count; summed over ranks in this fixed order (every rank sends every name)
-SUMS = ["gen_s", "reward_s", "samples", "reward_sum", "reward_sq", "groups", "zero_std_groups", "reward_errors",
+SUMS = ["gen_s", "reward_s", "samples", "rewards", "reward_sum", "reward_sq", "groups", "zero_std_groups", "reward_errors",
         "truncated", "completion_len", "tokens", "gap_tokens", "clip_low", "clip_high", "ratio", "kl",
         "entropy", "logp_gap", "grad_norm", "optimizer_steps"]
 
@@ -581,17 +610,17 @@ def step_record(step, stats, sums, train_s, world, device):
     # per-rank counts -> the step's log record (means over all ranks)
     local = {**stats, **sums}
     total = dict(zip(SUMS, global_sum([local.get(k, 0.0) for k in SUMS], device)))
-    samples, tokens = max(total["samples"], 1), max(total["tokens"], 1)
-    mean = total["reward_sum"] / samples
+    samples, tokens, n = max(total["samples"], 1), max(total["tokens"], 1), max(total["rewards"], 1)
+    mean = total["reward_sum"] / n                                          # over the verified rewards
     return {
-        "step": step, "reward": mean, "reward_std": max(total["reward_sq"] / samples - mean ** 2, 0) ** 0.5,
+        "step": step, "reward": mean, "reward_std": max(total["reward_sq"] / n - mean ** 2, 0) ** 0.5,
         "zero_std": total["zero_std_groups"] / max(total["groups"], 1), "groups": int(total["groups"]),
         "completion_len": total["completion_len"] / samples, "truncated": total["truncated"] / samples,
         "clip_low": total["clip_low"] / tokens, "clip_high": total["clip_high"] / tokens,
         "ratio": total["ratio"] / tokens, "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens,
         "logp_gap": total["logp_gap"] / max(total["gap_tokens"], 1),
         "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
-        "reward_errors": int(total["reward_errors"]),
+        "reward_errors": int(total["reward_errors"]),                       # failed verifications, left out
         "tok_per_s": total["completion_len"] / max(total["gen_s"] / world, 1e-9),   # all ranks together
         "gen_s": stats["gen_s"], "reward_s": stats["reward_s"], "train_s": train_s,    # this rank
     }
@@ -604,7 +633,9 @@ def log_json(args, record):
 
 
 def format_eval(name, result):
-    return f"eval {name}: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())
+    errors = result.get("verify_errors", 0)
+    return (f"eval {name}: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in result.items() if k != "verify_errors")
+            + (f" | {errors} failed verifications (counted as wrong)" if errors else ""))
 
 
 def main(argv=None):

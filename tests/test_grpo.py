@@ -43,6 +43,68 @@ def test_zero_std_groups_get_exactly_zero(scale):
     assert (group_advantages(torch.rand(4), 1, scale) == 0).all()                  # groups of one: no signal
 
 
+def reference_advantages(rewards, group_size, scale):
+    # python floats, failed rows (NaN) dropped first: each group's mean and Bessel std over its verified rewards only;
+    # "batch": one Bessel std over every verified reward; failed rows and groups without two distinct rewards: 0
+    valid = [x for x in rewards if not math.isnan(x)]
+    batch_mean = sum(valid) / len(valid)
+    batch_std = math.sqrt(sum((x - batch_mean) ** 2 for x in valid) / (len(valid) - 1))
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size]
+        kept = [x for x in group if not math.isnan(x)]
+        if len(set(kept)) < 2:
+            out += [0.0] * group_size
+            continue
+        mean = sum(kept) / len(kept)
+        std = {"group": math.sqrt(sum((x - mean) ** 2 for x in kept) / (len(kept) - 1)), "batch": batch_std,
+               "none": None}[scale]
+        out += [0.0 if math.isnan(x) else (x - mean) / (std + 1e-4) if std is not None else x - mean for x in group]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_failed_rewards_are_left_out_of_their_group(scale):
+    g = torch.Generator().manual_seed(11)
+    r = torch.rand(5, 6, generator=g, dtype=torch.float64)
+    r[0, [1, 4]] = math.nan          # two failed verifications in an informative group
+    r[1, 1:] = math.nan              # one verified reward: nothing to compare with
+    r[2] = 0.5
+    r[2, 3] = math.nan               # the verified rewards are all equal
+    r[4, 0] = math.nan
+    a = group_advantages(r.view(-1), 6, scale)
+    assert (a[r.view(-1).isnan()] == 0).all() and (a.view(5, 6)[1:3] == 0).all()
+    torch.testing.assert_close(a, reference_advantages(r.view(-1).tolist(), 6, scale), rtol=1e-12, atol=1e-14)
+    # each group's statistics are those of the group without its failed rows
+    for p in [0, 4]:
+        kept = r[p][~r[p].isnan()]
+        alone = group_advantages(kept, len(kept), scale) if scale != "batch" else None
+        if alone is not None:
+            torch.testing.assert_close(a.view(5, 6)[p][~r[p].isnan()], alone, rtol=1e-12, atol=1e-14)
+    # the bug this guards against: a failure scored 0 shifts its group's mean and std
+    as_zero = group_advantages(torch.nan_to_num(r, nan=0.0).view(-1), 6, scale)
+    assert (as_zero.view(5, 6)[0] - a.view(5, 6)[0]).abs().max() > 0.05
+
+
+def test_batch_std_is_global_under_torchrun(tmp_path):
+    # "batch" means the global batch (TRL gathers every rank's rewards first): two gloo ranks, each with its share,
+    # must give the advantages one process gives on the concatenated rewards
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "tests", "dist_grpo.py"), str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    rewards = ranks[0]["rewards"]
+    single = group_advantages(rewards, 4, "batch")
+    torch.testing.assert_close(torch.cat([ranks[0]["share"], ranks[1]["share"]]), single, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(single, reference_advantages(rewards.tolist(), 4, "batch"), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ranks[0]["all_on_rank0"], single, rtol=1e-12, atol=1e-14)
+    assert ranks[1]["all_on_rank0"].shape == (0,)
+    per_rank = group_advantages(rewards[12:], 4, "batch")                  # what the per-rank std gave rank 1
+    assert (per_rank - ranks[1]["share"]).abs().max() > 1
+
+
 def test_group_advantages_rejects_ragged_groups():
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(torch.rand(10), 4)
@@ -273,10 +335,34 @@ def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
 
+def test_collect_leaves_failed_verifications_out(monkeypatch):
+    # every 5th verification raises; the others return made-up rewards with spread, so the groups carry signal
+    args = train_grpo.parser.parse_args(["--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "5"])
+    model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
+    sample, _ = train_grpo.make_task(args)
+    calls = []
+
+    def flaky_verifier(problem, completion):
+        calls.append(len(calls))
+        if len(calls) % 5 == 1:
+            raise RuntimeError("verifier crashed")
+        return float(len(calls) % 3 == 0)
+    monkeypatch.setattr(train_grpo.tasks, "correctness_reward", flaky_verifier)
+    rollout, advantages, stats = train_grpo.collect(model, tok, sample, args, step=0, rank=0)
+    failed = [i for i in calls if i % 5 == 0]                                # rows 0, 5, 10
+    rewards = [math.nan if i % 5 == 0 else float((i + 1) % 3 == 0) for i in calls]
+    assert len(calls) == 12 and stats["reward_errors"] == len(failed) == 3 and stats["samples"] == 12
+    assert stats["rewards"] == 9 and stats["reward_sum"] == sum(x for x in rewards if not math.isnan(x))
+    assert rollout.tokens.shape[0] == advantages.shape[0] == 9            # no loss on the failed rows
+    expected = reference_advantages(rewards, 4, "group")
+    keep = [i for i in range(12) if i not in failed]
+    torch.testing.assert_close(advantages.double(), expected[keep], rtol=1e-6, atol=1e-6)
+
+
 def test_countdown_task_runs():
     result = train_grpo.main([*SMALL, "--task", "countdown", "--sft-steps", "5", "--sft-check-every", "5", "--steps", "1",
                               "--max-new-tokens", "40"])
-    assert set(result["after"]) == {"pass@1", "pass@2", "maj@2"}
+    assert set(result["after"]) == {"pass@1", "pass@2", "maj@2", "verify_errors"}
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -303,7 +389,7 @@ def test_resume_continues_exactly(tmp_path):
     assert tok.eos_id == 256 and tok.decode(tok.encode("12+34=")) == "12+34="
     result = train_grpo.main([*SMALL, "--policy", f"ckpt:{tmp_path / 'b' / 'step_000003'}", "--sft-steps", "0",
                               "--steps", "1"])
-    assert set(result["after"]) == {"pass@1", "pass@2", "maj@2"}
+    assert set(result["after"]) == {"pass@1", "pass@2", "maj@2", "verify_errors"}
 
 
 def write_tiny_hf_folder(folder):
@@ -354,7 +440,8 @@ def test_torchrun_two_processes(tmp_path):
     log = tmp_path / "log.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            os.path.join(REPO, "train_grpo.py"), *SMALL, "--steps", "2", "--updates-per-rollout", "2",
-           "--drop-zero-std", "--optimizer", "muon", "--mask-truncated", "--level", "sequence", "--log-file", str(log),
+           "--drop-zero-std", "--optimizer", "muon", "--mask-truncated", "--level", "sequence", "--adv-scale", "batch",
+           "--log-file", str(log),
            "--checkpoint-dir", str(tmp_path / "ckpt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)

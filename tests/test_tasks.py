@@ -64,15 +64,53 @@ def test_format_reward():
     assert tasks.format_reward("5") == 0.0
 
 
-def test_reward_weights_and_errors_are_counted():
+def test_reward_weights_and_failures_are_counted_apart_from_wrong_answers():
     p = Problem("arithmetic", "1+1=", "2", "")
-    out, errors = tasks.rewards([p, p, p], ["<answer>2</answer>", "<answer>3</answer>", "2"],
-                                correct_weight=1.0, format_weight=0.25)
-    assert out == [1.25, 0.25, 0.0] and errors == 0
-    broken = Problem("arithmetic", "1+1=", "not a number", "")      # Fraction("not a number") raises
-    unknown = Problem("riddle", "?", "2", "")                         # unknown kind raises
-    out, errors = tasks.rewards([broken, unknown, p], ["<answer>2</answer>"] * 3)
-    assert out == [0.0, 0.0, 1.0] and errors == 2
+    out, failures = tasks.rewards([p, p, p], ["<answer>2</answer>", "<answer>3</answer>", "2"],
+                                  correct_weight=1.0, format_weight=0.25)
+    assert out == [1.25, 0.25, 0.0] and failures == []              # wrong and missing answers are 0, not failures
+    broken = Problem("gsm8k", "q", "about ten", "")                  # no numeric reference: cannot be verified
+    unknown = Problem("riddle", "?", "2", "")                         # an unknown kind: the verifier raises
+    out, failures = tasks.rewards([broken, unknown, p, broken], ["<answer>2</answer>"] * 4, format_weight=0.5)
+    assert out == [None, None, 1.5, None] and len(failures) == 3     # None, never 0: the trainer leaves them out
+    assert "unverifiable problem" in failures[0] and "unknown problem kind" in failures[1]
+    with pytest.raises(ValueError, match="not a number"):
+        tasks.correctness_reward(broken, "<answer>10</answer>")
+
+
+# -----------------------------------------------------------------------------
+# maj@k: votes on the answer's value
+
+def test_majority_vote_on_countdown_pools_commuted_answers():
+    p = Problem("countdown", "Use 3 4 5 to make 7.", "7", "", (3, 4, 5))
+    right = ["<answer>3+4</answer>", "<answer>4 + 3</answer>", "<answer>(4+3)</answer>"]     # one value, 3 strings
+    wrong = ["<answer>5*4-3</answer>"] * 2                                                 # 17, one string twice
+    assert tasks.majority_vote(p, wrong + right) == (1.0, [])        # strings: 2 votes for 17, 1 each for the rest
+    assert tasks.majority_vote(p, wrong + right[:1]) == (0.0, [])
+    # invalid expressions cast no vote, even when their value is the target: 7 and 5+2 use numbers not given
+    invalid = ["<answer>7</answer>", "<answer>5+2</answer>", "<answer>3+4+4</answer>", "no answer"]
+    assert tasks.majority_vote(p, invalid * 2 + ["<answer>5*4-3</answer>"]) == (0.0, [])
+    assert tasks.majority_vote(p, invalid) == (0.0, [])              # nobody answered: wrong
+    assert tasks.answer_key(p, "<answer>5 * 4 - 4</answer>") is None                    # 4 used twice
+    assert tasks.answer_key(p, "<answer>(5+3)/4</answer>") == 2
+
+
+def test_majority_vote_ties_go_to_the_answer_sampled_first():
+    p = Problem("countdown", "", "7", "", (3, 4, 5))
+    a, b = "<answer>3+4</answer>", "<answer>3*4+5</answer>"                                # 7 (right), 17
+    assert tasks.majority_vote(p, [a, b, "<answer>4+3</answer>", "<answer>5+3*4</answer>"]) == (1.0, [])
+    assert tasks.majority_vote(p, [b, a, "<answer>4+3</answer>", "<answer>5+3*4</answer>"]) == (0.0, [])
+
+
+def test_majority_vote_on_numbers_and_its_failures():
+    g = Problem("gsm8k", "q", "1200", "")
+    votes = ["#### 1,200", "<answer>$1200.00</answer>", "The answer is 1200.", "<answer>120</answer>",
+             "<answer>120</answer>"]
+    assert tasks.majority_vote(g, votes) == (1.0, [])               # 1,200 == $1200.00 == 1200
+    score, failures = tasks.majority_vote(Problem("gsm8k", "q", "about ten", ""), votes)
+    assert score is None and len(failures) == 1 and "unverifiable" in failures[0]
+    score, failures = tasks.majority_vote(Problem("riddle", "?", "2", ""), ["<answer>2</answer>"] * 3)
+    assert score == 0.0 and len(failures) == 3                       # nobody could vote
 
 
 # -----------------------------------------------------------------------------
