@@ -73,10 +73,19 @@ def group_advantages(rewards, group_size, scale="group"):
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="token", eps_low=0.2, eps_high=0.2,
-                ref_logp=None, beta=0.0, max_completion_length=None, num_tokens=None, entropy=None):
+                delta=None, ref_logp=None, beta=0.0, kl_estimator="k3", max_completion_length=None, num_tokens=None,
+                entropy=None):
     # logp, old_logp, ref_logp, entropy, mask: (B, T) over completion tokens; advantages (B,) -> (loss, metrics)
     # Masked positions (prompt, padding, after EOS) are replaced by constants before any arithmetic, so they get
     # exactly zero gradient even when their logp is -inf.
+    # delta: INTELLECT-2's two-sided clipping (arXiv 2505.07291, sec. 4.1): the unclipped ratio is capped at delta, so
+    # a token with A < 0 whose ratio has grown past delta stops pushing; it must exceed 1 + eps_high, where A > 0 is
+    # already clipped. kl_estimator (beta > 0), the per-token KL to the reference, d = log pi_ref - log pi_theta:
+    #   "k3"     exp(d) - d - 1 (DeepSeekMath eq. 4, in GRPO's objective eq. 3). Its value estimates KL(pi_theta ||
+    #            pi_ref), but on-policy its expected gradient is that of the forward KL(pi_ref || pi_theta).
+    #   "k3-is"  k3 times the token's ratio pi_theta / pi_old, with its gradient (DeepSeek-V3.2, arXiv 2512.02556,
+    #            eq. 7; TRL's default): the gradient is then an unbiased estimate of that of KL(pi_theta || pi_ref).
+    #            The ratio is the token's at either level (TRL uses the sequence ratio at level "sequence").
     mask = mask.bool()
     maskf = mask.to(logp.dtype)                                             # (B, T)
     tokens_per_row = maskf.sum(dim=1)                                       # (B,)
@@ -90,13 +99,20 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="to
         raise ValueError(f"policy_loss: level must be 'token' or 'sequence', got {level!r}")
     adv = advantages[:, None].to(logp.dtype)                                # (B, 1)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)                  # (B, T)
+    if delta is not None and not delta > 1 + eps_high:
+        raise ValueError(f"policy_loss: delta={delta} must exceed 1 + eps_high = {1 + eps_high} (INTELLECT-2 uses 4)")
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # (B, T)
+    per_token = -torch.minimum(unclipped * adv, clipped * adv)              # (B, T)
     kl = None
     if beta > 0:
         if ref_logp is None:
             raise ValueError("policy_loss: beta > 0 needs ref_logp (the frozen reference model's log-probs)")
         d = torch.where(mask, ref_logp - logp, 0.0)                         # (B, T)
         kl = torch.exp(d) - d - 1                                           # k3 estimator, >= 0, 0 where equal
+        if kl_estimator == "k3-is":
+            kl = kl * torch.exp(log_ratio)                                  # the token ratio, gradient through it
+        elif kl_estimator != "k3":
+            raise ValueError(f"policy_loss: kl_estimator must be 'k3' or 'k3-is', got {kl_estimator!r}")
         per_token = per_token + beta * kl
     per_token = torch.where(mask, per_token, 0.0)
     if loss_type == "grpo":                                                 # mean over tokens, then sequences
@@ -116,6 +132,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="to
         metrics = {
             "clip_low": ((ratio < 1 - eps_low) & (adv < 0) & mask).sum() / n,    # clipped below, A < 0
             "clip_high": ((ratio > 1 + eps_high) & (adv > 0) & mask).sum() / n,  # clipped above, A > 0
+            "clip_delta": ((ratio > (delta or torch.inf)) & (adv < 0) & mask).sum() / n,  # capped at delta, A < 0
             "ratio": (ratio * maskf).sum() / n,
             "kl": (kl * maskf).sum() / n if kl is not None else torch.zeros((), device=logp.device),
         }
@@ -452,8 +469,9 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
                 loss, metrics = policy_loss(
                     logp, logp.detach() if on_policy else old_logp[rows, :L - 1], advantages[rows], m,
                     loss_type=args.loss_type, level=args.level, eps_low=args.eps_low, eps_high=args.eps_high,
-                    ref_logp=ref_logp[rows, :L - 1] if ref_logp is not None else None, beta=args.beta,
-                    max_completion_length=args.max_new_tokens, num_tokens=num_tokens, entropy=entropy)
+                    delta=args.delta, ref_logp=ref_logp[rows, :L - 1] if ref_logp is not None else None,
+                    beta=args.beta, kl_estimator=args.kl_estimator, max_completion_length=args.max_new_tokens,
+                    num_tokens=num_tokens, entropy=entropy)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"step {step}: the policy loss is {loss.item()}; lower --lr or check the policy")
                 # grads are averaged over ranks: scale each rank's share so the average is the global loss's grad
@@ -559,15 +577,29 @@ parser.add_argument("--correct-weight", type=float, default=1.0)
 parser.add_argument("--format-weight", type=float, default=0.0)
 # GRPO
 parser.add_argument("--steps", type=int, default=120, help="RL steps")
-parser.add_argument("--loss-type", default="dapo", choices=["grpo", "dr_grpo", "dapo"])
-parser.add_argument("--level", default="token", choices=["token", "sequence"], help="sequence = GSPO")
+parser.add_argument("--loss-type", default=None, choices=["grpo", "dr_grpo", "dapo"],
+                    help="grpo: mean over each completion's tokens, then over completions; dr_grpo: sum / (rows * "
+                         "--max-new-tokens); dapo: mean over the step's tokens. Default dapo; grpo at --level sequence")
+parser.add_argument("--level", default="token", choices=["token", "sequence"],
+                    help="sequence = GSPO (arXiv 2507.18071, eq. 5): one length-normalised ratio per completion, "
+                         "clipped and averaged per sequence. Unless set, it then takes the paper's --eps-low 3e-4, "
+                         "--eps-high 4e-4 and --loss-type grpo (our token defaults would almost never clip)")
 parser.add_argument("--adv-scale", default="group", choices=["group", "batch", "none"],
                     help="divide the group-centred rewards by: group: the group's std (GRPO); batch: one std of every "
                          "verified reward trained on this step, all ranks together (with --drop-zero-std: of the kept "
                          "groups); none: nothing (Dr. GRPO)")
-parser.add_argument("--eps-low", type=float, default=0.2)
-parser.add_argument("--eps-high", type=float, default=0.28)
-parser.add_argument("--beta", type=float, default=0.0, help="k3 KL to the frozen start policy (0: no reference)")
+parser.add_argument("--eps-low", type=float, default=None, help="lower clip 1 - eps-low (0.2; 3e-4 at --level sequence)")
+parser.add_argument("--eps-high", type=float, default=None,
+                    help="upper clip 1 + eps-high (0.28, DAPO's clip-higher; 4e-4 at --level sequence)")
+parser.add_argument("--delta", type=float, default=None,
+                    help="INTELLECT-2 two-sided clipping (arXiv 2505.07291, sec. 4.1): for negative advantages the "
+                         "ratio is also capped at delta (the paper: 4); must exceed 1 + eps-high. Default: off")
+parser.add_argument("--beta", type=float, default=0.0, help="KL to the frozen start policy (0: no reference)")
+parser.add_argument("--kl-estimator", default="k3", choices=["k3", "k3-is"],
+                    help="k3: exp(d) - d - 1, d = log pi_ref - log pi (DeepSeekMath eq. 4): its value estimates "
+                         "KL(pi || pi_ref) but, on-policy, its expected gradient is the forward KL(pi_ref || pi)'s. "
+                         "k3-is: k3 times the token ratio pi / pi_old, gradient through it (DeepSeek-V3.2 eq. 7, TRL's "
+                         "default): an unbiased estimate of the gradient of KL(pi || pi_ref), on- or off-policy")
 parser.add_argument("--drop-zero-std", action="store_true", help="drop all-equal-reward groups, refill with new ones")
 parser.add_argument("--max-refills", type=int, default=2, help="refill rounds per step with --drop-zero-std")
 parser.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit --max-new-tokens")
@@ -598,6 +630,18 @@ parser.add_argument("--checkpoint-dir", default=None)
 parser.add_argument("--save-every", type=int, default=0, help="RL steps between checkpoints (0: only at the end)")
 parser.add_argument("--resume", default=None, help="a step_* checkpoint directory (or the --checkpoint-dir)")
 parser.add_argument("--log-file", default=None, help="JSON lines: one per step and per evaluation")
+
+
+def parse_args(argv=None):
+    # the flags, with the defaults that depend on --level filled in, and the combinations checked
+    args = parser.parse_args(argv)
+    gspo = args.level == "sequence"             # GSPO sets its eq. 5's clip ranges to 3e-4 / 4e-4
+    args.eps_low = (3e-4 if gspo else 0.2) if args.eps_low is None else args.eps_low
+    args.eps_high = (4e-4 if gspo else 0.28) if args.eps_high is None else args.eps_high
+    args.loss_type = ("grpo" if gspo else "dapo") if args.loss_type is None else args.loss_type
+    if args.delta is not None and not args.delta > 1 + args.eps_high:
+        raise ValueError(f"--delta {args.delta}: must exceed 1 + --eps-high = {1 + args.eps_high} (INTELLECT-2 uses 4)")
+    return args
 
 
 # what collect() and rl_update() count; summed over ranks in this fixed order (every rank sends every name)
@@ -639,7 +683,7 @@ def format_eval(name, result):
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     t_start = time.perf_counter()
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)

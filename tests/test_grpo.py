@@ -113,8 +113,11 @@ def test_group_advantages_rejects_ragged_groups():
 # -----------------------------------------------------------------------------
 # loss vs a direct float64 computation
 
-def reference_loss(logp, old_logp, adv, mask, loss_type, level, eps_low, eps_high, ref_logp, beta, max_len, num_tokens):
-    # element by element in python floats (float64), straight from the formulas
+def reference_loss(logp, old_logp, adv, mask, loss_type, level, eps_low, eps_high, ref_logp, beta, max_len, num_tokens,
+                   kl_estimator="k3", delta=None):
+    # element by element in python floats (float64), straight from the formulas: the clipped surrogate (PPO / GRPO,
+    # DeepSeekMath eq. 3), INTELLECT-2's min(min(r, delta) A, clip(r) A) (arXiv 2505.07291 sec. 4.1), the k3 KL
+    # (DeepSeekMath eq. 4) and DeepSeek-V3.2's eq. 7 (k3 times pi_theta / pi_old of the token)
     B, T = len(logp), len(logp[0])
     lengths = [sum(mask[b]) for b in range(B)]
     per_seq = []
@@ -126,10 +129,11 @@ def reference_loss(logp, old_logp, adv, mask, loss_type, level, eps_low, eps_hig
             if not mask[b][t]:
                 continue
             r = math.exp(logp[b][t] - old_logp[b][t]) if level == "token" else seq_ratio
-            l = -min(r * adv[b], min(max(r, 1 - eps_low), 1 + eps_high) * adv[b])
+            l = -min((r if delta is None else min(r, delta)) * adv[b], min(max(r, 1 - eps_low), 1 + eps_high) * adv[b])
             if beta > 0:
                 d = ref_logp[b][t] - logp[b][t]
-                l += beta * (math.exp(d) - d - 1)
+                token_ratio = math.exp(logp[b][t] - old_logp[b][t]) if kl_estimator == "k3-is" else 1.0
+                l += beta * token_ratio * (math.exp(d) - d - 1)
             s += l
         per_seq.append(s / max(lengths[b], 1))
         total += s
@@ -169,6 +173,112 @@ def test_policy_loss_matches_float64_reference(loss_type, level, beta):
     assert 0 <= metrics["clip_low"] <= 1 and 0 <= metrics["clip_high"] <= 1
     if level == "token":
         assert metrics["clip_low"] + metrics["clip_high"] > 0                  # the batch does exercise the clip
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("kl_estimator, delta", [("k3-is", None), ("k3", 1.5), ("k3-is", 1.5)])
+def test_kl_estimator_and_delta_match_float64_reference(loss_type, level, kl_estimator, delta):
+    # the value against the papers' formulas (reference_loss), the gradient against finite differences of that value
+    logp, old_logp, ref_logp, adv, mask = random_batch(B=8, seed=20 + len(loss_type) + len(level))
+    kwargs = dict(loss_type=loss_type, level=level, eps_low=0.2, eps_high=0.28, delta=delta, ref_logp=ref_logp,
+                  beta=0.05, kl_estimator=kl_estimator, max_completion_length=9, num_tokens=int(mask.sum()) + 3)
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, **kwargs)
+    expected = reference_loss(logp.tolist(), old_logp.tolist(), adv.tolist(), mask.tolist(), loss_type, level, 0.2,
+                              0.28, ref_logp.tolist(), 0.05, 9, int(mask.sum()) + 3, kl_estimator, delta)
+    assert abs(loss.item() - expected) < 1e-12 * max(1.0, abs(expected))
+    if delta is not None and level == "token":
+        assert metrics["clip_delta"] > 0                                    # the batch does exercise the cap
+    torch.autograd.gradcheck(lambda x: policy_loss(x, old_logp, adv, mask, **kwargs)[0], logp.clone().requires_grad_())
+
+
+def test_delta_caps_the_ratio_of_negative_advantages_only():
+    # INTELLECT-2 (arXiv 2505.07291 sec. 4.1): min(min(r, delta) A, clip(r, 1 - eps, 1 + eps) A), here per token
+    ratio = torch.tensor([[5.0, 3.0, 0.5, 5.0]], dtype=torch.float64)
+    adv = torch.tensor([-1.0], dtype=torch.float64)
+    logp = ratio.log().requires_grad_()
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, m = policy_loss(logp, torch.zeros(1, 4, dtype=torch.float64), adv, mask, loss_type="dapo", delta=4.0)
+    assert loss.item() == pytest.approx((4.0 + 3.0 + 0.8 + 4.0) / 4)      # 0.5 is clipped below at 1 - 0.2
+    assert m["clip_delta"].item() == 0.5 and m["clip_low"].item() == 0.25
+    grad, = torch.autograd.grad(loss, logp)
+    assert (grad[0, [0, 2, 3]] == 0).all() and grad[0, 1].item() == pytest.approx(3.0 / 4)  # capped, clipped: no push
+    without, _ = policy_loss(logp, torch.zeros(1, 4, dtype=torch.float64), adv, mask, loss_type="dapo")
+    assert without.item() == pytest.approx((5.0 + 3.0 + 0.8 + 5.0) / 4)
+    for a in [1.0, 0.0]:                                                    # A >= 0: the cap never binds
+        args = (logp, torch.zeros(1, 4, dtype=torch.float64), torch.tensor([a], dtype=torch.float64), mask)
+        assert policy_loss(*args, delta=4.0)[0].item() == policy_loss(*args)[0].item()
+    with pytest.raises(ValueError, match="delta"):
+        policy_loss(logp, logp.detach(), adv, mask, eps_high=0.28, delta=1.2)
+    with pytest.raises(ValueError, match="--delta"):
+        train_grpo.parse_args(["--delta", "1.1"])
+
+
+def categorical_kl_gradients(kl_estimator, logits, old_logits, ref_logits):
+    # One token from a V-way categorical, every outcome enumerated: the expected gradient of policy_loss's KL term
+    # (A = 0, beta = 1) over samples y ~ pi_old, exactly, against the gradients of both KL directions.
+    logp_all = torch.log_softmax(logits, -1)
+    old_all, ref_all = torch.log_softmax(old_logits, -1), torch.log_softmax(ref_logits, -1)
+    expected_grad = torch.zeros_like(logits)
+    for y in range(logits.numel()):
+        logp = logp_all[y].view(1, 1)
+        loss, _ = policy_loss(logp, old_all[y].view(1, 1), torch.zeros(1, dtype=logits.dtype),
+                              torch.ones(1, 1, dtype=torch.bool), ref_logp=ref_all[y].view(1, 1), beta=1.0,
+                              kl_estimator=kl_estimator)
+        expected_grad += old_all[y].exp() * torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    p, ref = logp_all.exp(), ref_all.exp()
+    reverse, = torch.autograd.grad((p * (logp_all - ref_all)).sum(), logits, retain_graph=True)   # KL(pi || ref)
+    forward, = torch.autograd.grad((ref * (ref_all - logp_all)).sum(), logits)                    # KL(ref || pi)
+    return expected_grad, reverse, forward
+
+
+def test_kl_estimators_follow_the_gradient_their_help_states():
+    g = torch.Generator().manual_seed(12)
+    V = 7
+    logits = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.randn(V, generator=g, dtype=torch.float64)
+    # on-policy (pi_old = pi): k3's expected gradient is the forward KL's, k3-is's the reverse KL's (DeepSeek-V3.2)
+    k3, reverse, forward = categorical_kl_gradients("k3", logits, logits.detach(), ref_logits)
+    torch.testing.assert_close(k3, forward, rtol=1e-12, atol=1e-14)
+    assert (k3 - reverse).abs().max() > 1e-2
+    k3_is, reverse, _ = categorical_kl_gradients("k3-is", logits, logits.detach(), ref_logits)
+    torch.testing.assert_close(k3_is, reverse, rtol=1e-12, atol=1e-14)
+    # off-policy (samples from an older pi_old): the importance ratio keeps k3-is unbiased for the reverse KL
+    old_logits = logits.detach() + 0.5 * torch.randn(V, generator=g, dtype=torch.float64)
+    k3_is, reverse, _ = categorical_kl_gradients("k3-is", logits, old_logits, ref_logits)
+    torch.testing.assert_close(k3_is, reverse, rtol=1e-12, atol=1e-14)
+
+
+def test_gspo_defaults_and_loss_follow_the_paper():
+    # GSPO (arXiv 2507.18071) eq. 5: J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), with
+    # s_i = (pi(y_i) / pi_old(y_i)) ** (1 / |y_i|) and the paper's clip ranges 3e-4 / 4e-4; its gradient is
+    # 1/G sum_i s_i A_i (1 / |y_i|) sum_t grad log pi(y_i,t) over the unclipped sequences, 0 over the clipped ones
+    args = train_grpo.parse_args(["--level", "sequence"])
+    assert (args.eps_low, args.eps_high, args.loss_type) == (3e-4, 4e-4, "grpo")
+    args = train_grpo.parse_args(["--level", "sequence", "--eps-high", "0.01", "--loss-type", "dapo"])
+    assert (args.eps_low, args.eps_high, args.loss_type) == (3e-4, 0.01, "dapo")     # what the user sets stays
+    args = train_grpo.parse_args([])
+    assert (args.eps_low, args.eps_high, args.loss_type) == (0.2, 0.28, "dapo")        # token level: unchanged
+
+    logp, old_logp, _, adv, mask = random_batch(B=8, T=6, seed=30)
+    old_logp = logp.detach() + 6e-4 * torch.randn(8, 6, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    logp.requires_grad_(True)
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, level="sequence", loss_type="grpo", eps_low=3e-4,
+                                eps_high=4e-4)
+    grad, = torch.autograd.grad(loss, logp)
+    J, expected_grad, clipped = 0.0, torch.zeros_like(logp), 0
+    for i in range(8):
+        n = int(mask[i].sum())
+        s = math.exp(sum((logp[i, t] - old_logp[i, t]).item() for t in range(6) if mask[i, t]) / n)
+        A = adv[i].item()
+        J += min(s * A, min(max(s, 1 - 3e-4), 1 + 4e-4) * A) / 8
+        if s * A <= min(max(s, 1 - 3e-4), 1 + 4e-4) * A:                     # the unclipped term is the min
+            expected_grad[i, mask[i]] = -s * A / n / 8                        # d(-J) / d log pi(y_i,t)
+        else:
+            clipped += 1
+    assert abs(loss.item() + J) < 1e-12
+    assert 0 < clipped < 8                                                  # both cases occur at these ranges
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)
 
 
 def test_policy_loss_float32_agrees_with_float64():
@@ -307,7 +417,7 @@ def test_rl_update_does_not_depend_on_micro_batch_size(loss_type):
     deltas = []
     for micro in ["12", "5"]:
         model.load_state_dict(start)
-        args = train_grpo.parser.parse_args(["--loss-type", loss_type, "--micro-batch-size", micro,
+        args = train_grpo.parse_args(["--loss-type", loss_type, "--micro-batch-size", micro,
                                              "--grad-clip", "1e9", "--max-new-tokens", "6"])
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)        # parameter change = -gradient
         train_grpo.rl_update(model, None, [sgd], list(model.parameters()), rollout, advantages, args, step=10,
@@ -320,7 +430,7 @@ def test_rl_update_does_not_depend_on_micro_batch_size(loss_type):
 def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
     # an untrained policy never earns a reward: every group is all-zero, so each refill round draws all P again
     # and nothing is kept; the update then has no tokens and must leave the weights alone
-    args = train_grpo.parser.parse_args(["--drop-zero-std", "--max-refills", "2", "--prompts-per-step", "3",
+    args = train_grpo.parse_args(["--drop-zero-std", "--max-refills", "2", "--prompts-per-step", "3",
                                          "--group-size", "4", "--max-new-tokens", "5"])
     model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
     sample, _ = train_grpo.make_task(args)
@@ -337,7 +447,7 @@ def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
 
 def test_collect_leaves_failed_verifications_out(monkeypatch):
     # every 5th verification raises; the others return made-up rewards with spread, so the groups carry signal
-    args = train_grpo.parser.parse_args(["--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "5"])
+    args = train_grpo.parse_args(["--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "5"])
     model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
     sample, _ = train_grpo.make_task(args)
     calls = []
