@@ -167,6 +167,14 @@ def global_sum(values, device):
     return t.tolist()
 
 
+def global_max(values, device):
+    # list of floats -> their maxima over ranks (one all_reduce)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def print0(*args):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, flush=True)
@@ -345,7 +353,7 @@ def collect(model, tok, sample, args, step, rank):
     # -> (Rollout of the kept groups' verified rows, their advantages (N,), stats of everything sampled). A row whose
     # verifier failed is left out of its group's statistics and out of the rollout (no loss), and counted.
     model.eval()
-    G, kept, kept_rewards = args.group_size, [], []
+    G, kept, kept_rewards, lengths = args.group_size, [], [], []
     stats = collections.Counter()
     for attempt in range(1 + (args.max_refills if args.drop_zero_std else 0)):
         missing = args.prompts_per_step - sum(r.numel() for r in kept_rewards) // G
@@ -373,12 +381,19 @@ def collect(model, tok, sample, args, step, rank):
         kept.append(select_rows(rollout, keep_rows.to(rollout.tokens.device)))
         kept_rewards.append(rewards[keep_rows])
         verified = rewards[~torch.isnan(rewards)]
+        ended = ~rollout.truncated
+        lengths.append(rollout.completion_lens)
         stats.update({"gen_s": t1 - t0, "reward_s": t2 - t1, "samples": rewards.numel(),
                       "rewards": verified.numel(), "reward_sum": verified.sum().item(),
                       "reward_sq": (verified ** 2).sum().item(), "groups": len(problems),
+                      "kept_groups": keep.sum().item(),
                       "zero_std_groups": (~informative).sum().item(), "reward_errors": len(failures),
                       "truncated": rollout.truncated.sum().item(),
-                      "completion_len": rollout.completion_lens.sum().item()})
+                      "completion_len": rollout.completion_lens.sum().item(),
+                      "eos_len": rollout.completion_lens[ended].sum().item(), "eos_rows": ended.sum().item(),
+                      "prompt_len": rollout.prompt_lens.sum().item()})
+    lengths = torch.cat(lengths)
+    stats["len_min"], stats["len_max"] = lengths.min().item(), lengths.max().item()
     model.train()
     rollout = cat_rollouts(kept, tok.pad_id)
     rewards = torch.cat(kept_rewards).to(rollout.tokens.device)             # (N,) NaN where the verifier failed
@@ -423,6 +438,11 @@ def optimizer_step(model, optimizers, synced_params, args, lr_scale):
     return grad_norm.item()
 
 
+def lr_schedule(step, args):
+    # the learning rates' multiplier at RL step `step` (0-based): linear warmup, then constant
+    return min(1.0, (step + 1) / max(1, args.warmup_steps))
+
+
 def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device):
     # -> sums of metrics over this rank's tokens (the caller all-reduces them)
     tokens = rollout.tokens                                                 # (N, L)
@@ -456,7 +476,7 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
                 if ref_logp is not None:
                     ref_logp[rows, :L - 1] = token_logprobs(ref_model, tokens[rows, :L], args.temperature)[0]
 
-    lr_scale = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    lr_scale = lr_schedule(step, args)
     for epoch in range(args.updates_per_rollout):
         for minibatch in torch.arange(N, device=tokens.device).tensor_split(args.minibatches):
             # dapo normalises by the completion tokens of the whole optimizer step, over micro-batches and ranks
@@ -477,6 +497,7 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
                 # grads are averaged over ranks: scale each rank's share so the average is the global loss's grad
                 share = world if args.loss_type == "dapo" else world * len(rows) / num_rows
                 (loss * share).backward()
+                sums["loss"] += loss.item() * share / world                 # summed over ranks: the global loss
                 n = m.sum().item()
                 sums["tokens"] += n
                 for name, value in metrics.items():
@@ -600,7 +621,9 @@ parser.add_argument("--kl-estimator", default="k3", choices=["k3", "k3-is"],
                          "KL(pi || pi_ref) but, on-policy, its expected gradient is the forward KL(pi_ref || pi)'s. "
                          "k3-is: k3 times the token ratio pi / pi_old, gradient through it (DeepSeek-V3.2 eq. 7, TRL's "
                          "default): an unbiased estimate of the gradient of KL(pi || pi_ref), on- or off-policy")
-parser.add_argument("--drop-zero-std", action="store_true", help="drop all-equal-reward groups, refill with new ones")
+parser.add_argument("--drop-zero-std", action="store_true",
+                    help="DAPO dynamic sampling: drop groups whose rewards are all equal, refill with new prompts; "
+                         "each step logs the groups it trains on and warns when it falls short")
 parser.add_argument("--max-refills", type=int, default=2, help="refill rounds per step with --drop-zero-std")
 parser.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit --max-new-tokens")
 parser.add_argument("--updates-per-rollout", type=int, default=1, help="mu: passes over each rollout")
@@ -645,22 +668,35 @@ def parse_args(argv=None):
 
 
 # what collect() and rl_update() count; summed over ranks in this fixed order (every rank sends every name)
-SUMS = ["gen_s", "reward_s", "samples", "rewards", "reward_sum", "reward_sq", "groups", "zero_std_groups", "reward_errors",
-        "truncated", "completion_len", "tokens", "gap_tokens", "clip_low", "clip_high", "ratio", "kl",
-        "entropy", "logp_gap", "grad_norm", "optimizer_steps"]
+SUMS = ["gen_s", "reward_s", "samples", "rewards", "reward_sum", "reward_sq", "groups", "kept_groups",
+        "zero_std_groups", "reward_errors", "truncated", "completion_len", "eos_len", "eos_rows", "prompt_len",
+        "tokens", "gap_tokens", "loss", "clip_low", "clip_high", "clip_delta", "ratio", "kl", "entropy", "logp_gap",
+        "grad_norm", "optimizer_steps"]
 
 
-def step_record(step, stats, sums, train_s, world, device):
-    # per-rank counts -> the step's log record (means over all ranks)
+def step_record(step, stats, sums, train_s, world, device, num_tokens):
+    # per-rank counts -> the step's log record (means over all ranks). num_tokens: prompt + completion tokens sampled
+    # before this step. For TRL users: loss, learning_rate (here lr, and muon_lr), reward, reward_std, kl, entropy,
+    # grad_norm and num_tokens are the same quantities; completions/{mean,min,max}_length are completion_len{,_min,
+    # _max}, completions/mean_terminated_length is completion_len_eos, completions/clipped_ratio is truncated,
+    # clip_ratio/{low,high,region}_mean are clip_{low,high,region}, frac_reward_zero_std is zero_std.
     local = {**stats, **sums}
     total = dict(zip(SUMS, global_sum([local.get(k, 0.0) for k in SUMS], device)))
-    samples, tokens, n = max(total["samples"], 1), max(total["tokens"], 1), max(total["rewards"], 1)
-    mean = total["reward_sum"] / n                                          # over the verified rewards
+    len_max, neg_len_min = global_max([stats["len_max"], -stats["len_min"]], device)
+    samples, tokens, n = max(total["samples"], 1), max(total["tokens"], 1), total["rewards"]
+    mean = total["reward_sum"] / max(n, 1)
     return {
-        "step": step, "reward": mean, "reward_std": max(total["reward_sq"] / n - mean ** 2, 0) ** 0.5,
+        "step": step, "loss": total["loss"] / max(total["optimizer_steps"], 1),
+        # reward and its unbiased (Bessel) std over every verified reward sampled this step, refills included
+        "reward": mean, "reward_std": (max(total["reward_sq"] - n * mean ** 2, 0) / (n - 1)) ** 0.5 if n > 1 else 0.0,
         "zero_std": total["zero_std_groups"] / max(total["groups"], 1), "groups": int(total["groups"]),
-        "completion_len": total["completion_len"] / samples, "truncated": total["truncated"] / samples,
+        "kept_groups": int(total["kept_groups"]),                           # the groups trained on
+        "completion_len": total["completion_len"] / samples, "completion_len_min": int(-neg_len_min),
+        "completion_len_max": int(len_max), "completion_len_eos": total["eos_len"] / max(total["eos_rows"], 1),
+        "truncated": total["truncated"] / samples,
+        "num_tokens": int(num_tokens + total["prompt_len"] + total["completion_len"]),
         "clip_low": total["clip_low"] / tokens, "clip_high": total["clip_high"] / tokens,
+        "clip_region": (total["clip_low"] + total["clip_high"]) / tokens, "clip_delta": total["clip_delta"] / tokens,
         "ratio": total["ratio"] / tokens, "kl": total["kl"] / tokens, "entropy": total["entropy"] / tokens,
         "logp_gap": total["logp_gap"] / max(total["gap_tokens"], 1),
         "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
@@ -710,15 +746,25 @@ def main(argv=None):
         t1 = time.perf_counter()
         sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device)
         t2 = time.perf_counter()
-        record = step_record(step + 1, stats, sums, t2 - t1, world, device)
-        print0(f"step {step + 1}/{args.steps} | reward {record['reward']:.3f} ± {record['reward_std']:.3f} | "
-               f"zero-std {record['zero_std']:.2f} | len {record['completion_len']:.1f} "
-               f"trunc {record['truncated']:.2f} | "
+        record = step_record(step + 1, stats, sums, t2 - t1, world, device, state.get("num_tokens", 0))
+        record.update(lr=args.lr * lr_schedule(step, args),
+                      **({"muon_lr": args.muon_lr * lr_schedule(step, args)} if args.optimizer == "muon" else {}))
+        state["num_tokens"] = record["num_tokens"]
+        target = args.prompts_per_step * world
+        print0(f"step {step + 1}/{args.steps} | loss {record['loss']:.4g} lr {record['lr']:.1e} | "
+               f"reward {record['reward']:.3f} ± {record['reward_std']:.3f} | "
+               f"groups {record['kept_groups']}/{target} zero-std {record['zero_std']:.2f} | "
+               f"len {record['completion_len_min']}/{record['completion_len']:.1f}/{record['completion_len_max']} "
+               f"eos {record['completion_len_eos']:.1f} trunc {record['truncated']:.2f} | "
                f"clip {record['clip_low']:.3f}/{record['clip_high']:.3f} | kl {record['kl']:.4f} | "
                f"ent {record['entropy']:.3f} | gap {record['logp_gap']:.1e} | gnorm {record['grad_norm']:.3f} | "
                f"{record['tok_per_s']:.0f} tok/s | "
                f"gen {record['gen_s']:.2f}s reward {record['reward_s']:.2f}s train {record['train_s']:.2f}s"
                + (f" | reward errors {record['reward_errors']}" if record["reward_errors"] else ""))
+        if record["kept_groups"] < target:
+            print0(f"warning: step {step + 1}: dynamic sampling found {record['kept_groups']} of {target} groups with "
+                   f"unequal rewards after {args.max_refills} refill round(s); training on fewer "
+                   f"(raise --max-refills, or the task is too easy or too hard for the policy)")
         log_json(args, record)
         state["step"] = step + 1
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:

@@ -469,10 +469,36 @@ def test_collect_leaves_failed_verifications_out(monkeypatch):
     torch.testing.assert_close(advantages.double(), expected[keep], rtol=1e-6, atol=1e-6)
 
 
-def test_countdown_task_runs():
+def test_step_record_reports_unbiased_reward_std_and_cumulative_tokens():
+    rewards = [1.0, 0.0, 0.5, 0.25, 1.0]
+    stats = {"gen_s": 1.0, "reward_s": 0.1, "samples": 6, "rewards": 5, "reward_sum": sum(rewards),
+             "reward_sq": sum(x * x for x in rewards), "groups": 2, "kept_groups": 2, "completion_len": 30,
+             "eos_len": 20, "eos_rows": 4, "prompt_len": 42, "len_min": 2, "len_max": 9}
+    sums = {"loss": 0.5, "optimizer_steps": 2, "tokens": 10, "clip_low": 1, "clip_high": 2}
+    record = train_grpo.step_record(3, stats, sums, 0.5, 1, torch.device("cpu"), num_tokens=1000)
+    mean = sum(rewards) / 5
+    assert record["reward"] == pytest.approx(mean)
+    assert record["reward_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in rewards) / 4))  # Bessel
+    assert record["num_tokens"] == 1000 + 42 + 30 and record["loss"] == 0.25 and record["clip_region"] == 0.3
+    assert (record["completion_len_min"], record["completion_len"], record["completion_len_max"]) == (2, 5, 9)
+    assert record["completion_len_eos"] == 5 and record["kept_groups"] == 2
+
+
+def test_countdown_task_runs_and_logs_what_trl_users_read(tmp_path, capsys):
+    # 5 SFT steps leave the policy unable to reach any target: every group is all-zero, so dynamic sampling comes up
+    # short, and the step says so
+    log = tmp_path / "log.jsonl"
     result = train_grpo.main([*SMALL, "--task", "countdown", "--sft-steps", "5", "--sft-check-every", "5", "--steps", "1",
-                              "--max-new-tokens", "40"])
+                              "--max-new-tokens", "40", "--format-weight", "0", "--drop-zero-std", "--max-refills", "1",
+                              "--log-file", str(log)])
     assert set(result["after"]) == {"pass@1", "pass@2", "maj@2", "verify_errors"}
+    record = [json.loads(line) for line in log.read_text().splitlines() if "step" in json.loads(line)][0]
+    assert record["groups"] == 8 and record["kept_groups"] == 0 and record["zero_std"] == 1.0
+    assert "warning: step 1: dynamic sampling found 0 of 4 groups" in capsys.readouterr().out
+    assert record["lr"] == pytest.approx(3e-4 / 5)                          # warmup step 1 of 5
+    assert 1 <= record["completion_len_min"] <= record["completion_len"] <= record["completion_len_max"] <= 40
+    assert record["num_tokens"] > 8 * 4 * record["completion_len_min"]
+    assert {"loss", "clip_region", "completion_len_eos", "reward_std", "reward_errors"} <= set(record)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -560,6 +586,7 @@ def test_torchrun_two_processes(tmp_path):
     steps = [r for r in records if "step" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["groups"] >= 8 for r in steps)                   # 4 prompts per rank, both ranks counted
+    assert all(r["kept_groups"] <= 8 for r in steps) and steps[1]["num_tokens"] > steps[0]["num_tokens"] > 0
     assert {r.get("eval") for r in records} >= {"before_rl", "after_rl"}
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_000002")) == [
         "config.json", "model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt", "train_state.json"]
