@@ -499,6 +499,7 @@ def main():
 
     log(peak_memory(device))
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

@@ -21,4 +21,5 @@ out = {"rewards": rewards, "share": group_advantages(share, G, "batch"),
        # a rank left with no rows (dynamic sampling kept nothing) still takes part in the all-reduce
        "all_on_rank0": group_advantages(rewards if rank == 0 else rewards[:0], G, "batch")}
 torch.save(out, Path(sys.argv[1]) / f"rank{rank}.pt")
+dist.barrier()  # no rank tears gloo down while another still uses it (an abort at exit otherwise)
 dist.destroy_process_group()
