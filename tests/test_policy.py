@@ -5,6 +5,7 @@ import dataclasses
 import json
 import random
 
+import jinja2
 import pytest
 import tokenizers
 import torch
@@ -29,6 +30,7 @@ TEXTS = [
     "",
     " ",
     "trailing whitespace    ",
+    "control \x01\x02 bytes, a  1 and    42 after runs of spaces",
 ]
 
 
@@ -76,24 +78,32 @@ def qwen_bpe():
 # -----------------------------------------------------------------------------
 # tokenizer parity
 
+def assert_same_tokenizer(tok, ref, texts):
+    """tok (ours) encodes and decodes like ref (a transformers tokenizer), on texts and on random id sequences
+    (including ones that split UTF-8 characters)."""
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref(text, add_special_tokens=False).input_ids, text
+        assert tok.decode(ids) == ref.decode(ids), text
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, tok.vocab_size, (12,), generator=gen).tolist()
+        ids = [i for i in ids if ref.convert_ids_to_tokens(i) is not None]  # holes in a vocab with missing tokens
+        assert tok.decode(ids) == ref.decode(ids)
+
+
 @pytest.mark.parametrize("style", ["gpt2", "qwen", "letters"])
-def test_tokenizer_matches_tokenizers(tmp_path, style):
+def test_tokenizer_on_tiktoken_matches_transformers(tmp_path, style):
     ref = train_bpe(style)
     write_tokenizer(tmp_path, ref)
     tok = policy.hf_tokenizer(tmp_path, {})
-    assert tok.vocab_size == ref.get_vocab_size()
-    for text in TEXTS + corpus(seed=1)[:50]:
-        ids = tok.encode(text)
-        assert ids == ref.encode(text, add_special_tokens=False).ids, text
-        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):  # arbitrary id sequences, including ones that split UTF-8 characters
-        ids = torch.randint(0, tok.vocab_size, (12,), generator=gen).tolist()
-        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    assert tok.backend == "tiktoken" and tok.vocab_size == ref.get_vocab_size()
+    assert_same_tokenizer(tok, transformers.AutoTokenizer.from_pretrained(tmp_path), TEXTS + corpus(seed=1)[:50])
     assert (tok.eos_id, tok.pad_id) == (SPECIALS.index("<|im_end|>"), SPECIALS.index("<|endoftext|>"))
 
 
-def test_chat_templates(tmp_path, qwen_bpe):
+def test_fallback_chat_styles(tmp_path, qwen_bpe):
+    """Tokenizers without a chat template (base models, our checkpoints) get ChatML, Llama 3 or plain prompts."""
     write_tokenizer(tmp_path, qwen_bpe)
     tok = policy.hf_tokenizer(tmp_path, {})
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7*8?"}]
@@ -131,28 +141,186 @@ def merge_from_another_split(data):
     raise AssertionError("no token with two splits in the test vocab")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer"),
-    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
-    (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "add_prefix_space"),
-    (lambda d: d["added_tokens"][0].update(lstrip=True), "added token"),
-    (swap_last_merges, "rank order"),
-    (merge_from_another_split, "rank order"),
-])
-def test_tokenizer_rejects_what_tiktoken_cannot_reproduce(tmp_path, qwen_bpe, edit, message):
-    edit_tokenizer_json(tmp_path, qwen_bpe, edit)
-    with pytest.raises(ValueError, match=message):
-        policy.hf_tokenizer(tmp_path, {})
+def drop_byte_tokens(data):
+    """SmolLM2's case: 21 single-byte tokens (control bytes no training text had) are not in the vocab."""
+    alphabet = {b: c for c, b in policy.byte_level_alphabet().items()}
+    for b in range(21):
+        del data["model"]["vocab"][alphabet[b]]
 
 
-def test_tokenizer_rejects_wordpiece(tmp_path):
-    wp = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.pre_tokenizer = pre_tokenizers.Whitespace()
-    wp.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"],
-                                                               show_progress=False))
-    wp.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match="not BPE"):
-        policy.hf_tokenizer(tmp_path, {})
+def digits_then_byte_level(data):
+    """SmolLM2's pre-tokenizer: every digit a piece of its own, then GPT-2's regex."""
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                   data["pre_tokenizer"]]}
+
+
+def sentencepiece_bpe(vocab_size: int = 500):
+    """Llama 2 / Mistral style: no pre-tokenizer, spaces become ▁ (normalizer), byte fallback <0xNN> tokens for what
+    the vocab lacks, and a decoder that undoes both."""
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", *SPECIALS], show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    return tokenizers.Tokenizer.from_str(json.dumps(data))
+
+
+def unigram():
+    tok = tokenizers.Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus(), trainers.UnigramTrainer(vocab_size=300, special_tokens=["<unk>", *SPECIALS],
+                                                              unk_token="<unk>", show_progress=False))
+    return tok
+
+
+def wordpiece():
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tok.normalizer = normalizers.BertNormalizer()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=300, special_tokens=["<unk>", *SPECIALS],
+                                                                show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("make, edit, reason", [
+    ("qwen", lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer"),
+    ("qwen", lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
+    ("qwen", lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "add_prefix_space"),
+    ("qwen", lambda d: d["added_tokens"][0].update(lstrip=True), "added token"),
+    ("qwen", swap_last_merges, "rank order"),
+    ("qwen", merge_from_another_split, "rank order"),
+    ("gpt2", drop_byte_tokens, "lacks 21 of the 256 single-byte tokens"),
+    ("gpt2", digits_then_byte_level, "pre-tokenizer ['Digits', 'ByteLevel']"),
+    (sentencepiece_bpe, None, "byte_fallback"),
+    (unigram, None, "not BPE"),
+    (wordpiece, None, "not BPE"),
+], ids=["lowercase", "whitespace", "prefix-space", "lstrip", "merge-order", "merge-split", "missing-bytes", "digits",
+        "sentencepiece", "unigram", "wordpiece"])
+def test_tokenizer_falls_back_to_tokenizers_and_matches_transformers(tmp_path, make, edit, reason):
+    """What tiktoken cannot reproduce runs on the tokenizers library, with transformers' ids and decode."""
+    ref = train_bpe(make) if isinstance(make, str) else make()
+    write_tokenizer(tmp_path, ref)
+    if edit is not None:
+        edit_tokenizer_json(tmp_path, ref, edit)
+    tok = policy.hf_tokenizer(tmp_path, {})
+    assert tok.backend.startswith("tokenizers") and reason in tok.backend, tok.backend
+    assert_same_tokenizer(tok, transformers.AutoTokenizer.from_pretrained(tmp_path), TEXTS + corpus(seed=1)[:50])
+    assert tok.eos_id == ref.token_to_id("<|im_end|>") and tok.encode("<|im_end|>") == [tok.eos_id]
+
+
+# -----------------------------------------------------------------------------
+# chat templates: the model's own, rendered as transformers renders them
+
+QWEN25_STYLE_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# Llama 3 style: bos_token from tokenizer_config, trim, raise_exception, namespace, loop controls, a
+# {% generation %} block, and blocks without "-" whose newlines and indentation trim_blocks / lstrip_blocks remove
+LLAMA3_STYLE_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(turns=0) %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('unknown role ' + message['role']) }}
+    {% endif %}
+    {% if message['role'] == 'system' and not loop.first %}{% continue %}{% endif %}
+    {% set ns.turns = ns.turns + 1 %}
+    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}
+    {% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim }}{% endgeneration %}
+    {% else %}{{ message['content'] | trim }}{% endif %}
+    {{ '<|eot_id|>' }}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{% endif %}
+{{ '' if ns.turns else raise_exception('no turns') }}
+"""
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 7*8?"}],
+    [{"role": "system", "content": "Answer in <answer></answer>."}, {"role": "user", "content": " 12+30= \n"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " 56 ", "tool_calls": None},
+     {"role": "user", "content": "naïve 🙂 \"quotes\" & <tags>"}],
+]
+
+
+@pytest.mark.parametrize("template", ["qwen2.5", "llama3"])
+@pytest.mark.parametrize("in_file", [False, True], ids=["tokenizer_config", "chat_template.jinja"])
+def test_chat_template_matches_transformers(tmp_path, qwen_bpe, template, in_file):
+    source = {"qwen2.5": QWEN25_STYLE_TEMPLATE, "llama3": LLAMA3_STYLE_TEMPLATE}[template]
+    write_tokenizer(tmp_path, qwen_bpe)
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    if in_file:  # chat_template.jinja wins over tokenizer_config.json's
+        (tmp_path / "chat_template.jinja").write_text(source)
+        config["chat_template"] = "{{ raise_exception('not this one') }}"
+    else:
+        config["chat_template"] = source
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = policy.hf_tokenizer(tmp_path, {})
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tools = [{"type": "function", "function": {"name": "add", "description": "a + b, exactly",
+                                                "parameters": {"a": "int", "b": "int"}}}]
+    for messages in CONVERSATIONS:
+        for add_generation_prompt in (True, False):
+            for kwargs in ({}, {"tools": tools}):
+                ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+                theirs = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **kwargs)
+                assert ours == theirs
+    if template == "qwen2.5":  # the default system prompt comes from the template
+        assert "You are Qwen" in tok.apply_chat_template(CONVERSATIONS[0])
+        assert "You are Qwen" not in tok.apply_chat_template(CONVERSATIONS[1])
+    else:
+        text = tok.apply_chat_template(CONVERSATIONS[0])
+        assert text.startswith("<|endoftext|>\n") and text.count("<|start_header_id|>") == 2
+        with pytest.raises(jinja2.exceptions.TemplateError, match="unknown role tool"):
+            tok.apply_chat_template([{"role": "tool", "content": "3"}])
+
+
+def test_chat_template_is_sandboxed(tmp_path, qwen_bpe):
+    write_tokenizer(tmp_path, qwen_bpe)
+    escape = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": escape}))
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        policy.hf_tokenizer(tmp_path, {}).apply_chat_template(CONVERSATIONS[0])
+    namespace = "{% set ns = namespace(_x=1) %}{{ ns }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": namespace}))
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        policy.hf_tokenizer(tmp_path, {}).apply_chat_template(CONVERSATIONS[0])
 
 
 # -----------------------------------------------------------------------------
