@@ -368,6 +368,20 @@ class GPT(nn.Module):
         """idx (B, T) int64 -> mean loss over targets != -100 (if targets (B, T) given) or logits (B, T, vocab_size).
         window: long attention window in tokens (int or 0-dim tensor; a tensor avoids recompiles); None = config."""
         B, T = idx.shape
+        x = self.hidden(idx, window)  # (B, T, C)
+        if targets is not None and kernels.enabled(x):  # softcap + cross-entropy + its gradient in one kernel
+            z = self._head(x)  # (B, T, V_padded)
+            return kernels.softcap_cross_entropy(z.view(B * T, -1), targets.reshape(B * T), self.config.softcap,
+                                                 self.config.softcap_type)
+        logits = self._logits(x)  # (B, T, V_padded)
+        if targets is None:
+            return logits[..., :self.config.vocab_size]
+        return F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+
+    def hidden(self, idx: Tensor, window=None) -> Tensor:
+        """idx (B, T) int64 -> final hidden states (B, T, C): forward without the head (policy.token_logprobs applies
+        head() to a chunk of them at a time)."""
+        B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} > GPTConfig.max_seq_len={self.config.max_seq_len}")
         window = self.config.window if window is None else window
@@ -381,15 +395,11 @@ class GPT(nn.Module):
                               attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                                      self.config.attn_scale).transpose(1, 2))
         rope = (self.cos[None, :T], self.sin[None, :T])  # (1, T, D/2)
-        x = self._trunk(idx, rope, attend_fns)  # (B, T, C)
-        if targets is not None and kernels.enabled(x):  # softcap + cross-entropy + its gradient in one kernel
-            z = self._head(x)  # (B, T, V_padded)
-            return kernels.softcap_cross_entropy(z.view(B * T, -1), targets.reshape(B * T), self.config.softcap,
-                                                 self.config.softcap_type)
-        logits = self._logits(x)  # (B, T, V_padded)
-        if targets is None:
-            return logits[..., :self.config.vocab_size]
-        return F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return self._trunk(idx, rope, attend_fns)
+
+    def head(self, x: Tensor) -> Tensor:
+        """x (B, T, C) from hidden() -> softcapped logits (B, T, vocab_size) fp32."""
+        return self._logits(x)[..., :self.config.vocab_size]
 
     # -- cached decoding (the KV-cache protocol of policy.py's rollout engine) -----------------------------------
 

@@ -5,22 +5,27 @@ Policies for GRPO and the rollout engine that samples from them.
     from_checkpoint("ckpt/step_5000.pt")    -> (GPT, Tokenizer)         our train_gpt.py checkpoints, GPT-2 tokenizer
     tiny_policy(seed)                       -> (GPT, Tokenizer)         random tiny GPT, byte-level tokenizer (CPU demo)
     generate(model, prompts, n, ...)        -> Rollout                  n samples per prompt through a static KV cache
+    token_logprobs(model, tokens, ...)      -> (logp, entropy)          log-probs of given tokens, flat in memory
 
 A separate file from model.py: model.py is the speedrun's own file, which train_gpt.py embeds whole in every run
 log; HF checkpoints, tokenizers and sampling are no part of the speedrun.
 
-Every policy model maps idx (B, T) -> logits (B, T, vocab) fp32 (right-padded rows are fine: attention is causal)
-and implements model.py's KV-cache protocol: init_cache(batch_size, max_len) -> KVCache and
-forward_cached(idx, pos, cache) -> logits, with per-row absolute positions.
+Every policy model maps idx (B, T) -> logits (B, T, vocab) fp32 (right-padded rows are fine: attention is causal),
+in two parts, hidden(idx) -> final hidden states (B, T, C) and head(x) -> logits, which token_logprobs uses to score
+tokens with flat memory (the head a chunk of positions at a time), and implements model.py's KV-cache protocol:
+init_cache(batch_size, max_len) -> KVCache and forward_cached(idx, pos, cache) -> logits, with per-row absolute
+positions.
 
 Tokenizers run on tiktoken where it reproduces a HF tokenizer.json exactly (byte-level BPE whose merges agree with
 rank order, a known pre-tokenizer, no normalizer but NFC), and on Hugging Face's tokenizers library otherwise. Chat
 prompts come from the model's own jinja chat template, rendered as transformers renders it.
 
-Benchmark (decode tokens/s of a Qwen2.5-0.5B-shaped random model, batch 64/256/512, against transformers' generate
-and against the memory-bandwidth bound):
-    python policy.py --bench            # CUDA, bf16
+Benchmarks:
+    python policy.py --bench            # decode tokens/s of a Qwen2.5-0.5B-shaped random model, batch 64/256/512,
+                                        # against transformers' generate and the memory-bandwidth bound (CUDA, bf16)
     python policy.py --bench --small    # a small shape that runs on a CPU in about a minute
+    python policy.py --bench-logprobs   # peak memory of log-probs + backward vs B*L at a 152K vocabulary, before
+                                        # (unchunked) and after (token_logprobs); CPU or CUDA
 """
 import argparse
 import base64
@@ -560,8 +565,17 @@ class HFDecoder(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         """idx (B, T) int64 -> logits (B, T, vocab_size) fp32, causal."""
+        return self.head(self.hidden(idx))
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """idx (B, T) int64 -> the final hidden states (B, T, C), normed: what head() maps to logits."""
         pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
         return self._run(idx, pos)
+
+    def head(self, x: Tensor) -> Tensor:
+        """x (..., C) hidden states -> logits (..., vocab_size), fp32 (fp64 for fp64 weights)."""
+        logits = F.linear(x, (self.embed_tokens if self.lm_head is None else self.lm_head).weight)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         c, w = self.config, self.embed_tokens.weight
@@ -572,7 +586,7 @@ class HFDecoder(nn.Module):
     def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
         """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32; writes K/V at pos, attends to cache slots <= pos."""
         visible = torch.arange(cache.k.size(2), device=idx.device) <= pos[:, :, None]  # (B, t, S)
-        return self._run(idx, pos, cache, visible)
+        return self.head(self._run(idx, pos, cache, visible))
 
     def _run(self, idx: Tensor, pos: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
         x = self.embed_tokens(idx)  # (B, T, C)
@@ -580,8 +594,7 @@ class HFDecoder(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else (cache.k[i], cache.v[i]), pos, mask)
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(self.norm(x), head.weight).float()
+        return self.norm(x)
 
 
 # -----------------------------------------------------------------------------
@@ -691,6 +704,94 @@ def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_he
         torch.manual_seed(seed)
         model = GPT(config)
     return model, bytes_eos_tokenizer()
+
+
+# -----------------------------------------------------------------------------
+# Log-probs of given tokens with flat memory: training, reference and old log-probs, the SFT loss
+
+LOGITS_CHUNK = 2 ** 26  # logits per head chunk in token_logprobs: 256 MiB in fp32, whatever the vocabulary
+
+
+def chunk_logits(model, h: Tensor, temperature: float) -> Tensor:
+    """h (c, C) final hidden states -> logits / temperature (c, V) fp32 (temperature 0 or 1: no division)."""
+    logits = model.head(h[None])[0]
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
+def chunk_forward(model, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
+    """h (c, C), targets (c,) -> (log-probs (c,), entropies (c,) or None). A function of its own so that this
+    chunk's (c, V) tensors are freed on return, before the next chunk's are made."""
+    logp_all = torch.log_softmax(chunk_logits(model, h, temperature), dim=-1)  # (c, V)
+    entropy = -logp_all.exp().mul_(logp_all).sum(dim=-1) if with_entropy else None
+    return logp_all.gather(1, targets[:, None])[:, 0], entropy
+
+
+def chunk_backward(model, h: Tensor, targets: Tensor, temperature: float, grad_logp: Tensor, params: list,
+                   grad_params: list) -> Tensor:
+    """Recompute the chunk's logits z and backpropagate grad_logp (c,) through them: d logp / d z = onehot(target)
+    - softmax(z). Adds the parameters' gradients (the head's; None for the others) into grad_params; -> grad of h
+    (c, C)."""
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        z = chunk_logits(model, h, temperature)  # (c, V)
+        g = grad_logp[:, None]  # (c, 1)
+        grad_z = torch.softmax(z.detach(), dim=-1).mul_(-g).scatter_add_(1, targets[:, None], g)
+        grad_h, *grads = torch.autograd.grad(z, [h, *params], grad_z, allow_unused=True)
+    for k, grad in enumerate(grads):
+        if grad is not None:
+            grad_params[k] = grad if grad_params[k] is None else grad_params[k].add_(grad)
+    return grad_h
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """h (n, C), targets (n,) -> (log-probs (n,) of the targets under softmax(chunk_logits), that distribution's
+    entropy (n,) or an empty tensor), running the head on `chunk` positions at a time, forward and backward (which
+    recomputes each chunk's logits). params: every parameter of the model, so that the head's get gradients."""
+
+    @staticmethod
+    def forward(ctx, h, targets, model, temperature, chunk, with_entropy, *params):
+        parts = [chunk_forward(model, h[i:i + chunk], targets[i:i + chunk], temperature, with_entropy)
+                 for i in range(0, h.size(0), chunk)]
+        logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
+        entropy = torch.cat([p[1] for p in parts]) if parts and with_entropy else logp.new_zeros(0)
+        ctx.save_for_backward(h, targets, *params)
+        ctx.model, ctx.temperature, ctx.chunk = model, temperature, chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _):
+        h, targets, *params = ctx.saved_tensors
+        grad_h, grad_params = torch.zeros_like(h), [None] * len(params)
+        for i in range(0, h.size(0), ctx.chunk):
+            grad_h[i:i + ctx.chunk] = chunk_backward(ctx.model, h[i:i + ctx.chunk], targets[i:i + ctx.chunk],
+                                                     ctx.temperature, grad_logp[i:i + ctx.chunk], params, grad_params)
+        return grad_h, None, None, None, None, None, *grad_params
+
+
+def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor | None = None,
+                   with_entropy: bool = False, chunk_tokens: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """tokens (B, L) -> (logp (B, L-1): the log-prob of tokens[:, 1:] under softmax(logits / temperature), the
+    sampler's distribution (temperature 0 or 1: softmax(logits), no division); entropy (B, L-1) of that distribution
+    (no grad) or None). mask (B, L-1) bool: score only those targets (0 elsewhere); the head never sees the others.
+
+    Flat memory: the trunk runs once (model.hidden), then the head runs on chunk_tokens positions at a time (default:
+    LOGITS_CHUNK logits' worth) and each chunk keeps only its targets' log-probs and entropies; backward recomputes
+    the chunks one at a time (ChunkedLogprobs). One chunk of (chunk_tokens, V) logits is the most that ever lives,
+    whatever B * L: no (B, L, V) tensor is made, in any dtype. Training, reference and old log-probs and the SFT loss
+    all come from here."""
+    B, L = tokens.shape
+    mask = torch.ones(B, L - 1, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+    h = model.hidden(tokens[:, :-1])[mask]  # (n, C): the scored positions only
+    chunk = chunk_tokens or max(1, LOGITS_CHUNK // model.config.vocab_size)
+    logp, entropy = ChunkedLogprobs.apply(h, tokens[:, 1:][mask], model, temperature, chunk, with_entropy,
+                                          *model.parameters())
+
+    def place(values):  # (n,) -> (B, L-1), 0 off the mask
+        out = torch.zeros(B, L - 1, dtype=values.dtype, device=tokens.device)
+        out[mask] = values
+        return out
+    return place(logp), place(entropy) if with_entropy else None
 
 
 # -----------------------------------------------------------------------------
@@ -905,6 +1006,97 @@ def bench(args):
         print(f"{batch:>6} {ours:>13.0f} {theirs:>13.0f} {ours / theirs:>7.1f}x {bound:>12.0f} {ours / bound:>8.0%}")
 
 
+# -----------------------------------------------------------------------------
+# Benchmark: python policy.py --bench-logprobs (peak memory of log-probs + backward vs B*L, before/after chunking)
+
+def unchunked_logprobs(model, tokens: Tensor, temperature: float, with_entropy: bool = False):
+    """The log-probs as train_grpo.py computed them before token_logprobs: (B, L-1, V) fp32 logits, divided by the
+    temperature, log_softmax, gather; the entropy from the full log-softmax. The benchmark's baseline."""
+    logits = model(tokens[:, :-1]).float()  # (B, L-1, V)
+    if temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Bytes by which memory use peaked above its level before fn() ran: CUDA's allocator statistics, or on the CPU
+    the process's peak resident set (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return status("VmHWM:") - before
+
+
+def logprob_case(path: str, tokens: int, args) -> tuple[int, float]:
+    """One measurement, in a fresh process: (peak bytes, seconds) of the log-probs (+ entropy) of `tokens` targets
+    and their backward, for path "before" (unchunked_logprobs) or "after" (token_logprobs); "trunk": the hidden
+    states alone and their backward, the part of either that grows with B*L by nature."""
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = HFDecoder(hf_config({**SMALL, "vocab_size": args.vocab}))
+    idx = torch.randint(0, args.vocab, (tokens // args.seq_len, args.seq_len + 1), device=device)
+    fn = unchunked_logprobs if path == "before" else token_logprobs
+
+    def run():
+        if path == "trunk":
+            model.hidden(idx[:, :-1]).sum().backward()
+        else:
+            fn(model, idx, 1.0, with_entropy=True)[0].sum().backward()
+    run()  # warm-up
+    t0 = time.perf_counter()
+    peak = peak_memory(run, device)
+    return peak, time.perf_counter() - t0
+
+
+def bench_logprobs(args):
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    device = "cuda" if torch.cuda.is_available() else "CPU"
+    print(f"{device}, torch {torch.__version__}, {args.threads} thread(s): log-probs + entropy of B*L targets and "
+          f"their backward, vocab {args.vocab}, rows of {args.seq_len} targets, a {SMALL['num_hidden_layers']}-layer "
+          f"width-{SMALL['hidden_size']} trunk (the logits dominate); before: unchunked fp32 logits; after: "
+          f"token_logprobs ({max(1, LOGITS_CHUNK // args.vocab)}-token chunks); trunk: the hidden states alone. Peak "
+          f"memory above the model's.")
+    print(f"{'B*L':>7} {'before MiB':>11} {'after MiB':>10} {'ratio':>6} {'trunk MiB':>10} {'after-trunk':>12} "
+          f"{'before s':>9} {'after s':>8}")
+    for tokens in args.tokens:
+        rows = {}
+        for path in ("before", "after", "trunk"):
+            if path == "before" and tokens > args.max_before_tokens:
+                rows[path] = None
+                continue
+            with ctx.Pool(1) as pool:  # a fresh process per measurement: nothing left from the last one
+                rows[path] = pool.apply(logprob_case, (path, tokens, args))
+        (ma, sa), (mt, _) = rows["after"], rows["trunk"]
+        if rows["before"] is None:  # not run: above --max-before-tokens
+            before = (f"{'-':>11}", f"{'-':>6}", f"{'-':>9}")
+        else:
+            mb, sb = rows["before"]
+            before = (f"{mb / 2 ** 20:>11.0f}", f"{mb / ma:>5.1f}x", f"{sb:>9.2f}")
+        print(f"{tokens:>7} {before[0]} {ma / 2 ** 20:>10.0f} {before[1]} {mt / 2 ** 20:>10.0f} "
+              f"{(ma - mt) / 2 ** 20:>12.0f} {before[2]} {sa:>8.2f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Rollout-engine benchmark: decode tokens/s of a Qwen2.5-0.5B-shaped "
                                                  "random model against transformers' generate and the bandwidth bound")
@@ -915,7 +1107,18 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=0, help="decode steps of the longer timed run (the shorter "
                                                                  "runs a quarter): default 128, 16 with --small")
     parser.add_argument("--bandwidth", type=float, default=0.0, help="GB/s for the bound (default: measured copy)")
+    parser.add_argument("--bench-logprobs", action="store_true", help="peak memory of log-probs vs B*L, before/after")
+    parser.add_argument("--vocab", type=int, default=151936, help="--bench-logprobs: vocabulary (Qwen2.5's)")
+    parser.add_argument("--tokens", type=lambda s: [int(b) for b in s.split(",")], default=[512, 1024, 2048, 4096,
+                                                                                             8192, 16384])
+    parser.add_argument("--seq-len", type=int, default=256, help="--bench-logprobs: targets per row")
+    parser.add_argument("--max-before-tokens", type=int, default=2048,
+                        help="--bench-logprobs: largest B*L the unchunked path runs at (~6 GB at 2048)")
+    parser.add_argument("--threads", type=int, default=1, help="--bench-logprobs: torch threads")
     args = parser.parse_args()
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    bench(args)
+    if args.bench_logprobs:
+        bench_logprobs(args)
+    elif args.bench:
+        bench(args)
+    else:
+        parser.error("nothing to do: pass --bench or --bench-logprobs")

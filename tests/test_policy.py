@@ -1,9 +1,11 @@
 """policy.py: HF decoder parity with transformers, tokenizer parity with tokenizers, checkpoint loading, and the
 rollout engine against brute-force full forwards, on the HF decoder and on model.py's GPT."""
 import base64
+import collections
 import dataclasses
 import json
 import random
+import weakref
 
 import jinja2
 import pytest
@@ -602,3 +604,112 @@ def test_eos_and_budget_masks(policy_model):
             assert c == 10 and not any(ends)
         else:
             assert ends == [False] * (c - 1) + [True]
+
+
+# -----------------------------------------------------------------------------
+# log-probs with flat memory (policy.token_logprobs) against the unchunked computation
+
+V = 128  # the log-prob tests' vocabulary: a multiple of 128, so that the GPT's padded logits are (..., V) too
+
+
+def logprob_model(family: str):
+    """A random policy of each family: the HF decoder in float64 (hf-tied: the head is the embedding), our GPT (which
+    computes in fp32 on the CPU)."""
+    if family.startswith("hf"):
+        cfg = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=family == "hf-tied")
+        torch.manual_seed(0)
+        model = policy.HFDecoder(policy.hf_config(cfg)).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
+        return model
+    return randomize_gpt(GPT(tiny_gpt_config(vocab_size=V, eos_token_id=V - 1)))
+
+
+def ragged_batch(B=5, L=14, seed=0):
+    """tokens (B, L) and a (B, L-1) mask of scored targets: a prompt of random length, then a completion of random
+    length, then padding."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    prompt = torch.randint(1, L // 2, (B,), generator=g)
+    end = (prompt + torch.randint(1, L // 2, (B,), generator=g)).clamp(max=L - 1)
+    t = torch.arange(L - 1)
+    return tokens, (t >= prompt[:, None] - 1) & (t < end[:, None])
+
+
+def unchunked_logprobs(model, tokens, temperature, mask):
+    """The reference: full (B, L-1, V) logits, log_softmax in float64."""
+    logits = model(tokens[:, :-1]).double()
+    if temperature not in (0.0, 1.0):
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, tokens[:, 1:, None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp * mask, entropy.detach() * mask
+
+
+@pytest.mark.parametrize("family", ["hf", "hf-tied", "gpt"])
+@pytest.mark.parametrize("temperature, chunk", [(1.0, 4), (0.7, 5), (0.0, 1000)])
+def test_token_logprobs_match_unchunked(family, temperature, chunk):
+    model = logprob_model(family)
+    tokens, mask = ragged_batch(seed=int(10 * temperature) + chunk)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected, expected_entropy = unchunked_logprobs(model, tokens, temperature, mask)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(model.parameters()))
+    logp, entropy = policy.token_logprobs(model, tokens, temperature, mask, with_entropy=True, chunk_tokens=chunk)
+    grads = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
+    tol = 2e-5 if family == "gpt" else 1e-12  # the GPT's logits are fp32
+    assert logp.dtype == (torch.float32 if family == "gpt" else torch.float64)
+    assert (logp[~mask] == 0).all() and (entropy[~mask] == 0).all() and not entropy.requires_grad
+    torch.testing.assert_close(logp.double(), expected, rtol=0, atol=tol)
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=0, atol=tol)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+    no_grad, _ = policy.token_logprobs(model, tokens, temperature, chunk_tokens=chunk)  # every target, no autograd
+    torch.testing.assert_close(no_grad[mask], logp.detach()[mask], rtol=0, atol=tol)
+
+
+class TensorLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Watches the new float tensors (not views) whose last dimension is the vocabulary: the largest one (numel), the
+    most elements alive at once (`peak`), and how many each op made."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.largest, self.peak, self.ops, self.alive = vocab, 0, 0, collections.Counter(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim and t.size(-1) == self.vocab
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.largest = max(self.largest, t.numel())
+                self.ops[str(func)] += 1
+                self.alive.append((weakref.ref(t), t.numel()))
+        self.alive = [(ref, n) for ref, n in self.alive if ref() is not None]
+        self.peak = max(self.peak, sum(n for _, n in self.alive))
+        return out
+
+
+@pytest.mark.parametrize("family", ["hf-tied", "gpt"])
+def test_token_logprobs_memory_is_flat(family):
+    """Forward and backward never make a tensor of more than one chunk of logits, and the logits alive at once do not
+    grow with B * L (the unchunked computation's grow with it: the checks can fail)."""
+    model = logprob_model(family)
+    peaks, divisions = {}, []
+    for rows, temperature in ((8, 1.0), (32, 1.0), (8, 0.7)):
+        tokens, mask = ragged_batch(B=rows, L=30)
+        with TensorLog(V) as log:
+            logp, _ = policy.token_logprobs(model, tokens, temperature, with_entropy=True, chunk_tokens=16)
+            logp.sum().backward()
+        assert 0 < log.largest <= 16 * V
+        peaks[rows, temperature] = log.peak
+        divisions.append(log.ops["aten.div.Tensor"] + log.ops["aten.div.Scalar"])
+        with TensorLog(V) as unchunked:
+            unchunked_logprobs(model, tokens, temperature, mask)[0].sum().backward()
+        assert unchunked.largest >= rows * 29 * V and unchunked.peak >= 2 * rows * 29 * V
+    chunks = {"hf-tied": 2, "gpt": 4}[family]  # logits, log-softmax (+ the GPT's softcap temporaries)
+    assert peaks[8, 1.0] == peaks[32, 1.0] <= chunks * 16 * V and peaks[8, 0.7] <= (chunks + 2) * 16 * V
+    assert divisions[0] < divisions[2]  # temperature 1 divides by nothing (the GPT's softcap has divisions of its own)
