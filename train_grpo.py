@@ -13,6 +13,7 @@ import collections
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -193,7 +194,7 @@ def load_policy(spec, device, dtype, seed, tiktoken_file, tiny_layers, tiny_dim)
     if kind == "hf" and path:
         folder = policy.hf_folder(path)
         model, tok = policy.from_hf(folder, dtype=dtype, device=device)
-        names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+        names = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
         return model, tok, [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
     if kind == "ckpt" and path:
         return (*policy.from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file), [])
@@ -249,19 +250,16 @@ def select_rows(rollout, rows):
     return type(rollout)(**{f.name: getattr(rollout, f.name)[rows] for f in dataclasses.fields(rollout)})
 
 
-def token_logprobs(model, tokens, temperature, with_entropy=False):
-    # tokens (B, L) -> log-prob of tokens[:, 1:] (B, L-1) under softmax(logits / temperature), the sampler's
-    # distribution; entropy (B, L-1) of that distribution (no grad) or None
-    logits = model(tokens[:, :-1]).float()                                  # (B, L-1, V)
-    if temperature > 0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)                            # (B, L-1, V)
-    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)             # (B, L-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)                  # (B, L-1)
-    return logp, entropy
+def micro_batches(rows, lengths, max_tokens):
+    # rows (n,) indices, lengths (N,) of every row -> (rows, L) micro-batches of at most max_tokens padded tokens
+    # (len(rows) * L; a longer row goes alone), rows sorted by length so that little of a micro-batch is padding
+    order = rows[lengths[rows].argsort(descending=True, stable=True)]
+    start = 0
+    while start < len(order):
+        L = int(lengths[order[start]])                                      # the longest of this micro-batch
+        count = max(1, max_tokens // L)
+        yield order[start:start + count], L
+        start += count
 
 
 # -----------------------------------------------------------------------------
@@ -322,12 +320,16 @@ def sft(model, tok, sample, args, rank, world, device):
             targets.append([-100] * len(prompt) + completion)
         L = max(len(r) for r in rows)
         idx = torch.tensor([r + [tok.pad_id] * (L - len(r)) for r in rows], device=device)         # (B, L)
-        tgt = torch.tensor([t + [-100] * (L - len(t)) for t in targets], device=device)           # (B, L)
-        logits = model(idx[:, :-1]).float()                                                        # (B, L-1, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=-100)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"SFT step {step}: loss is {loss.item()}; lower --sft-lr")
-        loss.backward()
+        scored = torch.tensor([t + [-100] * (L - len(t)) for t in targets], device=device)[:, 1:] != -100  # (B, L-1)
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        loss = 0.0                                                 # mean cross-entropy over the completion tokens
+        for r, Lr in micro_batches(torch.arange(len(rows), device=device), lengths, args.micro_batch_tokens):
+            logp, _ = policy.token_logprobs(model, idx[r, :Lr], mask=scored[r, :Lr - 1])
+            part = -logp.sum() / scored.sum()
+            part.backward()
+            loss += part.item()
+        if not math.isfinite(loss):
+            raise RuntimeError(f"SFT step {step}: loss is {loss}; lower --sft-lr")
         muon.sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         for group in opt.param_groups:
@@ -335,7 +337,7 @@ def sft(model, tok, sample, args, rank, world, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % args.sft_check_every == 0 or step + 1 == args.sft_steps:
-            message = f"sft step {step + 1}/{args.sft_steps} loss {loss.item():.4f}"
+            message = f"sft step {step + 1}/{args.sft_steps} loss {loss:.4f}"
             if args.sft_target < 1:
                 accuracy = evaluate(model, tok, check, args, rank, world, device, k=0)["pass@1"]
                 print0(f"{message} | greedy accuracy on training problems {100 * accuracy:.1f}%")
@@ -453,11 +455,10 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     lengths = rollout.prompt_lens + rollout.completion_lens                 # (N,)
     N = tokens.size(0)
     on_policy = args.updates_per_rollout * args.minibatches == 1            # one optimizer step: ratio exactly 1
-
-    def micro_batches(rows):                                                # -> (rows, columns to keep)
-        for r in rows.split(args.micro_batch_size):
-            if len(r):
-                yield r, int(lengths[r].max())
+    # No group with a reward spread: every advantage is 0, and without a KL term so is every gradient. Skip the
+    # forwards, backwards and optimizer steps (all ranks together); the step line says so.
+    if args.beta == 0 and global_sum([(advantages != 0).sum().item()], device)[0] == 0:
+        return collections.Counter(skipped=1)
 
     # Several optimizer steps per rollout need the log-probs of the policy that sampled it. We take them from one
     # no-grad forward of the trainer rather than from the sampler's Rollout.logprobs, so that the ratio measures
@@ -467,14 +468,14 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     ref_logp = torch.zeros_like(sampler_logp) if args.beta > 0 else None
     if old_logp is not None or ref_logp is not None:
         with torch.no_grad():
-            for rows, L in micro_batches(torch.arange(N, device=tokens.device)):
+            for rows, L in micro_batches(torch.arange(N, device=tokens.device), lengths, args.micro_batch_tokens):
+                m = mask[rows, :L - 1]
                 if old_logp is not None:
-                    old_logp[rows, :L - 1] = token_logprobs(model, tokens[rows, :L], args.temperature)[0]
-                    m = mask[rows, :L - 1]
+                    old_logp[rows, :L - 1] = policy.token_logprobs(model, tokens[rows, :L], args.temperature, m)[0]
                     sums["logp_gap"] += ((sampler_logp[rows, :L - 1] - old_logp[rows, :L - 1]).abs() * m).sum().item()
                     sums["gap_tokens"] += m.sum().item()
                 if ref_logp is not None:
-                    ref_logp[rows, :L - 1] = token_logprobs(ref_model, tokens[rows, :L], args.temperature)[0]
+                    ref_logp[rows, :L - 1] = policy.token_logprobs(ref_model, tokens[rows, :L], args.temperature, m)[0]
 
     lr_scale = lr_schedule(step, args)
     for epoch in range(args.updates_per_rollout):
@@ -483,9 +484,9 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
             num_tokens, num_rows = global_sum([mask[minibatch].sum().item(), len(minibatch)], device)
             if num_tokens == 0:                                             # nothing to learn from on any rank
                 continue
-            for rows, L in micro_batches(minibatch):
-                logp, entropy = token_logprobs(model, tokens[rows, :L], args.temperature, with_entropy=True)
+            for rows, L in micro_batches(minibatch, lengths, args.micro_batch_tokens):
                 m = mask[rows, :L - 1]                                      # (b, L-1)
+                logp, entropy = policy.token_logprobs(model, tokens[rows, :L], args.temperature, m, with_entropy=True)
                 loss, metrics = policy_loss(
                     logp, logp.detach() if on_policy else old_logp[rows, :L - 1], advantages[rows], m,
                     loss_type=args.loss_type, level=args.level, eps_low=args.eps_low, eps_high=args.eps_high,
@@ -570,7 +571,8 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
 
 
 # -----------------------------------------------------------------------------
-# arguments (the defaults are the CPU demo: tiny policy, 2-digit arithmetic, SFT cold start, then GRPO)
+# arguments (the defaults are the CPU demo: tiny policy, 2-digit arithmetic, SFT cold start, then GRPO; see
+# POLICY_DEFAULTS for the ones that change with the policy)
 
 parser = argparse.ArgumentParser(description="GRPO fine-tuning with verifiable rewards")
 # policy and task
@@ -628,19 +630,22 @@ parser.add_argument("--max-refills", type=int, default=2, help="refill rounds pe
 parser.add_argument("--mask-truncated", action="store_true", help="no loss on completions that hit --max-new-tokens")
 parser.add_argument("--updates-per-rollout", type=int, default=1, help="mu: passes over each rollout")
 parser.add_argument("--minibatches", type=int, default=1, help="optimizer steps per pass")
-parser.add_argument("--micro-batch-size", type=int, default=128, help="rows per forward/backward")
+parser.add_argument("--micro-batch-tokens", type=int, default=16384,
+                    help="padded tokens (rows x longest row) per forward/backward; SFT too")
 # optimisation
 parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on hidden matrices")
-parser.add_argument("--lr", type=float, default=3e-4)
+parser.add_argument("--lr", type=float, default=None, help="default: 3e-4 (tiny), 5e-6 (hf:, ckpt:)")
 parser.add_argument("--muon-lr", type=float, default=0.001)
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--warmup-steps", type=int, default=5)
 parser.add_argument("--grad-clip", type=float, default=1.0)
 # SFT cold start
-parser.add_argument("--sft-steps", type=int, default=1500, help="most steps on worked solutions before RL (0: none)")
+parser.add_argument("--sft-steps", type=int, default=None, help="most steps on worked solutions before RL (0: none); "
+                                                                 "default: 1500 (tiny), 5 (hf:, ckpt:)")
 parser.add_argument("--sft-batch-size", type=int, default=32)
-parser.add_argument("--sft-lr", type=float, default=3e-3)
-parser.add_argument("--sft-target", type=float, default=0.4, help="stop SFT at this greedy accuracy (1: never)")
+parser.add_argument("--sft-lr", type=float, default=None, help="default: 3e-3 (tiny), 1e-4 (hf:, ckpt:)")
+parser.add_argument("--sft-target", type=float, default=None, help="stop SFT at this greedy accuracy (1: never); "
+                                                                   "default: 0.4 (tiny), 1 (hf:, ckpt:)")
 parser.add_argument("--sft-check-every", type=int, default=25, help="SFT steps between accuracy checks")
 parser.add_argument("--sft-check-size", type=int, default=100, help="training problems in each check")
 # evaluation
@@ -649,14 +654,22 @@ parser.add_argument("--eval-k", type=int, default=8, help="k of pass@k and maj@k
 # run
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; on a busy machine "
+                                                           "fewer threads than cores can be several times faster)")
 parser.add_argument("--checkpoint-dir", default=None)
 parser.add_argument("--save-every", type=int, default=0, help="RL steps between checkpoints (0: only at the end)")
 parser.add_argument("--resume", default=None, help="a step_* checkpoint directory (or the --checkpoint-dir)")
 parser.add_argument("--log-file", default=None, help="JSON lines: one per step and per evaluation")
 
 
+# Flags whose default depends on the policy: (tiny, pretrained). A random tiny model needs a large learning rate
+# and a long SFT; a pretrained one (hf:, ckpt:) a small learning rate, and a few SFT steps teach it the answer
+# format (SmolLM2-135M-Instruct, 1-digit addition: 5 steps at 1e-4 take greedy pass@1 to ~48%; 3e-4 overshoots).
+POLICY_DEFAULTS = {"lr": (3e-4, 5e-6), "sft_lr": (3e-3, 1e-4), "sft_steps": (1500, 5), "sft_target": (0.4, 1.0)}
+
+
 def parse_args(argv=None):
-    # the flags, with the defaults that depend on --level filled in, and the combinations checked
+    # the flags, with the defaults that depend on --level and on --policy filled in, and the combinations checked
     args = parser.parse_args(argv)
     gspo = args.level == "sequence"             # GSPO sets its eq. 5's clip ranges to 3e-4 / 4e-4
     args.eps_low = (3e-4 if gspo else 0.2) if args.eps_low is None else args.eps_low
@@ -664,6 +677,9 @@ def parse_args(argv=None):
     args.loss_type = ("grpo" if gspo else "dapo") if args.loss_type is None else args.loss_type
     if args.delta is not None and not args.delta > 1 + args.eps_high:
         raise ValueError(f"--delta {args.delta}: must exceed 1 + --eps-high = {1 + args.eps_high} (INTELLECT-2 uses 4)")
+    for name, (tiny, pretrained) in POLICY_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.policy == "tiny" else pretrained)
     return args
 
 
@@ -671,7 +687,7 @@ def parse_args(argv=None):
 SUMS = ["gen_s", "reward_s", "samples", "rewards", "reward_sum", "reward_sq", "groups", "kept_groups",
         "zero_std_groups", "reward_errors", "truncated", "completion_len", "eos_len", "eos_rows", "prompt_len",
         "tokens", "gap_tokens", "loss", "clip_low", "clip_high", "clip_delta", "ratio", "kl", "entropy", "logp_gap",
-        "grad_norm", "optimizer_steps"]
+        "grad_norm", "optimizer_steps", "skipped"]
 
 
 def step_record(step, stats, sums, train_s, world, device, num_tokens):
@@ -701,6 +717,7 @@ def step_record(step, stats, sums, train_s, world, device, num_tokens):
         "logp_gap": total["logp_gap"] / max(total["gap_tokens"], 1),
         "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
         "reward_errors": int(total["reward_errors"]),                       # failed verifications, left out
+        "skipped": total["skipped"] > 0,                                    # no reward spread: no update
         "tok_per_s": total["completion_len"] / max(total["gen_s"] / world, 1e-9),   # all ranks together
         "gen_s": stats["gen_s"], "reward_s": stats["reward_s"], "train_s": train_s,    # this rank
     }
@@ -721,13 +738,15 @@ def format_eval(name, result):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     model, tok, hf_files = load_policy(args.policy, device, getattr(torch, args.dtype), args.seed, args.tiktoken_file,
                                        args.tiny_layers, args.tiny_dim)
     sample, test = make_task(args)
     print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | task {args.task} | "
-           f"world {world} | device {device}")
+           f"world {world} | device {device} | tokenizer on {tok.backend}")
 
     if args.resume is None and args.sft_steps > 0:
         sft(model, tok, sample, args, rank, world, device)
@@ -760,13 +779,15 @@ def main(argv=None):
                f"ent {record['entropy']:.3f} | gap {record['logp_gap']:.1e} | gnorm {record['grad_norm']:.3f} | "
                f"{record['tok_per_s']:.0f} tok/s | "
                f"gen {record['gen_s']:.2f}s reward {record['reward_s']:.2f}s train {record['train_s']:.2f}s"
-               + (f" | reward errors {record['reward_errors']}" if record["reward_errors"] else ""))
+               + (f" | reward errors {record['reward_errors']}" if record["reward_errors"] else "")
+               + (" | no reward spread: no update" if record["skipped"] else ""))
         if record["kept_groups"] < target:
             print0(f"warning: step {step + 1}: dynamic sampling found {record['kept_groups']} of {target} groups with "
                    f"unequal rewards after {args.max_refills} refill round(s); training on fewer "
                    f"(raise --max-refills, or the task is too easy or too hard for the policy)")
         log_json(args, record)
         state["step"] = step + 1
+        state["skipped_steps"] = state.get("skipped_steps", 0) + record["skipped"]
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             result = evaluate(model, tok, test, args, rank, world, device)
             print0(format_eval(f"step {step + 1}", result))
@@ -781,7 +802,8 @@ def main(argv=None):
         save_checkpoint(args.checkpoint_dir, state["step"], model, ref_model, optimizers, state, rank, hf_files)
     before = state["before_rl"]
     print0(f"held-out pass@1 (greedy): {100 * before['pass@1']:.1f}% before RL -> {100 * after['pass@1']:.1f}% after "
-           f"({100 * (after['pass@1'] - before['pass@1']):+.1f} points) in {time.perf_counter() - t_start:.0f}s")
+           f"({100 * (after['pass@1'] - before['pass@1']):+.1f} points) in {time.perf_counter() - t_start:.0f}s; "
+           f"{state.get('skipped_steps', 0)} of {state['step']} steps had no reward spread (no update)")
     if dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()

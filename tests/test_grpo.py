@@ -408,23 +408,58 @@ SMALL = ["--sft-steps", "80", "--sft-target", "1", "--sft-check-every", "80", "-
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-def test_rl_update_does_not_depend_on_micro_batch_size(loss_type):
+def test_rl_update_does_not_depend_on_micro_batch_tokens(loss_type):
     model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
     prompts = [tok.encode(p) for p in ["12+34=", "7-1=", "99+99="]]
     rollout = policy.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
     advantages = torch.randn(12, generator=torch.Generator().manual_seed(2))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     deltas = []
-    for micro in ["12", "5"]:
+    for budget in ["10000", "30", "1"]:                          # all rows at once, ~2 rows, one row at a time
         model.load_state_dict(start)
-        args = train_grpo.parse_args(["--loss-type", loss_type, "--micro-batch-size", micro,
+        args = train_grpo.parse_args(["--loss-type", loss_type, "--micro-batch-tokens", budget,
                                              "--grad-clip", "1e9", "--max-new-tokens", "6"])
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)        # parameter change = -gradient
         train_grpo.rl_update(model, None, [sgd], list(model.parameters()), rollout, advantages, args, step=10,
                              world=1, device=torch.device("cpu"))
         deltas.append(torch.cat([(p.detach() - start[n]).flatten() for n, p in model.named_parameters()]))
     assert deltas[0].abs().max() > 0
-    torch.testing.assert_close(deltas[1], deltas[0], rtol=1e-4, atol=1e-7)
+    for delta in deltas[1:]:
+        torch.testing.assert_close(delta, deltas[0], rtol=1e-4, atol=1e-7)
+
+
+def test_micro_batches_pack_rows_up_to_the_token_budget():
+    lengths = torch.tensor([5, 17, 3, 9, 9, 30, 1, 12])
+    rows = torch.tensor([0, 2, 3, 4, 5, 6, 7])                               # row 1 is in another minibatch
+    batches = list(train_grpo.micro_batches(rows, lengths, 24))
+    assert sorted(torch.cat([r for r, _ in batches]).tolist()) == rows.tolist()   # every row once
+    for r, L in batches:
+        assert L == lengths[r].max() and (len(r) * L <= 24 or len(r) == 1)  # the 30-token row goes alone
+    assert [len(r) for r, _ in batches] == [1, 2, 2, 2]                      # longest first: 30 | 12 9 | 9 5 | 3 1
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_no_reward_spread_skips_the_update(beta, monkeypatch):
+    # every advantage 0: without a KL term nothing is computed and no optimizer step is taken; with one, the KL
+    # still pulls toward the reference, so the update runs
+    model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
+    rollout = policy.generate(model, [tok.encode("1+2=")], n=4, max_new_tokens=4, eos=tok.eos_id, seed=1,
+                              pad_id=tok.pad_id)
+    args = train_grpo.parse_args(["--beta", str(beta)])
+    forwards = []
+    monkeypatch.setattr(model, "hidden", lambda idx, hidden=model.hidden: forwards.append(idx) or hidden(idx))
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    sums = train_grpo.rl_update(model, model if beta else None, [sgd], list(model.parameters()), rollout,
+                                torch.zeros(4), args, step=0, world=1, device=torch.device("cpu"))
+    assert (sums["skipped"], sums["optimizer_steps"], len(forwards) > 0) == ((1, 0, False) if beta == 0 else
+                                                                             (0, 1, True))
+
+
+def test_flag_defaults_follow_the_policy():
+    tiny, hf = train_grpo.parse_args([]), train_grpo.parse_args(["--policy", "hf:some/model"])
+    assert (tiny.lr, tiny.sft_lr, tiny.sft_steps, tiny.sft_target) == (3e-4, 3e-3, 1500, 0.4)
+    assert (hf.lr, hf.sft_lr, hf.sft_steps, hf.sft_target) == (5e-6, 1e-4, 5, 1.0)
+    assert train_grpo.parse_args(["--policy", "ckpt:x", "--lr", "1e-3"]).lr == 1e-3
 
 
 def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
@@ -505,7 +540,7 @@ def test_resume_continues_exactly(tmp_path):
     # 3 steps in one go == 2 steps, a checkpoint, then resuming for the third (mu = 2 with minibatches, a KL
     # reference, dynamic sampling and Muon: every piece of state a resume must restore)
     flags = SMALL + ["--updates-per-rollout", "2", "--minibatches", "2", "--beta", "0.05", "--drop-zero-std",
-                     "--optimizer", "muon", "--micro-batch-size", "5", "--loss-type", "dr_grpo"]
+                     "--optimizer", "muon", "--micro-batch-tokens", "60", "--loss-type", "dr_grpo"]
     train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "a")])
     train_grpo.main(flags + ["--steps", "2", "--checkpoint-dir", str(tmp_path / "b")])
     train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")])
