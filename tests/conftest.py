@@ -1,4 +1,14 @@
 import os
 
+import pytest
+
 # Triton kernels run on the CPU through the interpreter; it must be switched on before any kernel is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The folder of SmolLM2-135M-Instruct in HF format, converted from PyPI's GGUF file once and cached
+    (tests/real_model.py)."""
+    import real_model
+    return real_model.smollm2_folder()
