@@ -951,21 +951,26 @@ def copy_bandwidth(device: torch.device) -> float:
     return 10 * 2 * x.numel() * x.element_size() / (time.perf_counter() - t0)
 
 
-def decode_rate(run, batch: int, steps: tuple[int, int], sync, repeats: int = 3) -> float:
-    """Decode tokens/s from runs of two lengths (the difference cancels the prefill and set-up); each length's
-    time is the best of `repeats` runs after a warm-up run (compilation, graph capture, allocator)."""
-    times = []
+def decode_rate(run, batch: int, steps: tuple[int, int], sync, repeats: int = 5) -> tuple[float, bool]:
+    """Decode tokens/s from runs of two lengths (the difference cancels the prefill and set-up); each length's time
+    is the median of `repeats` runs after a warm-up run (compilation, graph capture, allocator). -> (rate, measured):
+    measured is False when the difference of the medians is within the runs' spread (max - min of each length), as
+    on a small or busy CPU: the rate is noise then."""
+    medians, spreads = [], []
     for k in steps:
         run(k)
-        best = float("inf")
+        times = []
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
             run(k)
             sync()
-            best = min(best, time.perf_counter() - t0)
-        times.append(best)
-    return batch * (steps[1] - steps[0]) / (times[1] - times[0])
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        medians.append(times[len(times) // 2])
+        spreads.append(times[-1] - times[0])
+    dt = medians[1] - medians[0]
+    return batch * (steps[1] - steps[0]) / dt, dt > spreads[0] + spreads[1]
 
 
 def bench(args):
@@ -993,17 +998,26 @@ def bench(args):
           f"{steps[0]}..{steps[1]}, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     print(f"{'batch':>6} {'policy tok/s':>13} {'transformers':>13} {'speedup':>8} {'bound tok/s':>12} {'of bound':>9}")
     gen = torch.Generator().manual_seed(0)
+    noisy = False
     for batch in args.batches:
         prompts = torch.randint(0, c.vocab_size, (batch, args.prompt_len), generator=gen)
-        ours = decode_rate(lambda k: generate(model, prompts.tolist(), 1, k, seed=0), batch, steps, sync)
-        theirs = float("nan")
+        ours, ours_ok = decode_rate(lambda k: generate(model, prompts.tolist(), 1, k, seed=0), batch, steps, sync)
+        theirs, theirs_ok = float("nan"), False
         if hf is not None:
             ids = prompts.to(device)
-            theirs = decode_rate(lambda k: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                                       top_k=0, max_new_tokens=k, min_new_tokens=k, pad_token_id=0),
-                                 batch, steps, sync)
+            theirs, theirs_ok = decode_rate(lambda k: hf.generate(ids, attention_mask=torch.ones_like(ids),
+                                                                  do_sample=True, top_k=0, max_new_tokens=k,
+                                                                  min_new_tokens=k, pad_token_id=0),
+                                            batch, steps, sync)
         bound = batch * bandwidth / (weight_bytes + batch * context * kv_bytes_per_token)
-        print(f"{batch:>6} {ours:>13.0f} {theirs:>13.0f} {ours / theirs:>7.1f}x {bound:>12.0f} {ours / bound:>8.0%}")
+        rate = lambda r, ok: f"{r:>13.0f}" if ok else f"{'noise':>13}"  # noise: the timings' spread hides the rate
+        speedup = f"{ours / theirs:>7.1f}x" if ours_ok and theirs_ok else f"{'?':>8}"
+        of_bound = f"{ours / bound:>8.0%}" if ours_ok else f"{'?':>9}"
+        print(f"{batch:>6} {rate(ours, ours_ok)} {rate(theirs, theirs_ok)} {speedup} {bound:>12.0f} {of_bound}")
+        noisy |= not ours_ok or (hf is not None and not theirs_ok)
+    if noisy:
+        print("noise: the two run lengths' times differed by less than their runs' spread, so no rate is given "
+              "(a busy or small machine; try more --steps)")
 
 
 # -----------------------------------------------------------------------------
