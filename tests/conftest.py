@@ -12,3 +12,14 @@ def smollm2():
     (tests/real_model.py)."""
     import real_model
     return real_model.smollm2_folder()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: small models gain nothing from more, lose a lot when other processes share the cores,
+    and a fixed thread count keeps float reductions (and so training trajectories) the same on every machine."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

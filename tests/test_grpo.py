@@ -12,6 +12,8 @@ import policy
 import train_grpo
 from train_grpo import group_advantages, policy_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; it also keeps the demo's trajectory the same everywhere
+
 
 # -----------------------------------------------------------------------------
 # advantages
@@ -394,14 +396,6 @@ def test_policy_loss_rejects_bad_arguments():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny models gain nothing from more threads, lose a lot when other processes share the cores, and a
-    # fixed thread count keeps the float reductions (and so the demo's trajectory) the same on every machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 # a few steps of the demo that do have reward variance: 80 SFT steps teach the format, the format reward varies
 SMALL = ["--sft-steps", "80", "--sft-target", "1", "--sft-check-every", "80", "--prompts-per-step", "4",
          "--group-size", "4", "--test-size", "8", "--eval-k", "2", "--format-weight", "1"]

@@ -9,7 +9,7 @@ import transformers
 
 import policy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # real text: the documentation (README) of packages the tests install anyway
 DOC_PACKAGES = ["torch", "numpy", "transformers", "tokenizers", "tiktoken", "huggingface-hub", "safetensors", "jinja2",
@@ -32,14 +32,6 @@ def ours(smollm2):
 def theirs(smollm2):
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     return model, transformers.AutoTokenizer.from_pretrained(smollm2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def real_lines() -> list[str]:
