@@ -3,8 +3,8 @@
 The model caps its logits z before the loss (softcap s, 30 in the speedrun):
     "sigmoid" (default): y = s * sigmoid(z / (s / 4))    dy/dz = 4 * g * (1 - g),  g = sigmoid(z / (s / 4))
     "tanh":              y = s * tanh(z / s)             dy/dz = 1 - tanh(z / s)**2
-loss = mean over rows with target != -100 of logsumexp(y) - y[target], and
-d loss / d z = (softmax(y) - onehot(target)) * dy/dz / n_valid.
+loss = mean (or sum) over rows with target != -100 of logsumexp(y) - y[target], and
+d loss / d z = (softmax(y) - onehot(target)) * dy/dz / divisor, divisor = n_valid for the mean, 1 for the sum.
 
 Eager torch materialises the fp32 logits, the capped logits, the softmax and the gradient, each (N, V) (48K x 50304
 in the speedrun: ~10 GB per fp32 copy). The kernel runs one program per row: a first sweep over the row computes
@@ -31,10 +31,10 @@ def softcap_logits(z, softcap=30.0, softcap_type="sigmoid"):
     return softcap * torch.sigmoid(z / (softcap / 4))
 
 
-def softcap_cross_entropy_reference(logits, targets, softcap=30.0, softcap_type="sigmoid"):
+def softcap_cross_entropy_reference(logits, targets, softcap=30.0, softcap_type="sigmoid", reduction="mean"):
     # logits (N, V) any float dtype, targets (N,) int64 -> () fp32
     y = softcap_logits(logits.float(), softcap, softcap_type)
-    return F.cross_entropy(y, targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(y, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _capped(z, softcap, TANH: tl.constexpr):
 
 
 @triton.jit
-def _softcap_ce_kernel(z_ptr, z_row_stride, targets_ptr, n_valid_ptr, loss_ptr, dz_ptr, V, softcap,
+def _softcap_ce_kernel(z_ptr, z_row_stride, targets_ptr, divisor_ptr, loss_ptr, dz_ptr, V, softcap,
                        TANH: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
@@ -77,9 +77,9 @@ def _softcap_ce_kernel(z_ptr, z_row_stride, targets_ptr, n_valid_ptr, loss_ptr, 
     y_target, _ = _capped(z_target, softcap, TANH)
     tl.store(loss_ptr + row, tl.where(valid, lse - y_target, 0.0))
 
-    # sweep 2: the gradient of the mean loss; ignored rows get zeros
+    # sweep 2: the gradient of the mean (or summed) loss; ignored rows get zeros
     if WRITE_GRAD:
-        weight = tl.where(valid, 1.0 / tl.load(n_valid_ptr).to(tl.float32), 0.0)
+        weight = tl.where(valid, 1.0 / tl.load(divisor_ptr).to(tl.float32), 0.0)
         dz_row = dz_ptr + row * V
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -99,11 +99,11 @@ def _scale_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
         tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=offs < n)
 
 
-def _launch_args(logits, targets, n_valid, softcap, softcap_type, row_loss, dlogits):
-    # logits (N, V) unit column stride, targets (N,), n_valid () -> grid and kernel arguments that write row_loss
-    # (N,) fp32 and, when dlogits is (N, V) rather than (0, V), the gradient of the mean loss into dlogits
+def _launch_args(logits, targets, divisor, softcap, softcap_type, row_loss, dlogits):
+    # logits (N, V) unit column stride, targets (N,), divisor () -> grid and kernel arguments that write row_loss
+    # (N,) fp32 and, when dlogits is (N, V) rather than (0, V), the gradient of row_loss.sum() / divisor
     N, V = logits.shape
-    return (N,), dict(z_ptr=logits, z_row_stride=logits.stride(0), targets_ptr=targets, n_valid_ptr=n_valid,
+    return (N,), dict(z_ptr=logits, z_row_stride=logits.stride(0), targets_ptr=targets, divisor_ptr=divisor,
                       loss_ptr=row_loss, dz_ptr=dlogits, V=V, softcap=softcap, TANH=softcap_type == "tanh",
                       WRITE_GRAD=dlogits.shape[0] == N, BLOCK=min(4096, triton.next_power_of_2(V)), num_warps=8)
 
@@ -116,19 +116,22 @@ def _scale_launch_args(x, scale):
 
 @torch.library.custom_op("kernels::softcap_cross_entropy", mutates_args=())
 def _softcap_ce_op(logits: torch.Tensor, targets: torch.Tensor, softcap: float, softcap_type: str,
-                   write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   write_grad: bool, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     # logits (N, V) unit column stride, targets (N,) contiguous -> loss () fp32, dlogits (N, V) or (0, V)
     N, V = logits.shape
-    n_valid = (targets != IGNORE_INDEX).sum()  # () int64, stays on the device: no sync
+    if reduction == "mean":
+        divisor = (targets != IGNORE_INDEX).sum()  # () int64, stays on the device: no sync
+    else:
+        divisor = torch.ones((), dtype=torch.int64, device=logits.device)
     row_loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     dlogits = logits.new_empty((N if write_grad else 0, V))
-    grid, kwargs = _launch_args(logits, targets, n_valid, softcap, softcap_type, row_loss, dlogits)
+    grid, kwargs = _launch_args(logits, targets, divisor, softcap, softcap_type, row_loss, dlogits)
     _softcap_ce_kernel[grid](**kwargs)
-    return row_loss.sum() / n_valid, dlogits
+    return row_loss.sum() / divisor, dlogits
 
 
 @_softcap_ce_op.register_fake
-def _(logits, targets, softcap, softcap_type, write_grad):
+def _(logits, targets, softcap, softcap_type, write_grad, reduction):
     N, V = logits.shape
     return logits.new_empty((), dtype=torch.float32), logits.new_empty((N if write_grad else 0, V))
 
@@ -154,14 +157,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_dlogits):
     dlogits, = ctx.saved_tensors  # the version check here makes a second backward through the graph fail loudly
     torch.ops.kernels.scale_(dlogits, grad_loss)
-    return dlogits, None, None, None, None
+    return dlogits, None, None, None, None, None
 
 
 _softcap_ce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def softcap_cross_entropy(logits, targets, softcap=30.0, softcap_type="sigmoid"):
-    """Mean cross-entropy of softcapped logits over targets != -100, differentiable in logits.
+def softcap_cross_entropy(logits, targets, softcap=30.0, softcap_type="sigmoid", reduction="mean"):
+    """Cross-entropy of softcapped logits over targets != -100, their mean or (reduction="sum") their sum,
+    differentiable in logits.
 
     logits (N, V) bf16 or fp32 (the raw lm_head output z), targets (N,) int64 in [0, V) or -100 -> () fp32.
     A target outside [0, V) raises on the CPU reference path and makes the loss NaN on the Triton path.
@@ -171,11 +175,13 @@ def softcap_cross_entropy(logits, targets, softcap=30.0, softcap_type="sigmoid")
                          f"and {tuple(targets.shape)}: flatten them with .view(-1, V) and .view(-1)")
     if softcap_type not in SOFTCAP_TYPES:
         raise ValueError(f"softcap_cross_entropy: softcap_type {softcap_type!r} is not one of {SOFTCAP_TYPES}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"softcap_cross_entropy: reduction {reduction!r} is not 'mean' or 'sum'")
     if not use_triton(logits):
-        return softcap_cross_entropy_reference(logits, targets, softcap, softcap_type)
+        return softcap_cross_entropy_reference(logits, targets, softcap, softcap_type, reduction)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     write_grad = logits.requires_grad and torch.is_grad_enabled()
     loss, _ = torch.ops.kernels.softcap_cross_entropy(logits, targets.contiguous(), float(softcap), softcap_type,
-                                                      write_grad)
+                                                      write_grad, reduction)
     return loss

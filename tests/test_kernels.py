@@ -69,16 +69,19 @@ def test_softcap_ce_kernel_writes_every_row_loss_and_gradient(dtype, softcap_typ
     assert_close(dlogits, grad_ref)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype,softcap_type,V", CE_CASES)
-def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V):
+def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V, reduction):
     logits, targets = ce_inputs(dtype, V + 64, seed=1)
     wide = logits.requires_grad_()
     z = wide[:, :V]  # a strided view, like logits sliced out of a padded vocabulary
     targets = targets.clamp(max=V - 1).masked_fill(targets == -100, -100)
-    loss = kernels.softcap_cross_entropy(z, targets, 30.0, softcap_type)
+    loss = kernels.softcap_cross_entropy(z, targets, 30.0, softcap_type, reduction)
     (loss * 2.5).backward()  # an upstream gradient != 1: the backward must scale
     rows_ref, grad_ref = ce_reference64(z.detach(), targets, softcap_type)
-    loss_ref = rows_ref.sum() / (targets != -100).sum()
+    n_valid = (targets != -100).sum()
+    loss_ref = rows_ref.sum() / (n_valid if reduction == "mean" else 1)
+    grad_ref = grad_ref * (1 if reduction == "mean" else n_valid)  # the sum's gradient: the mean's times n_valid
     assert loss.dtype == torch.float32 and loss.shape == ()
     torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5)
     assert_close(wide.grad[:, :V], 2.5 * grad_ref)
@@ -115,18 +118,20 @@ def test_softcap_ce_rejects_bad_shapes():
         kernels.softcap_cross_entropy(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="softcap_type"):
         kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), 30.0, "relu")
+    with pytest.raises(ValueError, match="reduction"):
+        kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), reduction="none")
 
 
 def test_softcap_ce_opcheck():
     logits, targets = ce_inputs(torch.float32, 300, N=6, seed=3)
     torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
-                          (logits, targets, 30.0, "sigmoid", False))
+                          (logits, targets, 30.0, "sigmoid", False, "sum"))
     # With the gradient written, the backward scales the op's own dlogits output in place (no extra pass over the
     # (N, V) logits). The public function never hands dlogits out, and compiled that way it works (the
     # torch.compile test below); opcheck's AOT test makes dlogits a graph output, which AOTAutograd cannot
     # partition, so it is left out of this one call.
     torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
-                          (logits.requires_grad_(), targets, 30.0, "tanh", True),
+                          (logits.requires_grad_(), targets, 30.0, "tanh", True, "mean"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.kernels.scale_.default, (torch.randn(7, 300), torch.tensor(0.3)))
 
