@@ -14,7 +14,9 @@ Inputs are files or folders (walked recursively, keeping files whose names end w
 sorted path order. Each file is one document, or several with --doc-separator (e.g. a blank line). Every
 document is preceded by the separator token (<|endoftext|> = 50256, or 0 for bytes), which train_gpt.py uses to
 align sequences to document starts and the model uses to keep attention inside a document. A seeded random
---val-fraction of the documents goes to val_*.bin, the rest to train_*.bin, --shard-tokens tokens per shard.
+--val-fraction of the documents goes to val_*.bin, the rest to train_*.bin, --shard-tokens tokens per shard; when
+the draw leaves validation empty, the last document goes there. A single file without --doc-separator would be one
+document (one training sequence, nothing to validate on): that is an error that names the fix.
 """
 import argparse
 import os
@@ -129,25 +131,44 @@ def main(argv=None):
         if enc.n_vocab > 2**16:
             raise SystemExit(f"error: vocabulary of {enc.n_vocab} tokens does not fit the uint16 shard format")
         encode_batch = enc.encode_ordinary_batch
+    paths = input_files(args.inputs, args.ext)
+    if len(paths) == 1 and args.doc_separator is None:
+        raise SystemExit(f"error: {paths[0]} is a single file and --doc-separator is not set, so it would be one "
+                         f"document: train_gpt.py starts every sequence at a document start and validates on held-out "
+                         f"documents; split it, e.g. --doc-separator $'\\n\\n' (at blank lines)")
     os.makedirs(args.out_dir, exist_ok=True)
     writers = {split: ShardWriter(args.out_dir, split, args.shard_tokens) for split in ("train", "val")}
+    docs = {"train": 0, "val": 0}
     rng = np.random.default_rng(args.seed)
+    last = None  # (split, tokens) of the latest document, written once the next one arrives (or at the end)
+
+    def write(split, tokens):
+        writers[split].add(tokens)
+        docs[split] += 1
 
     def encode(batch):
+        nonlocal last
         for ids in encode_batch(batch):
-            split = "val" if rng.random() < args.val_fraction else "train"
-            writers[split].add([eot] + ids)
+            if last is not None:
+                write(*last)
+            last = ("val" if rng.random() < args.val_fraction else "train", [eot] + ids)
 
     batch = []
-    for doc in documents(input_files(args.inputs, args.ext), args.doc_separator):
+    for doc in documents(paths, args.doc_separator):
         batch.append(doc)
         if len(batch) == args.batch_docs:
             encode(batch)
             batch = []
     encode(batch)
+    if last is not None:
+        write("val" if args.val_fraction > 0 and docs["val"] == 0 else last[0], last[1])
+    if docs["train"] == 0:
+        raise SystemExit(f"error: the inputs hold {docs['val']} document(s), none left for training: give more "
+                         f"files, or split them into documents with --doc-separator (e.g. $'\\n\\n')")
     for writer in writers.values():
         writer.flush()
-    print(f"train: {writers['train'].total:,} tokens, val: {writers['val'].total:,} tokens in {args.out_dir}")
+    print(f"train: {docs['train']:,} documents, {writers['train'].total:,} tokens; val: {docs['val']:,} documents, "
+          f"{writers['val'].total:,} tokens in {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -149,3 +149,29 @@ def test_cached_fineweb_fetches_only_missing_files(tmp_path, monkeypatch):
     assert [kw["filename"] for kw in fetched] == ["fineweb_val_000000.bin", "fineweb_train_000001.bin",
                                                   "fineweb_train_000003.bin"]
     assert all(kw["repo_id"] == "kjj0/fineweb10B-gpt2" and kw["repo_type"] == "dataset" for kw in fetched)
+
+
+def test_tokenize_one_file_needs_documents(tmp_path):
+    """One file without --doc-separator would be one document: one training sequence over and over, nothing to
+    validate on. That is a one-line error naming the fix; with the separator the file works, and when the seeded
+    draw sends no document to validation the last one goes there."""
+    docs = [f"document {i}: " + "words " * (i + 3) for i in range(6)]
+    (tmp_path / "book.txt").write_text("\n\n".join(docs))
+    cmd = [sys.executable, os.path.join(REPO, "data", "tokenize.py"), str(tmp_path / "book.txt"), "--encoding", "bytes",
+           "--val-fraction", "0.01"]
+    proc = subprocess.run(cmd + ["--out-dir", str(tmp_path / "none")], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "one document" in proc.stderr and "--doc-separator" in proc.stderr and not (tmp_path / "none").exists()
+
+    subprocess.run(cmd + ["--out-dir", str(tmp_path / "out"), "--doc-separator", "\n\n"], check=True,
+                   capture_output=True)
+
+    def split(name):
+        return bytes(read_shard(str(tmp_path / "out" / f"{name}_000000.bin")).tolist()).decode().split("\0")[1:]
+    assert split("train") == docs[:-1] and split("val") == docs[-1:]
+
+    (tmp_path / "short.txt").write_text(docs[0])
+    proc = subprocess.run([*cmd[:2], str(tmp_path / "short.txt"), *cmd[3:], "--out-dir", str(tmp_path / "one"),
+                           "--doc-separator", "\n\n"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "none left for training" in proc.stderr and "--doc-separator" in proc.stderr
+    assert not list((tmp_path / "one").glob("*.bin"))
