@@ -1,20 +1,30 @@
 """
-The speedrun GPT: GPT-2 small as modded-nanogpt built it in its FlexAttention era (records #19-#28).
+The speedrun GPT: GPT-2 small as modded-nanogpt's record #28 built it (2025-08-23, "SparseAttnGate", the last
+record of the FlexAttention era). At the default GPTConfig this is that model, figure for figure.
 
-    token embedding x0 ─┬─> block 0 ─> block 1 ─> ... ─> block 11 ─> RMSNorm ─> FP8 lm_head ─> softcap ─> logits
+    token embedding x0 ─┬─> block 0 ─> block 1 ─> ... ─> block 11 ─> RMSNorm ─> lm_head ─> softcap ─> logits
                         └─ mixed into every block with a learned λ; the first half of the blocks push their
                            outputs, the second half pop them back in (U-net skips, learned weights)
 
 - RMSNorm without weights everywhere; ReLU² MLP (4× width); merged QKV weight; zero-initialised output projections.
-- Attention: QK-norm, rotary on half of the head dims (the other half stationary), scale 0.12, and a mask that is
-  causal, document-local (a document starts at each eos token) and a sliding window: long on a few layers, half
-  as long on the rest. The window is a runtime argument (it grows during training). One layer has no attention.
+- Attention: QK-norm, rotary on half of the head dims (the other half stationary), scale 0.12, a per-head sparse
+  output gate sigmoid(W · x[:12]) (W zero-initialised: every gate starts at 1/2), and a mask that is causal,
+  document-local (a document starts at each eos token) and a sliding window counted in 128-token blocks: long on a
+  few layers, half as long (in blocks) on the rest. The window is a runtime argument (it grows during training).
+  One layer has no attention.
 - Value embeddings: 3 extra embedding tables added into V of the first and last 3 layers (pattern 0,1,2 ... 0,1,2).
 - CUDA runs FlexAttention with a BlockMask built once per forward; the CPU runs SDPA with a dense boolean mask made
-  from the same mask function (flex has no backward on the CPU). The lm_head is an FP8 matmul (torch._scaled_mm)
-  on CUDA and its exact emulation on the CPU.
+  from the same mask function (flex has no backward on the CPU); cached decoding uses that function too.
+- The training loss runs the lm_head as an FP8 matmul (torch._scaled_mm on CUDA, its exact emulation on the CPU), as
+  the record did; validation, logits and cached decoding use the bf16 head. The record trains on the per-sequence
+  sum of the token losses, and the FP8 head's static gradient scale 1/448 is made for that sum (each logit gradient
+  is then at most 1): so the FP8 head runs for reduction="sum" in training mode, the mean loss takes the bf16 one.
 
-Parameters are fp32 masters; activations are bf16 on CUDA, fp32 on the CPU.
+Parameters are fp32 masters, except that train_gpt.py stores the embedding tables in bf16 on CUDA as the record
+does (their Adam state follows): the record's numerics, at half the memory; the tables take Adam steps of up to
+lr = 0.6 on values of size ~1, far coarser than bf16's 2^-8 relative resolution. On the CPU they stay fp32: CPU
+bf16 arithmetic is slow, and CPU runs are small-scale checks, not the record. Activations are bf16 on CUDA, fp32 on
+the CPU.
 """
 import math
 from dataclasses import dataclass
@@ -37,22 +47,27 @@ class GPTConfig:
     model_dim: int = 768
     num_heads: int = 6
     head_dim: int = 128
-    max_seq_len: int = 48 * 1024       # longest sequence (rotary tables are built for it)
+    max_seq_len: int = 4 * 64 * 1024   # longest sequence (rotary tables are built for it): the 256K-token validation
     mlp_ratio: int = 4
     softcap: float = 30.0              # logits = softcap * sigmoid(z / (softcap / 4))  (or softcap * tanh(z / softcap))
     softcap_type: str = "sigmoid"      # "sigmoid" | "tanh"
-    window: int = 1792                 # default long attention window (tokens); short window = window // 2
+    block_len: int = 128               # the attention window is counted in blocks of this many tokens
+    window_blocks: int = 14            # default long window in blocks (the last of the schedule); short = this // 2
     long_window_layers: tuple = (0, 4, -1)  # layers with the long window (negative = from the end)
     no_attn_layers: tuple = (7,)       # layers without attention (ignored when the model has fewer layers)
     num_value_embeds: int = 3          # value-embedding tables, used by the first and the last that many layers
     attn_scale: float = 0.12           # instead of 1/sqrt(head_dim)
+    attn_gate_dim: int = 12            # the attention gate reads the first this many channels (record: model_dim // 64)
     rope_base: float = 1024.0          # slowest rotary wavelength (in tokens, times 2π)
     eos_token_id: int = 50256          # document separator: attention never crosses it
-    fp8_head: bool = True              # FP8 lm_head (CUDA: torch._scaled_mm, CPU: emulation)
+    fp8_head: bool = True              # FP8 lm_head for the training loss (CUDA: torch._scaled_mm, CPU: emulation)
 
     def __post_init__(self):
         if self.softcap_type not in ("sigmoid", "tanh"):
             raise ValueError(f"GPTConfig.softcap_type={self.softcap_type!r}: use 'sigmoid' or 'tanh'")
+        if not 1 <= self.attn_gate_dim <= self.model_dim:
+            raise ValueError(f"GPTConfig.attn_gate_dim={self.attn_gate_dim} must lie in [1, model_dim]: use "
+                             f"model_dim // 64 = {max(1, self.model_dim // 64)}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -118,13 +133,6 @@ def _(g, x_bits, w_bits, x_s, w_s, grad_s):
             w_bits.new_empty(w_bits.shape, dtype=torch.float32))
 
 
-def fp8_grad_scale(num_tokens: int) -> float:
-    """e5m2 scale for the logits' gradient of a loss averaged over num_tokens: the softcap's slope is <= 1, so each
-    gradient is at most 1/num_tokens; map that to 448 and leave e5m2 (2^-16 .. 57344) ~25 binades below it for the
-    ~1/(vocab·num_tokens) gradients of the unlikely tokens (a fixed 1/448 would flush those to zero)."""
-    return 1 / (448 * num_tokens)
-
-
 def _fp8_mm_setup_context(ctx, inputs, output):
     x, w, x_s, w_s, grad_s = inputs
     _, x_bits, w_bits = output
@@ -143,8 +151,17 @@ fp8_mm.register_autograd(_fp8_mm_autograd, setup_context=_fp8_mm_setup_context)
 
 
 # -----------------------------------------------------------------------------
-# Attention masks. One mask function defines who sees whom; FlexAttention gets it as a BlockMask (CUDA), SDPA as a
-# dense boolean tensor (CPU).
+# Attention masks. One rule defines who sees whom: query q sees key k iff k <= q, both lie in the same document, and
+# k's block is within the window of q's block (blocks of block_len tokens, counted from the sequence start).
+# FlexAttention gets it as a BlockMask (CUDA), SDPA as a dense boolean tensor (CPU), cached decoding as a tensor too.
+
+def within_window(blocks_back, window):
+    """blocks_back: how many blocks a key lies behind its query's block; window: blocks (int or 0-dim tensor). A
+    window of W blocks covers blocks_back < W, and the query's own block always (W = 0 happens: early in training
+    the long window is 1 block, the short one 1 // 2 = 0, and record #28's BlockMask still keeps the diagonal
+    tile)."""
+    return (blocks_back < window) | (blocks_back <= 0)
+
 
 def document_ids(idx: Tensor, eos_token_id: int) -> Tensor:
     """idx (B, T) -> (B, T') document index of every token, T' = T rounded up to FLEX_BLOCK (the tail repeats the
@@ -154,48 +171,50 @@ def document_ids(idx: Tensor, eos_token_id: int) -> Tensor:
     return torch.cat([docs, docs[:, -1:].expand(-1, pad)], dim=1)
 
 
-def make_mask_mod(docs: Tensor, window):
-    """docs (B, T') from document_ids; window: int or 0-dim int tensor (tokens). Query q sees key k iff k <= q,
-    q - k < window and both are in the same document."""
+def make_mask_mod(docs: Tensor, window, block_len: int):
+    """docs (B, T') from document_ids; window: blocks (int or 0-dim int tensor). The rule above as a flex mask_mod."""
     def mask_mod(b, h, q_idx, kv_idx):
         causal = q_idx >= kv_idx
-        in_window = q_idx - kv_idx < window
+        in_window = within_window(q_idx // block_len - kv_idx // block_len, window)
         same_doc = docs[b, q_idx] == docs[b, kv_idx]
         return causal & in_window & same_doc
     return mask_mod
 
 
-def dense_mask(docs: Tensor, window, seq_len: int) -> Tensor:
+def dense_mask(docs: Tensor, window, block_len: int, seq_len: int) -> Tensor:
     """The mask function evaluated on every (q, k) pair: (B, 1, T, T) bool, for SDPA."""
     B, device = docs.size(0), docs.device
     b = torch.arange(B, device=device)[:, None, None, None]
     q = torch.arange(seq_len, device=device)[None, None, :, None]
     k = torch.arange(seq_len, device=device)[None, None, None, :]
-    return make_mask_mod(docs, window)(b, 0, q, k)
+    return make_mask_mod(docs, window, block_len)(b, 0, q, k)
 
 
-def block_mask(docs: Tensor, window, seq_len: int) -> BlockMask:
-    """The same mask as a FlexAttention BlockMask, built from per-tile document ranges in O((T/128)²): a tile pair is
-    skipped when no pair in it can see each other, "full" when every pair can (no mask_mod call), partial otherwise."""
+def block_mask(docs: Tensor, window, block_len: int, seq_len: int) -> BlockMask:
+    """The same mask as a FlexAttention BlockMask, built from per-tile document and block ranges in O((T/128)²): a
+    tile pair is skipped when no pair in it can see each other, "full" when every pair can (no mask_mod call),
+    partial otherwise (the mask_mod decides; with a block_len that splits tiles, also where the ranges cannot tell).
+    With block_len = FLEX_BLOCK (the speedrun) the window never splits a tile: the tiles are record #28's."""
     B, n = docs.size(0), docs.size(1) // FLEX_BLOCK
     tiles = docs.view(B, n, FLEX_BLOCK)
     lo, hi = tiles[:, :, 0], tiles[:, :, -1]  # (B, n) first and last document in each tile (docs are sorted)
     qb = torch.arange(n, device=docs.device)[:, None]  # query tile
     kb = torch.arange(n, device=docs.device)[None, :]  # key tile
-    nearest = (qb - kb) * FLEX_BLOCK - (FLEX_BLOCK - 1)   # smallest q - k over the tile pair
-    farthest = (qb - kb) * FLEX_BLOCK + (FLEX_BLOCK - 1)  # largest q - k over the tile pair
-    any_pair = (qb >= kb) & (nearest < window) & (lo[:, :, None] <= hi[:, None, :])  # (B, n, n)
+    first, last = (qb * FLEX_BLOCK) // block_len, (qb * FLEX_BLOCK + FLEX_BLOCK - 1) // block_len  # query blocks
+    nearest = first - (kb * FLEX_BLOCK + FLEX_BLOCK - 1) // block_len  # fewest blocks back over the tile pair
+    farthest = last - (kb * FLEX_BLOCK) // block_len  # most blocks back over the tile pair
+    any_pair = (qb >= kb) & within_window(nearest, window) & (lo[:, :, None] <= hi[:, None, :])  # (B, n, n)
     one_doc = (lo == hi)[:, :, None] & (lo == hi)[:, None, :] & (lo[:, :, None] == lo[:, None, :])
-    all_pairs = (qb > kb) & (farthest < window) & one_doc
+    all_pairs = (qb > kb) & within_window(farthest, window) & one_doc
     partial = any_pair & ~all_pairs
 
-    def kv_blocks(m: Tensor):  # (B, n, n) bool -> counts (B, 1, n) and indices (B, 1, n, n), selected tiles first
+    def kv_blocks(m: Tensor):  # (B, n, n) bool -> counts (B, 1, n), indices (B, 1, n, n): selected tiles, nearest first
         counts = m.sum(dim=-1, dtype=torch.int32)
-        order = torch.argsort(m.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+        order = torch.argsort(m.to(torch.int32), dim=-1, stable=True).flip(-1).to(torch.int32)
         return counts[:, None], order[:, None]
 
     return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(all_pairs), BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=make_mask_mod(docs, window), seq_lengths=(seq_len, seq_len))
+                                    mask_mod=make_mask_mod(docs, window, block_len), seq_lengths=(seq_len, seq_len))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
@@ -221,9 +240,9 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((y1, y2), dim=-1).type_as(x)
 
 
-def init_uniform_(w: Tensor) -> Tensor:
+def init_uniform_(w: Tensor, fan_in: int) -> Tensor:
     """Uniform with std 0.5 / sqrt(fan_in)."""
-    bound = math.sqrt(3) * 0.5 * w.size(-1) ** -0.5
+    bound = math.sqrt(3) * 0.5 * fan_in ** -0.5
     with torch.no_grad():
         return w.uniform_(-bound, bound)
 
@@ -233,7 +252,7 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        nn.init.zeros_(self.weight) if zero_init else init_uniform_(self.weight)
+        nn.init.zeros_(self.weight) if zero_init else init_uniform_(self.weight, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.type_as(x))
@@ -251,13 +270,15 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = config.num_heads, config.head_dim, config.attn_scale
-        hdim = config.num_heads * config.head_dim
-        self.qkv_w = nn.Parameter(init_uniform_(torch.empty(3, hdim, config.model_dim)))  # merged q, k, v
+        C, hdim = config.model_dim, config.num_heads * config.head_dim
+        self.qkv_w = nn.Parameter(init_uniform_(torch.empty(3, hdim, C), C))  # merged q, k, v
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = λ0·v + λ1·value_embedding
-        self.c_proj = Linear(hdim, config.model_dim, zero_init=True)
+        self.gate_dim = config.attn_gate_dim
+        self.gate = Linear(self.gate_dim, config.num_heads, zero_init=True)  # (H, gate_dim): per-head output gate
+        self.c_proj = Linear(hdim, C, zero_init=True)
 
     def forward(self, x: Tensor, ve: Tensor | None, rope: tuple[Tensor, Tensor], attend_fn) -> Tensor:
-        # x (B, T, C); ve (B, T, H*D) or None; attend_fn: q, k, v (B, T, H, D) -> (B, T, H, D)
+        # x (B, T, C) normed; ve (B, T, H*D) or None; attend_fn: q, k, v (B, T, H, D) -> (B, T, H, D)
         B, T, _ = x.shape
         qkv = F.linear(x, self.qkv_w.flatten(0, 1).type_as(x))  # (B, T, 3*H*D)
         q, k, v = qkv.view(B, T, 3 * self.num_heads, self.head_dim).chunk(3, dim=2)  # each (B, T, H, D)
@@ -265,7 +286,8 @@ class CausalSelfAttention(nn.Module):
         v = self.lambdas[0] * v
         if ve is not None:
             v = v + self.lambdas[1] * ve.view_as(v)
-        y = attend_fn(q, k, v)  # (B, T, H, D)
+        gate = torch.sigmoid(self.gate(x[..., :self.gate_dim]))  # (B, T, H)
+        y = attend_fn(q, k, v) * gate[..., None]  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -273,14 +295,17 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        hidden = config.mlp_ratio * config.model_dim
-        self.c_fc = Linear(config.model_dim, hidden)
-        self.c_proj = Linear(hidden, config.model_dim, zero_init=True)
+        C, hidden = config.model_dim, config.mlp_ratio * config.model_dim
+        # c_fc is stored (C, hidden) and used transposed, as the record stores it: Muon's shape factor
+        # max(1, rows/cols)**0.5 is then 1 for it, as for c_proj (C, hidden)
+        self.c_fc = nn.Parameter(init_uniform_(torch.empty(C, hidden), C))
+        self.c_proj = Linear(hidden, C, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.c_fc.T.type_as(x)  # (hidden, C)
         if kernels.enabled(x):  # ReLU² fused into the up-projection (kernels/relu2_matmul.py)
-            return self.c_proj(kernels.relu2_linear(x, self.c_fc.weight.type_as(x)))
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+            return self.c_proj(kernels.relu2_linear(x, w))
+        return self.c_proj(F.relu(F.linear(x, w)).square())
 
 
 class Block(nn.Module):
@@ -296,6 +321,13 @@ class Block(nn.Module):
         if self.attn is not None:
             x = x + self.attn(norm(x), ve, rope, attend_fn)
         return x + self.mlp(norm(x))
+
+
+# Without autograd (validation) the lm_head and the loss run on this many tokens at a time: all the logits of a
+# 256K-token validation sequence would take 26 GB in bf16, a (8192, 50304) chunk takes 0.8 GB. On the CPU a (32, V)
+# fp32 chunk (6 MB for GPT-2's V) stays in cache and under glibc's 32 MB mmap threshold (bigger buffers are
+# page-faulted in afresh at every allocation): evaluation runs ~2.5x faster than on whole sequences.
+EVAL_CHUNK_CUDA, EVAL_CHUNK_CPU = 8192, 32
 
 
 class GPT(nn.Module):
@@ -320,8 +352,9 @@ class GPT(nn.Module):
         self.num_skips = L // 2  # U-net: blocks [0, L//2) push, blocks [L - L//2, L) pop
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips))
         self.lm_head = Linear(C, V, zero_init=True)
-        # static FP8 scales: x is RMS-normed (|x| <= sqrt(C) -> 448, e4m3's max), lm_head weights stay within ±24
-        self.fp8_x_scale, self.fp8_w_scale = C ** 0.5 / 448, 24 / 448
+        # static FP8 scales: x is RMS-normed (|x| <= sqrt(C) -> 448, e4m3's max); weights up to 448 * 2^-9 = 0.875;
+        # logit gradients of the summed loss are at most 1 (the softcap's slope is <= 1) -> 448
+        self.fp8_scales = (C ** 0.5 / 448, 2 ** -9, 1 / 448)
         # rotary: head_dim/4 frequencies from 1 down to 1/rope_base, plus head_dim/4 zero frequencies
         freqs = (1 / config.rope_base) ** torch.linspace(0, 1, config.head_dim // 4)
         freqs = torch.cat([freqs, freqs.new_zeros(config.head_dim // 4)])
@@ -346,48 +379,60 @@ class GPT(nn.Module):
                 skips.append(x)
         return norm(x)
 
-    def _head(self, x: Tensor) -> Tensor:
-        """x (B, T, C) -> raw lm_head output z (B, T, padded_vocab), before the softcap."""
-        B, T, C = x.shape
-        if self.config.fp8_head:
-            z = fp8_mm(x.reshape(B * T, C), self.lm_head.weight, self.fp8_x_scale, self.fp8_w_scale,
-                       fp8_grad_scale(B * T))[0]
-            return z.view(B, T, -1)
+    def _head(self, x: Tensor, fp8: bool = False) -> Tensor:
+        """x (..., C) -> raw lm_head output z (..., padded_vocab) bf16 on CUDA, before the softcap."""
+        if fp8:
+            return fp8_mm(x.flatten(0, -2), self.lm_head.weight, *self.fp8_scales)[0].view(*x.shape[:-1], -1)
         return self.lm_head(x)
 
     def _logits(self, x: Tensor) -> Tensor:
         """x (B, T, C) -> softcapped logits (B, T, padded_vocab) fp32."""
         return kernels.softcap_logits(self._head(x).float(), self.config.softcap, self.config.softcap_type)
 
+    def _loss(self, x: Tensor, targets: Tensor, fp8: bool) -> Tensor:
+        """x (N, C), targets (N,) -> summed loss over targets != -100 (fp32). Without autograd the head runs
+        EVAL_CHUNK_* tokens at a time, so that a 256K-token validation sequence never holds all its logits at once."""
+        cfg, total = self.config, 0.0
+        chunk = x.size(0) if torch.is_grad_enabled() else EVAL_CHUNK_CUDA if x.is_cuda else EVAL_CHUNK_CPU
+        for xs, ts in zip(x.split(chunk), targets.split(chunk)):
+            z = self._head(xs, fp8)  # (n, V_padded)
+            if kernels.enabled(z):  # softcap + cross-entropy + its gradient in one kernel
+                total = total + kernels.softcap_cross_entropy(z, ts, cfg.softcap, cfg.softcap_type, "sum")
+            else:
+                logits = kernels.softcap_logits(z.float(), cfg.softcap, cfg.softcap_type)
+                total = total + F.cross_entropy(logits, ts, ignore_index=-100, reduction="sum")
+        return total
+
     def _window(self, layer: int, window):
         return window if layer in self.long_layers else window // 2
 
     # -- training / scoring ------------------------------------------------------------------------------------------
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, window=None) -> Tensor:
-        """idx (B, T) int64 -> mean loss over targets != -100 (if targets (B, T) given) or logits (B, T, vocab_size).
-        window: long attention window in tokens (int or 0-dim tensor; a tensor avoids recompiles); None = config."""
-        B, T = idx.shape
+    def forward(self, idx: Tensor, targets: Tensor | None = None, window=None, reduction: str = "mean") -> Tensor:
+        """idx (B, T) int64 -> loss over targets != -100 (if targets (B, T) given; its mean, or its sum with
+        reduction="sum") or logits (B, T, vocab_size). window: long attention window in blocks (int or 0-dim
+        tensor; a tensor avoids recompiles); None = config.window_blocks. The summed loss of a model in training mode
+        (the speedrun's) runs the FP8 head if config.fp8_head; everything else the bf16 one."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"GPT.forward: reduction={reduction!r}, use 'mean' or 'sum'")
         x = self.hidden(idx, window)  # (B, T, C)
-        if targets is not None and kernels.enabled(x):  # softcap + cross-entropy + its gradient in one kernel
-            z = self._head(x)  # (B, T, V_padded)
-            return kernels.softcap_cross_entropy(z.view(B * T, -1), targets.reshape(B * T), self.config.softcap,
-                                                 self.config.softcap_type)
-        logits = self._logits(x)  # (B, T, V_padded)
         if targets is None:
-            return logits[..., :self.config.vocab_size]
-        return F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+            return self.head(x)
+        fp8 = self.config.fp8_head and self.training and reduction == "sum"
+        loss = self._loss(x.flatten(0, 1), targets.flatten(), fp8)
+        return loss if reduction == "sum" else loss / (targets != -100).sum()
 
     def hidden(self, idx: Tensor, window=None) -> Tensor:
         """idx (B, T) int64 -> final hidden states (B, T, C): forward without the head (policy.token_logprobs applies
-        head() to a chunk of them at a time)."""
+        head() to a chunk of them at a time). window: as forward's."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} > GPTConfig.max_seq_len={self.config.max_seq_len}")
-        window = self.config.window if window is None else window
+        window = self.config.window_blocks if window is None else window
         docs = document_ids(idx, self.config.eos_token_id)  # (B, T')
         make = block_mask if idx.is_cuda else dense_mask
-        masks = {w: make(docs, w_val, T) for w, w_val in (("long", window), ("short", window // 2))}
+        masks = {w: make(docs, w_val, self.config.block_len, T) for w, w_val in (("long", window),
+                                                                                  ("short", window // 2))}
         attend_fns = []
         for i in range(len(self.blocks)):
             mask = masks["long" if i in self.long_layers else "short"]
@@ -398,7 +443,7 @@ class GPT(nn.Module):
         return self._trunk(idx, rope, attend_fns)
 
     def head(self, x: Tensor) -> Tensor:
-        """x (B, T, C) from hidden() -> softcapped logits (B, T, vocab_size) fp32."""
+        """x (B, T, C) from hidden() -> softcapped logits (B, T, vocab_size) fp32 (the bf16 head)."""
         return self._logits(x)[..., :self.config.vocab_size]
 
     # -- cached decoding (the KV-cache protocol of policy.py's rollout engine) -----------------------------------
@@ -413,16 +458,18 @@ class GPT(nn.Module):
 
     def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
         """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32. Writes this step's K/V at pos; every query attends
-        to the cached positions <= its own within its layer's window. Assumes one document per row."""
+        to the cached positions <= its own within its layer's window (the mask rule above, blocks counted from
+        position 0). Assumes one document per row."""
         B, t = idx.shape
         rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
         key_pos = torch.arange(cache.k.size(2), device=idx.device)  # (S,)
-        behind = pos[:, :, None] - key_pos  # (B, t, S) distance from each query to each cache slot
-        windows = {self._window(i, self.config.window) for i in range(len(self.blocks))}  # long and short
-        visible = {w: ((behind >= 0) & (behind < w))[:, None] for w in windows}  # each (B, 1, t, S)
+        causal = pos[:, :, None] >= key_pos  # (B, t, S)
+        blocks_back = pos[:, :, None] // self.config.block_len - key_pos // self.config.block_len  # (B, t, S)
+        windows = {self._window(i, self.config.window_blocks) for i in range(len(self.blocks))}  # long and short
+        visible = {w: (causal & within_window(blocks_back, w))[:, None] for w in windows}  # each (B, 1, t, S)
 
         def cached_attend(layer: int):
-            mask = visible[self._window(layer, self.config.window)]
+            mask = visible[self._window(layer, self.config.window_blocks)]
 
             def attend_fn(q, k, v):  # (B, t, H, D)
                 cache.k[layer][rows, pos] = k.to(cache.k.dtype)
@@ -438,7 +485,8 @@ class GPT(nn.Module):
     # -- optimizer grouping and FLOPs --------------------------------------------------------------------------------
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """hidden matrices -> Muon; embeddings, value embeddings, lm_head and scalars -> Adam."""
+        """hidden matrices (attention, attention gates, MLP) -> Muon; embeddings, value embeddings, lm_head and
+        scalars -> Adam."""
         groups = {
             "hidden": [p for p in self.blocks.parameters() if p.ndim >= 2],
             "embed": [self.embed.weight] + [t.weight for t in self.value_embeds],
@@ -450,10 +498,11 @@ class GPT(nn.Module):
 
     def estimate_flops_per_token(self, window=None) -> float:
         """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention's QKᵀ and AV over the
-        keys a query sees (at most its layer's window)."""
+        keys a query sees (at most its layer's window of blocks)."""
         cfg = self.config
-        window = int(cfg.window if window is None else window)
+        window = int(cfg.window_blocks if window is None else window)
         matmul_params = sum(p.numel() for p in self.param_groups()["hidden"]) + self.lm_head.weight.numel()
-        attn = sum(12 * cfg.num_heads * cfg.head_dim * min(self._window(i, window), cfg.max_seq_len)
+        attn = sum(12 * cfg.num_heads * cfg.head_dim * min(max(self._window(i, window), 1) * cfg.block_len,
+                                                            cfg.max_seq_len)
                    for i, block in enumerate(self.blocks) if block.attn is not None)
         return 6 * matmul_params + attn

@@ -698,8 +698,8 @@ def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_he
     """A random tiny GPT (about 1M parameters by default) and a byte-level tokenizer: ids 0-255 are the bytes,
     256 is <|endoftext|> (eos and pad). For tests and the CPU demo."""
     config = GPTConfig(vocab_size=257, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
-                       head_dim=head_dim, max_seq_len=max_seq_len, window=max_seq_len, eos_token_id=256,
-                       fp8_head=False)
+                       head_dim=head_dim, max_seq_len=max_seq_len, block_len=max_seq_len, window_blocks=1,
+                       eos_token_id=256, fp8_head=False)  # one window block: full causal attention
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT(config)

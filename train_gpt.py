@@ -6,10 +6,15 @@ The speedrun trainer: GPT-2 small (model.py) on FineWeb to a validation loss of 
 
     python data/tokenize.py input.txt --doc-separator $'\\n\\n' --encoding bytes --out-dir data/tiny
     python train_gpt.py --preset tiny                           # a CPU-sized model on byte-level shards
+    python data/tokenize.py input.txt --doc-separator $'\\n\\n' --out-dir data/small
+    python train_gpt.py --preset small                          # the speedrun recipe scaled down, GPT-2 BPE, CPU
 
+The speedrun preset is modded-nanogpt record #28's recipe (tests/test_recipe.py pins every figure to its line).
 Every optimizer step sees the same 8 sequences whatever the world size (1, 2, 4 or 8): rank r runs the
 sequences [r * 8/W, (r+1) * 8/W) as 8/W gradient-accumulation micro-steps. Each sequence starts at a document
-start (an eos token). Muon averages its gradients across ranks inside its step; sync_grads does the Adam side.
+start (an eos token). The loss is the record's: the sum of the token losses of a sequence, and the step's gradient
+is the mean over the 8 sequences of their gradients (the record's at 8 GPUs; each rank averages its micro-steps,
+Muon averages across ranks inside its step, sync_grads does the Adam side). The log shows the mean token loss.
 Rank 0 writes --log-dir/<run id>.txt: the source of every module of this repo that ran, the environment, the
 hyperparameters, then one line per step and per validation, then peak memory.
 """
@@ -52,17 +57,17 @@ class Hyperparameters:
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     seq_len: int = 48 * 1024           # tokens per sequence = per GPU per micro-step (batch size 1)
     seqs_per_step: int = 8             # sequences per optimizer step over all GPUs: 8 * 48K = 393,216 tokens
-    val_tokens: int = 10_485_760       # validation budget, in tokens (a multiple of seq_len is used)
+    val_seq_len: int = 4 * 64 * 1024   # tokens per validation sequence (contiguous, not document-aligned)
+    val_tokens: int = 10_485_760       # validation budget, in tokens (a multiple of val_seq_len: 40 sequences)
     # schedule
     steps: int = 1695
     cooldown_frac: float = 0.45        # the LR decays linearly to 0.1x over this last fraction of the steps
-    window_block: int = 128            # the attention window grows from this to model.window in steps of this
     momentum_warmup_steps: int = 300   # Muon momentum 0.85 -> 0.95 over these steps
     val_every: int = 125
-    # optimizers
+    # optimizers (Adam: the record's one learning rate 0.008 times its per-group multiplier 1, 75, 5)
     muon_lr: float = 0.05
     muon_momentum: tuple = (0.85, 0.95)  # (start, end) of the warm-up
-    head_lr: float = 0.22              # Adam learning rates
+    head_lr: float = 0.008             # Adam learning rates
     embed_lr: float = 0.6
     scalar_lr: float = 0.04
     adam_betas: tuple = (0.8, 0.95)
@@ -75,26 +80,36 @@ class Hyperparameters:
 
 SPEEDRUN = Hyperparameters()
 TINY = dataclasses.replace(
-    SPEEDRUN, train_files="data/tiny/train_*.bin", val_files="data/tiny/val_*.bin", seq_len=256,
-    val_tokens=8 * 1024, steps=200, window_block=32, momentum_warmup_steps=50, val_every=50, compile=False,
+    SPEEDRUN, train_files="data/tiny/train_*.bin", val_files="data/tiny/val_*.bin", seq_len=256, val_seq_len=256,
+    val_tokens=8 * 1024, steps=200, momentum_warmup_steps=50, val_every=50, compile=False,
     model=GPTConfig(vocab_size=256, num_layers=4, model_dim=64, num_heads=2, head_dim=32, max_seq_len=256,
-                    window=128, eos_token_id=0))
-PRESETS = {"speedrun": SPEEDRUN, "tiny": TINY}
+                    block_len=16, window_blocks=8, attn_gate_dim=1, eos_token_id=0))
+# the speedrun recipe at a CPU scale on GPT-2 BPE shards: every learning rate, beta, schedule shape (as a fraction of
+# the run) and architectural choice is the speedrun's, only sizes change: 12 narrow layers, 64-token sequences,
+# 4-token window blocks (the window grows from 1 to 14 of them), 30 steps with the momentum warm-up as long a
+# fraction of them as the record's 300 of 1695
+SMALL = dataclasses.replace(
+    SPEEDRUN, train_files="data/small/train_*.bin", val_files="data/small/val_*.bin", seq_len=64, val_seq_len=256,
+    val_tokens=16 * 256, steps=30, momentum_warmup_steps=5, val_every=10, compile=False,
+    model=GPTConfig(model_dim=64, num_heads=2, head_dim=32, max_seq_len=256, block_len=4, attn_gate_dim=1))
+PRESETS = {"speedrun": SPEEDRUN, "small": SMALL, "tiny": TINY}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help="speedrun (default with CUDA) or tiny (default without: byte-level, CPU-sized)")
+                        help="speedrun (default with CUDA), small (its recipe at a CPU size, GPT-2 BPE) or tiny "
+                             "(default without CUDA: byte-level, CPU-sized)")
     parser.add_argument("--train-files", help="glob of training shards (preset default)")
     parser.add_argument("--val-files", help="glob of validation shards (preset default)")
     parser.add_argument("--steps", type=int, help="optimizer steps (preset default)")
     parser.add_argument("--val-every", type=int, help="validate every K steps, and at the end; 0: only at the end")
     parser.add_argument("--val-tokens", type=int, help="validation budget in tokens")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (per GPU per micro-step)")
+    parser.add_argument("--val-seq-len", type=int, help="tokens per validation sequence")
     parser.add_argument("--seed", type=int, help="seed of the model initialisation")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (default: on for speedrun, off for tiny)")
+                        help="torch.compile the model (default: on for speedrun, off for small and tiny)")
     parser.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (step_NNNNNN.pt)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint")
@@ -103,8 +118,8 @@ def parse_args():
     args = parser.parse_args()
     preset = args.preset or ("speedrun" if torch.cuda.is_available() else "tiny")
     flags = {"train_files": args.train_files, "val_files": args.val_files, "steps": args.steps,
-             "val_every": args.val_every, "val_tokens": args.val_tokens, "seq_len": args.seq_len, "seed": args.seed,
-             "compile": args.compile}
+             "val_every": args.val_every, "val_tokens": args.val_tokens, "seq_len": args.seq_len,
+             "val_seq_len": args.val_seq_len, "seed": args.seed, "compile": args.compile}
     hp = dataclasses.replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
     return args, preset, hp
 
@@ -127,11 +142,29 @@ def muon_momentum(step, hp):
     return (1 - frac) * start + frac * end
 
 
-def attention_window(step, hp):
-    """Long attention window (tokens): linear from window_block to model.window, rounded up to window_block."""
-    block, final = hp.window_block, hp.model.window
-    window = block + (final - block) * step / hp.steps
-    return min(final, block * math.ceil(window / block))
+def window_blocks(step, hp):
+    """Long attention window in blocks: (final - 1/2) blocks times the progress, rounded up, at least 1; 1 -> 14
+    blocks in the speedrun (the record: next_multiple_of_n(1728 * step / steps, n=128) // 128, 1728 = 13.5 * 128)."""
+    x = step / hp.steps
+    return max(1, math.ceil((hp.model.window_blocks - 0.5) * x))
+
+
+def make_optimizers(model, hp):
+    """(Muon for the hidden matrices, Adam for the rest), each group's "initial_lr" set for the schedule. The record's
+    Adam is torch.optim.Adam but for where eps goes: it adds eps to sqrt(v) before v's bias correction, torch after.
+    Their steps differ by a factor 1 + O(eps / |grad|): < 1e-4 relative for a gradient entry above 1e-5, and not at
+    all where the gradient is 0."""
+    groups = model.param_groups()
+    muon = Muon(groups["hidden"], lr=hp.muon_lr, momentum=hp.muon_momentum[0], nesterov=True, weight_decay=0.0)
+    adam = torch.optim.Adam([dict(params=groups["head"], lr=hp.head_lr),
+                             dict(params=groups["embed"], lr=hp.embed_lr),
+                             dict(params=groups["scalar"], lr=hp.scalar_lr)],
+                            betas=hp.adam_betas, eps=hp.adam_eps, weight_decay=0.0,
+                            fused=model.lm_head.weight.is_cuda)
+    for opt in (muon, adam):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return muon, adam
 
 # -----------------------------------------------------------------------------
 # Data
@@ -149,9 +182,11 @@ def load_shard(path, eos, vocab_size):
 
 class TrainLoader:
     """Walks the training shards in order (cycling back to the first) and cuts global batches of seqs_per_step
-    sequences of seq_len + 1 tokens, each starting at a document start; the next sequence is searched from where the
-    previous one ended. Rank r keeps sequences [r * n, (r + 1) * n), n = seqs_per_step // world, so every world size
-    sees the same global batch. The next shard loads in a background thread. State: (shard index, position)."""
+    sequences of seq_len + 1 tokens, each starting at a document start: the first eos at or after where the previous
+    sequence's seq_len tokens ended. As in the record, a global batch moves on to the next shard when fewer than
+    2 * seqs_per_step * seq_len + 1 tokens are left past the position. Rank r keeps sequences [r * n, (r + 1) * n),
+    n = seqs_per_step // world, so every world size sees the same global batch. The next shard loads in a background
+    thread. State: (shard index, position)."""
 
     def __init__(self, files, seq_len, seqs_per_step, rank, world, eos, vocab_size, device, shard=0, pos=0):
         self.files, self.seq_len, self.eos, self.vocab_size, self.device = files, seq_len, eos, vocab_size, device
@@ -185,6 +220,9 @@ class TrainLoader:
 
     def next_batch(self):
         """This rank's sequences of the next global batch: (seqs_per_step // world, seq_len + 1) int64."""
+        lookahead = 2 * self.seqs_per_step * self.seq_len + 1
+        if lookahead < len(self.tokens) <= self.pos + lookahead:  # (a shard shorter than that is used as it is)
+            self.next_shard()
         rows = []
         for j in range(self.seqs_per_step):
             start = self.next_sequence_start()
@@ -211,6 +249,26 @@ def load_val_tokens(files, num_tokens):
     return np.concatenate(chunks)[:num_tokens + 1]
 
 # -----------------------------------------------------------------------------
+# The gradient of a step
+
+
+def accumulate_gradients(forward, model, batch, window):
+    """batch (n, seq_len + 1): this rank's sequences. Backpropagates the record's training loss, the sum of each
+    sequence's token losses, and divides the gradients by n afterwards (a power of 2: exact; after the backward, so
+    that the FP8 head sees the record's gradients unscaled). With the optimizers' average across ranks, the step's
+    gradient is the mean over all the step's sequences of their summed-loss gradients: the record's at 8 GPUs, at
+    any world size. Returns the mean token loss of the sequences (for the log). forward: model or its compiled self."""
+    n, seq_len = batch.size(0), batch.size(1) - 1
+    train_loss = torch.zeros((), device=batch.device)
+    for i in range(n):
+        loss = forward(batch[i:i + 1, :-1], batch[i:i + 1, 1:], window=window, reduction="sum")
+        loss.backward()
+        train_loss += loss.detach() / (n * seq_len)
+    if n > 1:
+        torch._foreach_div_([p.grad for p in model.parameters() if p.grad is not None], n)
+    return train_loss
+
+# -----------------------------------------------------------------------------
 # Distributed helpers
 
 
@@ -227,13 +285,16 @@ def synchronize(device):
 
 
 @torch.no_grad()
-def evaluate(model, val_tokens, seq_len, window, rank, world, device):
-    """Mean loss over the val_tokens budget cut into sequences of seq_len; rank r takes sequences r, r + W, ..."""
+def evaluate(model, forward, val_tokens, seq_len, window, rank, world, device):
+    """Mean over the sequences of seq_len (the val_tokens budget) of their mean token loss, in eval mode (bf16
+    lm_head, as the record validates); rank r takes sequences r, r + W, ... forward: model or its compiled self."""
     num_seqs = (val_tokens.size - 1) // seq_len
     total = torch.zeros((), dtype=torch.float64, device=device)
+    model.eval()
     for i in range(rank, num_seqs, world):
         seq = torch.from_numpy(val_tokens[i * seq_len:(i + 1) * seq_len + 1].astype(np.int64)).to(device)[None]
-        total += model(seq[:, :-1], seq[:, 1:], window=window).double()
+        total += forward(seq[:, :-1], seq[:, 1:], window=window).double()
+    model.train()
     if dist.is_initialized():
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.item() / num_seqs
@@ -319,11 +380,13 @@ def main():
         val_files = find_shards(hp.val_files, "--val-files")
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    if hp.seq_len > hp.model.max_seq_len:
-        sys.exit(f"error: --seq-len {hp.seq_len} exceeds the model's max_seq_len {hp.model.max_seq_len}")
-    if hp.val_tokens < hp.seq_len:
-        sys.exit(f"error: --val-tokens {hp.val_tokens} is less than one sequence of {hp.seq_len} tokens")
-    val_tokens = load_val_tokens(val_files, hp.val_tokens // hp.seq_len * hp.seq_len)
+    for flag, length in (("--seq-len", hp.seq_len), ("--val-seq-len", hp.val_seq_len)):
+        if length > hp.model.max_seq_len:
+            sys.exit(f"error: {flag} {length} exceeds the model's max_seq_len {hp.model.max_seq_len}")
+    if hp.val_tokens < hp.val_seq_len:
+        sys.exit(f"error: --val-tokens {hp.val_tokens} is less than one validation sequence of {hp.val_seq_len} "
+                 f"tokens (--val-seq-len)")
+    val_tokens = load_val_tokens(val_files, hp.val_tokens // hp.val_seq_len * hp.val_seq_len)
 
     # checkpoint to resume from
     ckpt = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
@@ -337,17 +400,12 @@ def main():
     # model and optimizers
     torch.manual_seed(hp.seed)
     model = GPT(hp.model).to(device)
-    groups = model.param_groups()
-    muon = Muon(groups["hidden"], lr=hp.muon_lr, momentum=hp.muon_momentum[0], nesterov=True)
-    adam_params = groups["head"] + groups["embed"] + groups["scalar"]
-    adam = torch.optim.Adam([dict(params=groups["head"], lr=hp.head_lr),
-                             dict(params=groups["embed"], lr=hp.embed_lr),
-                             dict(params=groups["scalar"], lr=hp.scalar_lr)],
-                            betas=hp.adam_betas, eps=hp.adam_eps, fused=device.type == "cuda")
+    if device.type == "cuda":  # the record keeps the embedding tables, and so their Adam state, in bf16 (see model.py)
+        for table in [model.embed, *model.value_embeds]:
+            table.bfloat16()
+    muon, adam = make_optimizers(model, hp)
     optimizers = [muon, adam]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
+    adam_params = [p for group in adam.param_groups for p in group["params"]]
     forward = torch.compile(model, dynamic=False) if hp.compile else model
 
     # log header: sources, environment, hyperparameters
@@ -374,9 +432,10 @@ def main():
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} "
         f"train shards: {len(train_files)} val tokens: {val_tokens.size - 1:,}")
 
-    # untimed warm-up of the compiled steps, for every window the run uses; then back to the initial state
+    # untimed warm-up of the compiled training step and validation forward, for every window the run uses; then back
+    # to the initial state
     start_step = ckpt["step"] if ckpt else 0
-    windows = sorted({attention_window(s, hp) for s in range(start_step, hp.steps + 1)})
+    windows = sorted({window_blocks(s, hp) for s in range(start_step, hp.steps + 1)})
     if hp.compile:
         initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
         gen = torch.Generator().manual_seed(hp.seed)
@@ -384,18 +443,18 @@ def main():
         for w in windows:
             window = torch.tensor(w, device=device)
             seq = torch.randint(0, hp.model.vocab_size, (1, hp.seq_len + 1), generator=gen).to(device)
-            forward(seq[:, :-1], seq[:, 1:], window=window).backward()
+            forward(seq[:, :-1], seq[:, 1:], window=window, reduction="sum").backward()
             sync_grads(adam_params)
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                forward(seq[:, :-1], seq[:, 1:], window=window)
+            seq = torch.randint(0, hp.model.vocab_size, (hp.val_seq_len + 1,), generator=gen).numpy()
+            evaluate(model, forward, seq, hp.val_seq_len, window, 0, 1, device)
         synchronize(device)
         model.load_state_dict(initial[0])
         for opt, state in zip(optimizers, initial[1]):
             opt.load_state_dict(state)
-        log(f"warm-up of {len(windows)} window sizes {windows}: {time.perf_counter() - t0:.1f}s (not timed)")
+        log(f"warm-up of {len(windows)} windows {windows} (blocks): {time.perf_counter() - t0:.1f}s (not timed)")
 
     # resume: model, optimizers, data position, time so far, RNG
     loader_state = {"shard": 0, "pos": 0}
@@ -439,8 +498,8 @@ def main():
     t0 = time.perf_counter()
     for step in range(start_step, hp.steps + 1):
         last = step == hp.steps
-        window_tokens = attention_window(step, hp)
-        window = torch.tensor(window_tokens, device=device)  # 0-dim tensor: no recompiles
+        blocks = window_blocks(step, hp)
+        window = torch.tensor(blocks, device=device)  # 0-dim tensor: no recompiles
         validate = last or (hp.val_every > 0 and step % hp.val_every == 0)
         save = args.checkpoint_dir and (last or (args.save_every > 0 and step % args.save_every == 0
                                                  and step > start_step))
@@ -448,7 +507,7 @@ def main():
             synchronize(device)
             train_time_ms += 1000 * (time.perf_counter() - t0)
             if validate:
-                val_loss = evaluate(forward, val_tokens, hp.seq_len, window, rank, world, device)
+                val_loss = evaluate(model, forward, val_tokens, hp.val_seq_len, window, rank, world, device)
                 log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                     f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
             if save:
@@ -466,12 +525,7 @@ def main():
                 group["lr"] = group["initial_lr"] * lrm
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(step, hp)
-        batch = loader.next_batch()  # (grad_accum, seq_len + 1)
-        train_loss = torch.zeros((), device=device)
-        for i in range(grad_accum):
-            loss = forward(batch[i:i + 1, :-1], batch[i:i + 1, 1:], window=window)
-            (loss / grad_accum).backward()
-            train_loss += loss.detach() / grad_accum
+        train_loss = accumulate_gradients(forward, model, loader.next_batch(), window)
         sync_grads(adam_params)
         for opt in optimizers:
             opt.step()
@@ -487,7 +541,7 @@ def main():
         elapsed_ms = train_time_ms + 1000 * (now - t0)
         dt = now - step_start
         tok_per_s = tokens_per_step / dt
-        flops = flops_per_token[window_tokens] * tok_per_s
+        flops = flops_per_token[blocks] * tok_per_s
         mfu = f"{100 * flops / (peak * world):.2f}%" if peak else "n/a"
         log(f"step:{step + 1}/{hp.steps} train_loss:{train_loss:.6f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{elapsed_ms / (step + 1):.2f}ms tok/s:{tok_per_s:.0f} mfu:{mfu}", console=False)

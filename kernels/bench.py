@@ -74,7 +74,8 @@ def cases(smoke):
                     lambda A=A: kernels.ba_plus_cAA_reference(A, -4.775, 2.0315),
                     2 * m * m * elt, m * (m + 1) * m))
 
-    x, W, dy = rand(T, C, grad=True), rand(H, C, scale=C ** -0.5, grad=True), rand(T, H)
+    x, dy = rand(T, C, grad=True), rand(T, H)
+    W = rand(C, H, scale=C ** -0.5, grad=True).T  # model.MLP passes c_fc.T: c_fc is stored (C, H)
 
     def mlp_fwd(f):
         def run():
@@ -185,7 +186,7 @@ def compile_only():
     for m in (768, 3072):
         launches.append((f"ba_plus_cAA {m}x{m}", gram._xxt_kernel,
                          gram._launch_args(meta(1, m, m), meta(1, m, m), 2.0, -4.0, True)))
-    x, W, y = meta(T, C), meta(H, C), meta(T, H)
+    x, W, y = meta(T, C), meta(C, H).T, meta(T, H)  # W = c_fc.T, as model.MLP passes it
     launches.append(("relu2_linear fwd", relu2_matmul._matmul_kernel,
                      relu2_matmul._launch_args(x, W.T, y, relu2_out=True)))
     launches.append(("relu2_linear bwd dx", relu2_matmul._matmul_kernel, relu2_matmul._launch_args(y, W, x, y=y)))

@@ -430,7 +430,7 @@ def test_from_hf_downloads_only_the_needed_files(tmp_path, qwen_bpe, monkeypatch
 
 def tiny_gpt_config(**kw):
     return GPTConfig(**{**dict(vocab_size=300, num_layers=3, model_dim=64, num_heads=2, head_dim=32, max_seq_len=128,
-                               window=128, eos_token_id=299, fp8_head=False), **kw})
+                               block_len=128, window_blocks=1, eos_token_id=299, fp8_head=False), **kw})
 
 
 def randomize_gpt(model: GPT, seed: int = 0) -> GPT:

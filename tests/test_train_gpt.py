@@ -87,10 +87,9 @@ def test_schedules_follow_the_record_recipe():
     assert train_gpt.muon_momentum(150, hp) == pytest.approx(0.90)
     assert train_gpt.muon_momentum(300, hp) == train_gpt.muon_momentum(1000, hp) == pytest.approx(0.95)
 
-    windows = [train_gpt.attention_window(s, hp) for s in range(hp.steps + 1)]
-    assert windows[0] == 128 and windows[-1] == 1792
-    assert all(a <= b for a, b in zip(windows, windows[1:])) and all(w % 128 == 0 for w in windows)
-    assert sorted(set(windows)) == list(range(128, 1793, 128))
+    windows = [train_gpt.window_blocks(s, hp) for s in range(hp.steps + 1)]
+    assert windows[0] == 1 and windows[-1] == 14  # blocks of 128 tokens: 128 -> 1792 tokens
+    assert all(a <= b for a, b in zip(windows, windows[1:])) and sorted(set(windows)) == list(range(1, 15))
 
 
 def make_loader(files, rank, world, seq_len=64, **state):
