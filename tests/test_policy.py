@@ -554,10 +554,19 @@ def test_sample_draws_from_the_filtered_distribution(temperature, top_k, top_p):
         mass_before = torch.cumsum(probs * keep, 0) / (probs * keep).sum() - probs * keep / (probs * keep).sum()
         keep &= mass_before < top_p
     expected = probs * keep / (probs * keep).sum()
-    tokens, logp = policy.sample(logits.expand(40_000, 6), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
+    tokens, logp = policy.sample(logits.expand(40_000, 6), temperature, top_k, top_p, u)
     freq = torch.bincount(tokens, minlength=6) / 40_000
     assert (freq - expected).abs().max() < 0.01 and (freq[~keep] == 0).all()
     assert torch.allclose(logp, torch.log(probs)[tokens])
+
+
+def test_sample_is_the_inverse_cdf_of_the_kept_tokens():
+    logits = torch.tensor([-1.0, 3.0, 0.5, 2.0, -4.0, 1.0]).expand(4, 6)
+    kept = torch.softmax(logits[0], dim=0) * torch.tensor([0, 1, 0, 1, 0, 0])  # top-2: tokens 1 and 3
+    u = torch.tensor([0.0, 1 - 2 ** -24, 0.999 * kept[1] / kept.sum(), 1.001 * kept[1] / kept.sum()])
+    tokens, _ = policy.sample(logits, 1.0, 2, 1.0, u)
+    assert tokens.tolist() == [1, 3, 1, 3]  # vocabulary order; u near 1 never reaches a token top-k dropped
 
 
 def test_top_k_samples_only_the_k_most_likely(policy_model):
