@@ -9,6 +9,9 @@ Verifiable tasks for train_grpo.py: problems, worked solutions (for the SFT cold
 Every problem carries its kind, so the reward needs nothing but the problem and the completion. Model output is
 untrusted text: it is only matched with regular expressions and parsed with `ast` into a tree we walk ourselves.
 A wrong answer scores 0; a verifier that fails scores None (not 0): see rewards(). maj@k votes on answer values.
+With --tools python the completion a reward reads includes the tool's output blocks (so, as in Program-of-Thoughts,
+a program that prints <answer>n</answer> answers), and arithmetic problems carry a worked solution that computes the
+value in a ```python block (sandbox.py) for the SFT cold start.
 """
 
 import ast
@@ -18,6 +21,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+import sandbox
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -26,6 +31,7 @@ class Problem:
     answer: str                 # reference answer: a number (arithmetic, gsm8k) or the target (countdown)
     solution: str               # a worked solution ending in <answer>…</answer>, for the SFT cold start
     numbers: tuple = ()         # countdown only: the numbers that may be used
+    tool_solution: str = ""     # arithmetic only: a worked solution that runs Python (sandbox.py), for --tools
 
 
 # -----------------------------------------------------------------------------
@@ -36,7 +42,8 @@ def arithmetic_problem(rng, digits=2, ops="+-*"):
     lo, hi = (0, 9) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
     a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return Problem("arithmetic", f"{a}{op}{b}=", str(value), f"<answer>{value}</answer>")
+    tool_solution = f"```python\nprint({a}{op}{b})\n```{sandbox.output_block(value)}<answer>{value}</answer>"
+    return Problem("arithmetic", f"{a}{op}{b}=", str(value), f"<answer>{value}</answer>", tool_solution=tool_solution)
 
 
 def countdown_problem(rng, n_numbers=3, max_number=20, max_target=100):

@@ -6,12 +6,16 @@ Compact GRPO fine-tuner: reinforcement learning with verifiable rewards (the Dee
 
 Per step: sample P prompts x G completions, score them with rule-based rewards (tasks.py), turn rewards into
 group-relative advantages, then take clipped policy-gradient steps on the completion tokens.
+
+With --tools python a completion may run Python (sandbox.py: a ```python block, answered by a ```output block that
+the model reads but does not write): tool outputs are in the rollout's context but get no loss, ratio or KL.
 """
 
 import argparse
 import collections
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 import muon
 import policy
+import sandbox
 import tasks
 
 
@@ -224,8 +229,16 @@ def encode_prompt(tok, problem, system_prompt):
     return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
+def tool_kwargs(args, tok):
+    # policy.generate's tool arguments: none without --tools
+    if args.tools == "none":
+        return {}
+    return dict(tool=functools.partial(sandbox.run, timeout=args.tool_timeout), tokenizer=tok,
+                max_tool_calls=args.max_tool_calls, tool_workers=args.tool_workers)
+
+
 def completion_texts(tok, rollout):
-    # the sampled text of every row, without the closing eos
+    # the completion text of every row (tool outputs included), without the closing eos
     texts = []
     for row, start, n in zip(rollout.tokens.tolist(), rollout.prompt_lens.tolist(), rollout.completion_lens.tolist()):
         ids = row[start:start + n]
@@ -277,7 +290,7 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
         batch = mine[start:start + chunk]
         prompts = [encode_prompt(tok, p, args.system_prompt) for p in batch]
         greedy = policy.generate(model, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                 eos=tok.eos_id, seed=args.seed, pad_id=tok.pad_id)
+                                 eos=tok.eos_id, seed=args.seed, pad_id=tok.pad_id, **tool_kwargs(args, tok))
         correct, failures = tasks.rewards(batch, completion_texts(tok, greedy))    # None (failed) counts as wrong
         counts[0] += sum(c or 0.0 for c in correct)
         counts[4] += len(failures)
@@ -285,7 +298,7 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
             continue
         sampled = policy.generate(model, prompts, n=k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  eos=tok.eos_id, seed=args.seed + 1, pad_id=tok.pad_id)
+                                  eos=tok.eos_id, seed=args.seed + 1, pad_id=tok.pad_id, **tool_kwargs(args, tok))
         texts = completion_texts(tok, sampled)
         for i, problem in enumerate(batch):
             mine_texts = texts[i * k:(i + 1) * k]
@@ -304,6 +317,23 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
 # SFT cold start on the task's worked solutions (loss on the completion only), stopped early once greedy accuracy
 # on training problems reaches --sft-target: RL then starts from a policy that is right some of the time
 
+def solution_tokens(tok, problem, tools):
+    # the worked solution + eos -> (ids, trained). With tools, the solution that calls the python tool: its output
+    # blocks are encoded as policy.generate feeds them and left out of the loss (the model reads them, never writes)
+    if not tools:
+        ids = tok.encode(problem.solution) + [tok.eos_id]
+        return ids, [True] * len(ids)
+    if not problem.tool_solution:
+        raise ValueError(f"--tools with an SFT cold start: {problem.kind} problems have no worked solution that calls "
+                         f"the tool; pass --sft-steps 0 or use --task arithmetic")
+    ids, trained = [], []
+    for piece, is_output in sandbox.split_output_blocks(problem.tool_solution):
+        piece_ids = tok.encode_ordinary(piece) if is_output else tok.encode(piece)
+        ids += piece_ids
+        trained += [not is_output] * len(piece_ids)
+    return ids + [tok.eos_id], trained + [True]
+
+
 def sft(model, tok, sample, args, rank, world, device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -315,9 +345,9 @@ def sft(model, tok, sample, args, rank, world, device):
         rows, targets = [], []
         for problem in (sample(rng) for _ in range(args.sft_batch_size)):
             prompt = encode_prompt(tok, problem, args.system_prompt)
-            completion = tok.encode(problem.solution) + [tok.eos_id]
+            completion, trained = solution_tokens(tok, problem, args.tools != "none")
             rows.append(prompt + completion)
-            targets.append([-100] * len(prompt) + completion)
+            targets.append([-100] * len(prompt) + [t if keep else -100 for t, keep in zip(completion, trained)])
         L = max(len(r) for r in rows)
         idx = torch.tensor([r + [tok.pad_id] * (L - len(r)) for r in rows], device=device)         # (B, L)
         scored = torch.tensor([t + [-100] * (L - len(t)) for t in targets], device=device)[:, 1:] != -100  # (B, L-1)
@@ -367,7 +397,7 @@ def collect(model, tok, sample, args, step, rank):
         rollout = policy.generate(model, [encode_prompt(tok, p, args.system_prompt) for p in problems], n=G,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, eos=tok.eos_id, seed=rng.getrandbits(31),
-                                  pad_id=tok.pad_id)
+                                  pad_id=tok.pad_id, **tool_kwargs(args, tok))
         t1 = time.perf_counter()
         rows = [p for p in problems for _ in range(G)]
         rewards, failures = tasks.rewards(rows, completion_texts(tok, rollout), args.correct_weight,
@@ -393,7 +423,9 @@ def collect(model, tok, sample, args, step, rank):
                       "truncated": rollout.truncated.sum().item(),
                       "completion_len": rollout.completion_lens.sum().item(),
                       "eos_len": rollout.completion_lens[ended].sum().item(), "eos_rows": ended.sum().item(),
-                      "prompt_len": rollout.prompt_lens.sum().item()})
+                      "prompt_len": rollout.prompt_lens.sum().item(),
+                      "tool_calls": rollout.tool_calls.sum().item(), "tool_errors": rollout.tool_errors.sum().item(),
+                      "sandbox_s": rollout.tool_seconds.sum().item()})
     lengths = torch.cat(lengths)
     stats["len_min"], stats["len_max"] = lengths.min().item(), lengths.max().item()
     model.train()
@@ -595,6 +627,11 @@ parser.add_argument("--max-new-tokens", type=int, default=24)
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--top-k", type=int, default=0)
 parser.add_argument("--top-p", type=float, default=1.0)
+# tools: completions may run Python in a sandbox (sandbox.py); --max-new-tokens counts the tool outputs too
+parser.add_argument("--tools", default="none", choices=["none", "python"])
+parser.add_argument("--max-tool-calls", type=int, default=4, help="code blocks run per completion")
+parser.add_argument("--tool-timeout", type=float, default=5.0, help="seconds (wall clock and CPU) per tool call")
+parser.add_argument("--tool-workers", type=int, default=4, help="tool calls run at once on each rank")
 # rewards
 parser.add_argument("--correct-weight", type=float, default=1.0)
 parser.add_argument("--format-weight", type=float, default=0.0)
@@ -687,7 +724,7 @@ def parse_args(argv=None):
 SUMS = ["gen_s", "reward_s", "samples", "rewards", "reward_sum", "reward_sq", "groups", "kept_groups",
         "zero_std_groups", "reward_errors", "truncated", "completion_len", "eos_len", "eos_rows", "prompt_len",
         "tokens", "gap_tokens", "loss", "clip_low", "clip_high", "clip_delta", "ratio", "kl", "entropy", "logp_gap",
-        "grad_norm", "optimizer_steps", "skipped"]
+        "grad_norm", "optimizer_steps", "skipped", "tool_calls", "tool_errors", "sandbox_s"]
 
 
 def step_record(step, stats, sums, train_s, world, device, num_tokens):
@@ -718,6 +755,9 @@ def step_record(step, stats, sums, train_s, world, device, num_tokens):
         "grad_norm": total["grad_norm"] / max(total["optimizer_steps"], 1),
         "reward_errors": int(total["reward_errors"]),                       # failed verifications, left out
         "skipped": total["skipped"] > 0,                                    # no reward spread: no update
+        "tool_calls": total["tool_calls"] / samples,                  # per completion
+        "tool_errors": int(total["tool_errors"]),                     # calls whose program failed
+        "sandbox_s": total["sandbox_s"] / world,                      # per rank: the calls' wall clock, summed
         "tok_per_s": total["completion_len"] / max(total["gen_s"] / world, 1e-9),   # all ranks together
         "gen_s": stats["gen_s"], "reward_s": stats["reward_s"], "train_s": train_s,    # this rank
     }
@@ -747,6 +787,8 @@ def main(argv=None):
     sample, test = make_task(args)
     print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | task {args.task} | "
            f"world {world} | device {device} | tokenizer on {tok.backend}")
+    if args.tools != "none":
+        print0(sandbox.check())                                    # raises when the sandbox cannot run here
 
     if args.resume is None and args.sft_steps > 0:
         sft(model, tok, sample, args, rank, world, device)
@@ -779,6 +821,8 @@ def main(argv=None):
                f"ent {record['entropy']:.3f} | gap {record['logp_gap']:.1e} | gnorm {record['grad_norm']:.3f} | "
                f"{record['tok_per_s']:.0f} tok/s | "
                f"gen {record['gen_s']:.2f}s reward {record['reward_s']:.2f}s train {record['train_s']:.2f}s"
+               + (f" | tools {record['tool_calls']:.2f}/completion errors {record['tool_errors']} "
+                  f"sandbox {record['sandbox_s']:.2f}s" if args.tools != "none" else "")
                + (f" | reward errors {record['reward_errors']}" if record["reward_errors"] else "")
                + (" | no reward spread: no update" if record["skipped"] else ""))
         if record["kept_groups"] < target:
