@@ -24,12 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 258
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")                # conftest.py
 
 
 def tool_tokenizer():
