@@ -4,7 +4,8 @@ Policies for GRPO and the rollout engine that samples from them.
     from_hf("Qwen/Qwen2.5-0.5B-Instruct")  -> (HFDecoder, Tokenizer)   Llama / Qwen2 / Qwen2.5 / Qwen3 checkpoints
     from_checkpoint("ckpt/step_5000.pt")    -> (GPT, Tokenizer)         our train_gpt.py checkpoints, GPT-2 tokenizer
     tiny_policy(seed)                       -> (GPT, Tokenizer)         random tiny GPT, byte-level tokenizer (CPU demo)
-    generate(model, prompts, n, ...)        -> Rollout                  n samples per prompt through a static KV cache
+    generate(model, prompts, n, ...)        -> Rollout                  n samples per prompt through a static KV cache;
+                                                                        with tool=sandbox.run, completions run Python
     token_logprobs(model, tokens, ...)      -> (logp, entropy)          log-probs of given tokens, flat in memory
 
 A separate file from model.py: model.py is the speedrun's own file, which train_gpt.py embeds whole in every run
@@ -882,8 +883,9 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
     that closes one, it pauses while a worker thread runs the code (tool_workers calls at once, so the rows that
     close a block at the same step run together); then the output block (sandbox.output_block, eos ids dropped) is
     fed to that row token by token, into its KV cache but not sampled (Rollout.tool_mask), and the row samples again.
-    The other rows decode on meanwhile. max_new_tokens bounds the whole completion, tool outputs included. With tools
-    every step copies the N new tokens to the CPU, where each row's text is checked for a closed block.
+    The other rows decode on meanwhile. Blocks after the max_tool_calls-th stay plain text. max_new_tokens bounds the
+    whole completion, tool outputs included. With tools every step copies the N new tokens to the CPU, where each
+    row's text is checked for a closed block.
 
     1. prefill every prompt but its last token once, as one right-padded batch (chunked by PREFILL_TOKENS);
     2. copy each prompt's KV cache into its n rows of the static decode cache;
