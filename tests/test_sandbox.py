@@ -66,6 +66,13 @@ def test_hostile_programs_come_back_as_tool_errors(name):
     assert time.perf_counter() - start < 5
 
 
+def test_timeout_kills_the_program():
+    output, error = sandbox.run("import time\nprint('started', flush=True)\ntime.sleep(60)", timeout=0.5)
+    assert error and output == "TimeoutError: the program ran longer than 0.5 s"
+    for server in sandbox._idle:                                  # no child left behind, not even a zombie
+        assert open(f"/proc/{server.pid}/task/{server.pid}/children").read() == ""
+
+
 def test_fork_bomb_cannot_fork():
     # a fork bomb could take this shared machine down, so it runs only after a single fork was shown to fail
     assert sandbox.run("import os\nos.fork()", timeout=1.0) == ("PermissionError: [Errno 1] Operation not permitted",
