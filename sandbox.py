@@ -194,6 +194,11 @@ PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 
 LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446   # the same on every architecture
 
 
+def variadic(function, *args):
+    # call a variadic libc function (syscall, prctl) with every integer as a C long: ctypes would pass a C int
+    return function(*(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+
+
 def serve():
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the trainer's to handle; we end when stdin closes
     for line in sys.stdin.buffer:
@@ -236,7 +241,7 @@ def child(request):
         os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         work = os.path.join(request["dir"], "work")
         os.chdir(work)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != server:
+        if variadic(libc.prctl, PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != server:
             os._exit(EXIT_SETUP)
         limits = {resource.RLIMIT_CPU: (request["cpu_s"], request["cpu_s"] + 1),
                   resource.RLIMIT_AS: (request["memory"],) * 2, resource.RLIMIT_FSIZE: (FILE_BYTES,) * 2,
@@ -272,7 +277,7 @@ def execute(code):
 
 
 def confine(read_only, work):
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if variadic(libc.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     header = ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3, us
     if libc.capset(header, ctypes.create_string_buffer(24)) != 0:           # no effective/permitted/inheritable
@@ -282,7 +287,7 @@ def confine(read_only, work):
 
 
 def landlock_abi():
-    abi = libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # ..._VERSION
+    abi = variadic(libc.syscall, LANDLOCK_CREATE_RULESET, None, 0, 1)    # LANDLOCK_CREATE_RULESET_VERSION
     return max(abi, 0)
 
 
@@ -295,7 +300,7 @@ def landlock(read_only, work):
     read = 1 << 2 | 1 << 3                                      # READ_FILE, READ_DIR
     attr = struct.pack("QQQ", fs, 0b11 if abi >= 4 else 0, 0b11 if abi >= 6 else 0)  # fs, TCP bind+connect, scopes
     size = 8 if abi < 4 else 16 if abi < 6 else 24
-    ruleset = libc.syscall(LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
+    ruleset = variadic(libc.syscall, LANDLOCK_CREATE_RULESET, attr, size, 0)
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
     rules = [(p, read) for p in read_only] + [(work, fs & ~1),                 # all but EXECUTE
@@ -303,10 +308,10 @@ def landlock(read_only, work):
     for path, access in rules:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         rule = struct.pack("=Qi", access, fd)                 # struct landlock_path_beneath_attr (packed)
-        if libc.syscall(LANDLOCK_ADD_RULE, ruleset, 1, rule, 0) != 0:
+        if variadic(libc.syscall, LANDLOCK_ADD_RULE, ruleset, 1, rule, 0) != 0:   # 1: LANDLOCK_RULE_PATH_BENEATH
             raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
         os.close(fd)
-    if libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
+    if variadic(libc.syscall, LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
         raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     os.close(ruleset)
 
@@ -355,7 +360,8 @@ def install_seccomp(pid):
     offset = lambda i, jump: labels[jump] - i - 1 if isinstance(jump, str) else jump
     filters = (SockFilter * len(prog))(*[SockFilter(code, offset(i, jt), offset(i, jf), k)
                                          for i, (code, jt, jf, k) in enumerate(prog)])
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(SockFprog(len(prog), filters)), 0, 0) != 0:
+    program = SockFprog(len(prog), filters)
+    if variadic(libc.prctl, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "seccomp filter")
 
 
