@@ -164,7 +164,7 @@ def test_tool_outputs_get_no_gradient():
         if logits.requires_grad:
             logits.register_hook(grads.append)
     model.register_forward_hook(keep_grad)
-    args = train_grpo.parser.parse_args(["--beta", "0.1", "--updates-per-rollout", "2", "--max-new-tokens", "48"])
+    args = train_grpo.parse_args(["--beta", "0.1", "--updates-per-rollout", "2", "--max-new-tokens", "48"])
     advantages = torch.randn(12, generator=torch.Generator().manual_seed(0))
     sgd = torch.optim.SGD(model.parameters(), lr=0.0)
     train_grpo.rl_update(model, Biased(seed=2), [sgd], list(model.parameters()), rollout, advantages, args, step=0,
@@ -235,7 +235,7 @@ def test_hostile_programs_inside_a_training_step():
     scripts = {65 + k: f"```python\n{code}\n```<answer>42</answer>" for k, code in enumerate(hostile)}
     model, tok = Scripted(scripts), policy.bytes_eos_tokenizer()
     problems = itertools.cycle([tasks.Problem("arithmetic", chr(65 + k), "42", "") for k in range(len(hostile))])
-    args = train_grpo.parser.parse_args(["--tools", "python", "--tool-timeout", "1", "--max-new-tokens", "240",
+    args = train_grpo.parse_args(["--tools", "python", "--tool-timeout", "1", "--max-new-tokens", "240",
                                          "--prompts-per-step", str(len(hostile)), "--group-size", "2"])
     rollout, advantages, stats = train_grpo.collect(model, tok, lambda rng: next(problems), args, step=0, rank=0)
     assert stats["tool_calls"] == 2 * len(hostile) and stats["tool_errors"] == 2 * (len(hostile) - 1)
@@ -269,11 +269,13 @@ def test_sft_targets_leave_out_tool_outputs():
 
 
 def test_grpo_with_tools_under_torchrun(tmp_path):
+    # the tool demo, shortened (250 SFT steps on the worked solutions that call the tool, 2 GRPO steps), on 2 ranks:
+    # the tiny policy learns to multiply 3-digit numbers by copying them into a program and its output into the answer
     log = tmp_path / "log.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            os.path.join(REPO, "train_grpo.py"), "--ops", "*", "--digits", "3", "--tools", "python",
-           "--max-new-tokens", "80", "--tool-timeout", "1", "--sft-steps", "80", "--sft-target", "1",
-           "--sft-check-every", "80", "--prompts-per-step", "4", "--group-size", "4", "--test-size", "8",
+           "--max-new-tokens", "80", "--tool-timeout", "1", "--sft-steps", "250", "--sft-target", "1",
+           "--sft-check-every", "250", "--prompts-per-step", "4", "--group-size", "4", "--test-size", "32",
            "--eval-k", "2", "--steps", "2", "--log-file", str(log)]
     run = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)
@@ -282,6 +284,7 @@ def test_grpo_with_tools_under_torchrun(tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [r for r in records if "step" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["groups"] == 8 for r in steps)
-    assert all(r["tool_calls"] > 0.2 and r["sandbox_s"] > 0 for r in steps), steps   # SFT taught the format
-    assert all(0 <= r["tool_errors"] <= 32 for r in steps)
+    assert all(r["tool_calls"] > 0.8 and r["sandbox_s"] > 0 and 0 <= r["tool_errors"] <= 32 for r in steps), steps
     assert " | tools " in run.stdout and "errors" in run.stdout
+    before = next(r for r in records if r.get("eval") == "before_rl")
+    assert before["pass@1"] >= 0.5, before                         # 3-digit products: ~0% without the tool
