@@ -159,10 +159,11 @@ def _read(path, limit):
 
 
 def _remove(tmp):
-    # the program may have left directories without permissions: give them back, then delete
+    # the program may have left directories without permissions: give them back (never through a symlink), delete
     def fix(function, path, _):
-        os.chmod(os.path.dirname(path), 0o700)
-        os.chmod(path, 0o700) if os.path.isdir(path) else None
+        for p in (os.path.dirname(path), path):
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
         function(path)
     shutil.rmtree(tmp, onerror=fix)
 

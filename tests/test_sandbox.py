@@ -2,8 +2,10 @@
 quickly, with nothing done outside the sandbox."""
 import concurrent.futures
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 
 import pytest
@@ -97,6 +99,34 @@ def test_writes_stay_in_a_fresh_directory_that_is_removed(tmp_path):
     assert listing == "[]" and not os.path.exists(work)          # empty at the start, gone afterwards
     second, _ = sandbox.run(code)
     assert second.split(" ", 1)[1] == "[]" and second != first   # a new directory every call
+
+
+def test_cleanup_gives_permissions_back_but_never_through_a_symlink():
+    # a trainer that is not root cannot delete what a program left without permissions: _remove gives them back,
+    # but never through a symlink the program planted (that would chmod the link's target, outside the sandbox)
+    base = tempfile.mkdtemp()
+    outside, tree = os.path.join(base, "outside"), os.path.join(base, "tree")
+    locked = os.path.join(tree, "locked")
+    os.mkdir(outside, 0o750)
+    os.makedirs(locked)
+    os.symlink(outside, os.path.join(locked, "link"))
+    if os.getuid() == 0:                                          # run the cleanup as an ordinary user
+        for path in (base, outside, tree, locked, os.path.join(locked, "link")):
+            os.lchown(path, 65534, 65534)
+    os.chmod(locked, 0o500)                                       # listable, but the link in it cannot be deleted
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.getuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            sandbox._remove(tree)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not os.path.exists(tree) and os.stat(outside).st_mode & 0o777 == 0o750
+    shutil.rmtree(base)
 
 
 def test_no_network():
