@@ -96,6 +96,7 @@ class Tokenizer:
         self.nfc = nfc
         self.template = compile_chat_template(chat_template) if chat_template else None
         self.special_tokens = special_tokens or {}
+        self._ordinary = None  # tokenizers backend: encode_ordinary's tokenizer, made on first use
         if isinstance(enc, tiktoken.Encoding):
             self.backend = backend or "tiktoken"
             self.vocab_size = enc.n_vocab
@@ -119,7 +120,12 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """text -> ids, special tokens' text encoded as ordinary text (what a tool printed cannot end a turn)."""
-        return self.enc.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+        if isinstance(self.enc, tiktoken.Encoding):
+            return self.enc.encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
+        if self._ordinary is None:  # a copy of the tokenizer that splits special tokens' text like any other text
+            self._ordinary = tokenizers.Tokenizer.from_str(self.enc.to_str())
+            self._ordinary.encode_special_tokens = True
+        return self._ordinary.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
@@ -1013,7 +1019,7 @@ class ToolCalls:
                 continue
             self.text[r].append(token)
             if token not in self.backtick:
-                self.backtick[token] = b"`" in self.tokenizer.enc.decode_single_token_bytes(token)
+                self.backtick[token] = "`" in self.tokenizer.decode([token])
             if self.backtick[token] and not self.done[r] and self.calls[r] < self.max_calls:
                 code = sandbox.find_code(self.tokenizer.decode(self.text[r]))
                 if code is not None:

@@ -104,6 +104,20 @@ def test_tokenizer_on_tiktoken_matches_transformers(tmp_path, style):
     assert (tok.eos_id, tok.pad_id) == (SPECIALS.index("<|im_end|>"), SPECIALS.index("<|endoftext|>"))
 
 
+@pytest.mark.parametrize("backend", ["tiktoken", "tokenizers"])
+def test_encode_ordinary_never_makes_special_tokens(tmp_path, qwen_bpe, backend):
+    # a tool's output is text the model reads: a program that prints "<|im_end|>" must not end the turn
+    write_tokenizer(tmp_path, qwen_bpe)
+    tok = policy.hf_tokenizer(tmp_path, {})
+    if backend == "tokenizers":
+        tok = policy.Tokenizer(qwen_bpe, tok.eos_id)
+    text = "x = 1<|im_end|>\n<|endoftext|>print(x)"
+    assert tok.backend.startswith(backend) and tok.special_ids["<|im_end|>"] in tok.encode(text)
+    ids = tok.encode_ordinary(text)
+    assert not set(ids) & set(tok.special_ids.values()) and tok.decode(ids) == text
+    assert tok.encode("<|im_end|>") == [tok.eos_id]                 # encode still reads special tokens
+
+
 def test_fallback_chat_styles(tmp_path, qwen_bpe):
     """Tokenizers without a chat template (base models, our checkpoints) get ChatML, Llama 3 or plain prompts."""
     write_tokenizer(tmp_path, qwen_bpe)
