@@ -53,9 +53,23 @@ class Biased(torch.nn.Module):
         bias[[ord(c) for c in "1+x\n"]] = 5.0
         bias[EOS] = 2.0
         self.register_buffer("bias", bias)
+        self.config = config
+        self.poison = None  # (tokens (N, L), mask (N, L-1)): NaN final hidden states (test_tool_outputs_get_no_loss...)
 
     def forward(self, idx):
-        return self.model(idx) + self.bias
+        return self.head(self.hidden(idx))
+
+    def hidden(self, idx):
+        h = self.model.hidden(idx)  # (B, T, C)
+        if self.poison is None:
+            return h
+        tokens, mask = self.poison  # find each row of idx among the tokens' rows (the trainer reorders them)
+        T = idx.size(1)
+        rows = [int((tokens[:, :T] == row).all(dim=1).nonzero()[0]) for row in idx]
+        return h.masked_fill(mask[rows, :T, None], float("nan"))
+
+    def head(self, x):
+        return self.model.head(x) + self.bias
 
     def init_cache(self, batch_size, max_len):
         return self.model.init_cache(batch_size, max_len)
@@ -151,32 +165,34 @@ def test_logprobs_after_tool_calls_equal_a_full_forward():
     assert (rollout.logprobs[rollout.tool_mask] == 0).all()
 
 
-def test_tool_outputs_get_no_gradient():
-    # rl_update's own forward, with a KL reference and mu = 2 (old log-probs): the gradient that reaches the logits
-    # at every position predicting a tool-output token is exactly zero, over the whole vocabulary
-    model, tok = Biased(seed=2), tool_tokenizer()
-    rollout = policy.generate(model.eval(), [tok.encode(p) for p in PROMPTS], n=4, max_new_tokens=48, eos=EOS,
-                              seed=5, pad_id=EOS, tool=fake_tool, tokenizer=tok, max_tool_calls=2)
-    model.train()
-    grads = []
-
-    def keep_grad(module, inputs, logits):
-        if logits.requires_grad:
-            logits.register_hook(grads.append)
-    model.register_forward_hook(keep_grad)
+def test_tool_outputs_get_no_loss_ratio_or_kl():
+    # The model's outputs at the positions that predict tool-output tokens are made NaN (its final hidden states
+    # there, which reach nothing but those positions' logits). rl_update, with a KL reference and mu = 2 (old
+    # log-probs, ratios), must come out finite and equal to the clean update: no loss, ratio or KL reads them.
+    # Poisoning the positions of sampled tokens instead must break it.
+    tok = tool_tokenizer()
+    rollout = policy.generate(Biased(seed=2).eval(), [tok.encode(p) for p in PROMPTS], n=4, max_new_tokens=48,
+                              eos=EOS, seed=5, pad_id=EOS, tool=fake_tool, tokenizer=tok, max_tool_calls=2)
+    predicts_tool = rollout.tool_mask[:, 1:]                        # (N, L-1): logits at t predict token t + 1
+    assert predicts_tool.sum() > 20
     args = train_grpo.parse_args(["--beta", "0.1", "--updates-per-rollout", "2", "--max-new-tokens", "48"])
     advantages = torch.randn(12, generator=torch.Generator().manual_seed(0))
-    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_grpo.rl_update(model, Biased(seed=2), [sgd], list(model.parameters()), rollout, advantages, args, step=0,
-                         world=1, device=torch.device("cpu"))
-    assert len(grads) == 2                                          # one training forward per pass
-    L = rollout.tokens.size(1)
-    for grad in grads:
-        predicts_tool = rollout.tool_mask[:, 1:L]                   # logits at t predict token t + 1
-        predicts_sampled = rollout.completion_mask[:, 1:L]
-        assert predicts_tool.sum() > 20
-        assert (grad[predicts_tool] == 0).all()
-        assert (grad[predicts_sampled].abs().sum(dim=-1) > 0).all()
+
+    def update(poison):
+        model, reference_model = Biased(seed=2), Biased(seed=2)
+        model.poison = reference_model.poison = poison
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)           # parameter change = -gradient
+        sums = train_grpo.rl_update(model, reference_model, [sgd], list(model.parameters()), rollout, advantages,
+                                    args, step=10, world=1, device=torch.device("cpu"))
+        start = Biased(seed=2).state_dict()
+        return sums, torch.cat([(v - start[k]).flatten() for k, v in model.state_dict().items()])
+
+    clean_sums, clean = update(None)
+    sums, delta = update((rollout.tokens, predicts_tool))
+    assert clean.abs().max() > 0 and clean_sums["kl"] > 0
+    assert torch.equal(delta, clean) and sums == clean_sums
+    with pytest.raises(RuntimeError, match="policy loss"):
+        update((rollout.tokens, rollout.completion_mask[:, 1:] & (rollout.tool_mask.cumsum(dim=1)[:, :-1] > 0)))
 
 
 def test_without_tools_nothing_is_tool_output():
@@ -200,6 +216,8 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.scripts = scripts
         self.bias = torch.nn.Parameter(torch.zeros(257))
+        self.config = policy.HFConfig(257, 257, 0, 0, 0, 0, 0, 0.0, 0.0, "default", {}, True, False, False, False,
+                                      False)
 
     def next_token(self, history):
         text = bytes(t for t in history[1:] if t < 256).decode("utf-8", errors="replace")
@@ -208,13 +226,19 @@ class Scripted(torch.nn.Module):
         return ord(script[len(written)]) if len(written) < len(script) else 256
 
     def logits(self, histories):
-        targets = torch.tensor([self.next_token(h) for h in histories])
-        return 30 * F.one_hot(targets, 257).float() + self.bias
+        return self.head(30 * F.one_hot(torch.tensor([self.next_token(h) for h in histories]), 257).float())
 
-    def forward(self, idx):
+    def hidden(self, idx):  # (B, T) -> (B, T, 257): 30 at the script's next token
         B, T = idx.shape
         rows = idx.tolist()
-        return self.logits([row[:t + 1] for row in rows for t in range(T)]).view(B, T, 257)
+        return 30 * F.one_hot(torch.tensor([self.next_token(row[:t + 1]) for row in rows for t in range(T)]),
+                              257).float().view(B, T, 257)
+
+    def head(self, x):
+        return x + self.bias
+
+    def forward(self, idx):
+        return self.head(self.hidden(idx))
 
     def init_cache(self, batch_size, max_len):
         return policy.KVCache(torch.zeros(1, batch_size, max_len, 1, 1), torch.zeros(1, batch_size, max_len, 1, 1))
@@ -236,17 +260,18 @@ def test_hostile_programs_inside_a_training_step():
     model, tok = Scripted(scripts), policy.bytes_eos_tokenizer()
     problems = itertools.cycle([tasks.Problem("arithmetic", chr(65 + k), "42", "") for k in range(len(hostile))])
     args = train_grpo.parse_args(["--tools", "python", "--tool-timeout", "1", "--max-new-tokens", "240",
-                                         "--prompts-per-step", str(len(hostile)), "--group-size", "2"])
+                                  "--prompts-per-step", str(len(hostile)), "--group-size", "2"])
     rollout, advantages, stats = train_grpo.collect(model, tok, lambda rng: next(problems), args, step=0, rank=0)
     assert stats["tool_calls"] == 2 * len(hostile) and stats["tool_errors"] == 2 * (len(hostile) - 1)
     assert stats["reward_sum"] == 2 * len(hostile)                 # every row still answers: the step goes on
     texts = train_grpo.completion_texts(tok, rollout)
     assert "```output\n42\n```" in texts[-1] and "```output\nTimeoutError" in texts[0]
     assert not os.path.exists("/tmp/pwned-by-a-test")
+    advantages = torch.randn(len(advantages), generator=torch.Generator().manual_seed(0))  # the groups are uniform
     adam = torch.optim.AdamW(model.parameters(), lr=0.1)
     sums = train_grpo.rl_update(model, None, [adam], list(model.parameters()), rollout, advantages, args, step=0,
                                 world=1, device=torch.device("cpu"))
-    assert sums["optimizer_steps"] == 1
+    assert sums["optimizer_steps"] == 1 and model.bias.abs().max() > 0
 
 
 # -----------------------------------------------------------------------------
