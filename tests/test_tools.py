@@ -42,7 +42,7 @@ class Biased(torch.nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         config = GPTConfig(vocab_size=259, num_layers=2, model_dim=64, num_heads=2, head_dim=32, max_seq_len=256,
-                           window=256, eos_token_id=EOS, fp8_head=False)
+                           block_len=128, window_blocks=2, eos_token_id=EOS, fp8_head=False)
         self.model = GPT(config)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
