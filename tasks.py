@@ -16,6 +16,9 @@ value in a ```python block (sandbox.py) for the SFT cold start.
 
 import ast
 import collections
+import functools
+import itertools
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -71,15 +74,55 @@ def countdown_problem(rng, n_numbers=3, max_number=20, max_target=100):
     return Problem("countdown", prompt, str(target), solution, tuple(numbers))
 
 
+def arithmetic_count(digits=2, ops="+-*"):
+    # the number of distinct arithmetic problems: (numbers of `digits` digits)^2 x distinct operations
+    numbers = 10 if digits == 1 else 9 * 10 ** (digits - 1)
+    return numbers * numbers * len(set(ops))
+
+
+@functools.lru_cache(maxsize=None)
+def countdown_values(terms):
+    # terms: a sorted tuple of ints -> every value countdown_problem can build from all of them (any two combined with
+    # + - * or an exact /, until one is left)
+    if len(terms) == 1:
+        return frozenset(terms)
+    values = set()
+    for i, j in itertools.permutations(range(len(terms)), 2):
+        a, b = terms[i], terms[j]
+        rest = [t for k, t in enumerate(terms) if k not in (i, j)]
+        for value in {a + b, a - b, a * b} | ({a // b} if b and a % b == 0 else set()):
+            values |= countdown_values(tuple(sorted(rest + [value])))
+    return frozenset(values)
+
+
+def countdown_count(n_numbers=3, max_number=20, max_target=100, limit=None):
+    # the number of distinct countdown problems (ordered numbers, reachable target in 1..max_target), counted by
+    # enumeration until it reaches `limit` (then `limit` is returned: "at least that many")
+    total = 0
+    for numbers in itertools.combinations_with_replacement(range(1, max_number + 1), n_numbers):
+        orders = math.factorial(n_numbers)                  # distinct orderings of this multiset of numbers
+        for repeats in collections.Counter(numbers).values():
+            orders //= math.factorial(repeats)
+        total += orders * sum(0 < v <= max_target for v in countdown_values(numbers))
+        if limit is not None and total >= limit:
+            return limit
+    return total
+
+
 def train_sampler(make, held_out_set):
-    # training problems for a procedural task, never one whose prompt is in the held-out test set
+    # training problems for a procedural task, never one whose prompt is in the held-out test set. A task with no
+    # problem left outside that set is refused by its caller up front (arithmetic_count, countdown_count); the bound on
+    # the draws is a guard: with even 1 problem in (len + 1) left, e^-1000 is the chance of a false alarm.
     held_out = {p.prompt for p in held_out_set}
+    max_draws = 1000 * (len(held_out) + 1)
 
     def sample(rng):
-        while True:
+        for _ in range(max_draws):
             problem = make(rng)
             if problem.prompt not in held_out:
                 return problem
+        raise ValueError(f"train_sampler: {max_draws} draws in a row were all among the {len(held_out)} held-out "
+                         f"problems: the task has (almost) no others; lower --test-size or use a larger task")
     return sample
 
 
@@ -93,7 +136,8 @@ def held_out_set(make, n, seed):
             problems.append(problem)
             if len(problems) == n:
                 return problems
-    raise ValueError(f"held_out_set: could not draw {n} distinct problems; use a larger task or a smaller test set")
+    raise ValueError(f"held_out_set: {100 * n} draws found only {len(problems)} distinct problems, fewer than the {n} "
+                     f"asked for; lower --test-size well below {len(problems)} or use a larger task")
 
 
 # -----------------------------------------------------------------------------
