@@ -429,6 +429,10 @@ def hf_config(cfg: dict, where: str = "config.json") -> HFConfig:
     if kind not in ("llama", "qwen2", "qwen3"):
         raise ValueError(f"{where}: model_type {kind!r} is not supported; policy.py loads llama, qwen2 (Qwen2, "
                          "Qwen2.5) and qwen3 checkpoints")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if k not in cfg]
+    if missing:
+        raise ValueError(f"{where}: lacks {', '.join(missing)}")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
     if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
@@ -616,22 +620,69 @@ HF_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_temp
 
 
 def hf_folder(path_or_repo_id: str) -> Path:
-    """A HF-format folder as it is, or a hub repo id downloaded with huggingface_hub (only HF_FILES) -> its folder."""
-    folder = Path(path_or_repo_id)
+    """A HF-format folder as it is, or a hub repo id downloaded with huggingface_hub (only HF_FILES) -> its folder.
+    A name that looks like a path (absolute, ./, ../, ~) or that cannot be a repo id must be an existing folder."""
+    folder = Path(path_or_repo_id).expanduser()
     if folder.is_dir():
         return folder
+    missing = FileNotFoundError(f"{path_or_repo_id}: no such folder (a local model is a folder with config.json, "
+                                f"tokenizer.json and model*.safetensors; a hub model is named owner/name)")
+    if str(path_or_repo_id).startswith(("/", "./", "../", "~")) or folder.exists():
+        raise missing
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(str(path_or_repo_id), allow_patterns=HF_FILES))
+    from huggingface_hub.errors import HFValidationError
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=HF_FILES))
+    except HFValidationError:
+        raise missing from None
+    except OSError as error:  # offline, unknown or gated repo, ...
+        raise FileNotFoundError(f"{path_or_repo_id}: not a local folder, and the hub download failed: "
+                                f"{type(error).__name__}: {error}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file -> its content, or an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_safetensors(path, device="cpu") -> dict[str, Tensor]:
+    """A safetensors file -> {name: tensor}, or an error naming the file: missing, or damaged / incomplete."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return safetensors.torch.load_file(path, device=str(device))
+    except (safetensors.SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error}); it is damaged or incomplete") from None
+
+
+def check_state(model: nn.Module, state: dict, where: str, fix: str = ""):
+    """state must hold exactly model's parameters and persistent buffers, in their shapes; else a ValueError naming
+    `where`, the first differences and `fix`."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} instead of {expected[k]}" for k in sorted(expected.keys() & state.keys())
+              if tuple(state[k].shape) != expected[k]]
+    problems = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})"
+                for what, names in (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)) if names]
+    if problems:
+        raise ValueError(f"{where} does not fit the model: {'; '.join(problems)}" + (f"; {fix}" if fix else ""))
 
 
 def from_hf(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[HFDecoder, Tokenizer]:
-    """A HF-format folder or hub repo id (hf_folder) -> (model, tokenizer)."""
+    """A HF-format folder or hub repo id (hf_folder) -> (model, tokenizer). A missing or damaged file is an error
+    naming it."""
     folder = hf_folder(path_or_repo_id)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
     tokenizer = hf_tokenizer(folder, config)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -640,12 +691,19 @@ def from_hf(path_or_repo_id: str, dtype: torch.dtype = torch.float32, device="cp
         model = HFDecoder(hf_config(config, str(folder / "config.json")))
     state = {}
     for name in files:
-        with safe_open(str(folder / name), framework="pt") as f:
-            for key in f.keys():
-                if not key.endswith("rotary_emb.inv_freq"):  # older checkpoints store the rotary buffer
-                    state[key.removeprefix("model.")] = f.get_tensor(key).to(device=device, dtype=dtype)
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: no such file (model.safetensors.index.json lists it)")
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                for key in f.keys():
+                    if not key.endswith("rotary_emb.inv_freq"):  # older checkpoints store the rotary buffer
+                        state[key.removeprefix("model.")] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except safetensors.SafetensorError as error:
+            raise ValueError(f"{folder / name}: not a readable safetensors file ({error}); it is damaged or "
+                             f"incomplete") from None
     if model.lm_head is None:
         state.pop("lm_head.weight", None)  # tied: some checkpoints store the shared matrix twice
+    check_state(model, state, f"{folder}'s weights", "they were not written for its config.json")
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(model.config).to(device)
     return model, tokenizer
@@ -657,18 +715,24 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     - a train_gpt.py checkpoint file (torch.save of {"model": state_dict, "config": asdict(GPTConfig), ...});
     - a train_grpo.py checkpoint directory (model.safetensors + config.json of GPTConfig fields).
     The tokenizer follows the vocabulary (gpt_tokenizer). dtype: the parameters' dtype (the GPT computes in bf16 on
-    CUDA, fp32 on the CPU whatever the parameters are)."""
+    CUDA, fp32 on the CPU whatever the parameters are). A missing, damaged or foreign file is an error naming it."""
     if os.path.isdir(path):
         weights, config_file = os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")
         if not (os.path.exists(weights) and os.path.exists(config_file)):
             raise ValueError(f"{path}: not a train_grpo.py checkpoint (model.safetensors + config.json)")
-        with open(config_file) as f:
-            config_dict = json.load(f)
-        state = safetensors.torch.load_file(weights)
+        config_dict = read_json(Path(config_file))
+        state = read_safetensors(weights)
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        not_ours = (f"{path}: not a train_gpt.py checkpoint (a torch.save of a dict with 'model' and 'config'); pass "
+                    f"a step_*.pt that train_gpt.py wrote or a train_grpo.py step directory")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a damaged or foreign file fails in many ways: pickle, zip, EOF, key errors
+            raise ValueError(f"{not_ours} (torch.load: {type(error).__name__})") from None
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            raise ValueError(f"{path}: not a train_gpt.py checkpoint (a dict with 'model' and 'config')")
+            raise ValueError(not_ours)
         config_dict, state = ckpt["config"], ckpt["model"]
     unknown = set(config_dict) - {f.name for f in fields(GPTConfig)}
     if unknown:
@@ -683,6 +747,7 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
              for k, v in state.items()}
     with torch.device(device):
         model = GPT(config)
+    check_state(model, state, f"{path}'s weights", "they were not written for its config")
     model.load_state_dict(state, strict=True, assign=True)  # the rotary buffers stay fp32
     return model, tokenizer
 
