@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 import policy
+import tasks
 import train_grpo
 from train_grpo import group_advantages, policy_loss
 
@@ -212,8 +214,6 @@ def test_delta_caps_the_ratio_of_negative_advantages_only():
         assert policy_loss(*args, delta=4.0)[0].item() == policy_loss(*args)[0].item()
     with pytest.raises(ValueError, match="delta"):
         policy_loss(logp, logp.detach(), adv, mask, eps_high=0.28, delta=1.2)
-    with pytest.raises(ValueError, match="--delta"):
-        train_grpo.parse_args(["--delta", "1.1"])
 
 
 def categorical_kl_gradients(kl_estimator, logits, old_logits, ref_logits):
@@ -594,11 +594,175 @@ def test_hf_policy_trains_and_its_checkpoint_loads_with_from_hf(tmp_path):
     assert tok.decode(tok.encode("12+34=")) == "12+34=" and tok.eos_id == 256
 
 
-def test_bad_flags_fail_with_a_clear_message():
-    with pytest.raises(ValueError, match="--policy"):
-        train_grpo.main(["--policy", "gpt4"])
-    with pytest.raises(FileNotFoundError, match="--resume"):
-        train_grpo.main(SMALL + ["--sft-steps", "0", "--resume", "/nonexistent/ckpt"])
+# -----------------------------------------------------------------------------
+# bad input: every flag checked as it is parsed, load failures in one line, no hang on a task too small
+
+def bad_flag_cases(tmp_path):
+    # (argv, what the error line must say): at least one bad value of every flag that can have one
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "empty").mkdir()
+    return [
+        (["--policy", "gpt4"], "use tiny, hf:"), (["--policy", "hf:"], "use tiny, hf:"),
+        (["--tiny-layers", "0"], "integer >= 1"), (["--tiny-dim", "12"], "multiple of 8"),
+        (["--tiny-dim", "0"], "integer >= 8"), (["--tiktoken-file", str(tmp_path / "no.tiktoken")], "no such file"),
+        (["--dtype", "float64"], "invalid choice"), (["--task", "chess"], "invalid choice"),
+        (["--digits", "0"], "integer >= 1"), (["--ops", "/"], "one or more of + - *"), (["--ops", ""], "+ - *"),
+        (["--countdown-numbers", "0"], ">= 1"), (["--countdown-max-number", "-3"], ">= 1"),
+        (["--test-size", "0"], "integer >= 1"),
+        (["--prompts-per-step", "0"], "integer >= 1"), (["--group-size", "1"], "every advantage is 0"),
+        (["--group-size", "0"], "integer >= 2"), (["--max-new-tokens", "0"], "integer >= 1"),
+        (["--temperature", "-1"], "number > 0"), (["--temperature", "0"], "greedy"),
+        (["--temperature", "nan"], "number > 0"), (["--top-k", "-1"], "integer >= 0"),
+        (["--top-p", "0"], "in (0, 1]"), (["--top-p", "1.5"], "in (0, 1]"),
+        (["--correct-weight", "-1"], "number >= 0"), (["--format-weight", "inf"], "number >= 0"),
+        (["--correct-weight", "0"], "both 0"),
+        (["--steps", "-5"], "integer >= 0"), (["--steps", "2.5"], "integer >= 0"), (["--steps", "x"], "integer"),
+        (["--loss-type", "ppo"], "invalid choice"), (["--level", "word"], "invalid choice"),
+        (["--adv-scale", "std"], "invalid choice"), (["--eps-low", "1"], "in [0, 1)"),
+        (["--eps-low", "-0.1"], "in [0, 1)"), (["--eps-high", "-0.1"], "number >= 0"),
+        (["--delta", "1"], "number > 1"), (["--delta", "1.2"], "must exceed 1 + --eps-high"),
+        (["--beta", "-0.1"], "number >= 0"), (["--kl-estimator", "k2"], "invalid choice"),
+        (["--max-refills", "-1"], "integer >= 0"), (["--updates-per-rollout", "0"], "integer >= 1"),
+        (["--minibatches", "0"], "integer >= 1"), (["--minibatches", "200"], "more than the 128 rows"),
+        (["--micro-batch-tokens", "0"], "integer >= 1"), (["--optimizer", "sgd"], "invalid choice"),
+        (["--lr", "-0.001"], "number >= 0"), (["--muon-lr", "-1"], "number >= 0"),
+        (["--weight-decay", "-0.1"], "number >= 0"), (["--warmup-steps", "-1"], "integer >= 0"),
+        (["--grad-clip", "0"], "number > 0"), (["--sft-steps", "-1"], "integer >= 0"),
+        (["--sft-batch-size", "0"], "integer >= 1"), (["--sft-lr", "-1"], "number >= 0"),
+        (["--sft-target", "1.5"], "in [0, 1]"), (["--sft-check-every", "0"], "integer >= 1"),
+        (["--sft-check-size", "0"], "integer >= 1"), (["--eval-every", "-1"], "integer >= 0"),
+        (["--eval-k", "-1"], "integer >= 0"), (["--seed", "-1"], "in [0, 4294967295]"),
+        (["--device", "tpu"], "invalid choice"), (["--threads", "-2"], "integer >= 0"),
+        (["--checkpoint-dir", str(a_file)], "not a directory"),
+        (["--save-every", "-1"], "integer >= 0"), (["--save-every", "5"], "needs --checkpoint-dir"),
+        (["--resume", str(tmp_path / "nowhere")], "no such directory"),
+        (["--resume", str(tmp_path / "empty")], "no model.safetensors"),
+        (["--log-file", str(tmp_path / "nowhere" / "log.jsonl")], "no such directory"),
+        # a held-out set that takes every problem of the task (it used to hang the training sampler)
+        (["--digits", "1", "--test-size", "100"], "only 100 distinct problems"),
+        (["--task", "countdown", "--countdown-numbers", "1", "--countdown-max-number", "5", "--test-size", "5"],
+         "only 5 distinct problems"),
+    ]
+
+
+def test_every_bad_flag_value_is_a_one_line_error(tmp_path, capsys):
+    cases = bad_flag_cases(tmp_path)
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            train_grpo.parse_args(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(lines) == 2 and lines[0].startswith("usage: train_grpo.py"), (argv, lines)
+        assert lines[1].startswith("train_grpo.py: error: ") and message in lines[1], (argv, lines[1])
+    # every flag that takes a value has a case (the flags that take none, and free text, cannot be wrong)
+    takes_value = {a.option_strings[-1] for a in train_grpo.parser._actions if a.option_strings and a.nargs != 0}
+    assert takes_value - {argv[0] for argv, _ in cases} == {"--system-prompt"}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train_grpo.parse_args(["--device", "cuda"])
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bad_flags_and_files_on_the_command_line(tmp_path):
+    # the real command: argparse's usage and error line, exit status 2; a load failure, one line and exit status 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *argv: subprocess.run([sys.executable, os.path.join(REPO, "train_grpo.py"), *argv], env=env,
+                                       capture_output=True, text=True, timeout=120)
+    bad = run("--group-size", "1")
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 2
+    assert "argument --group-size: must be an integer >= 2" in bad.stderr
+    missing = run("--policy", "hf:/a/missing/folder")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.splitlines() == ["error: /a/missing/folder: no such folder (a local model is a folder with "
+                                           "config.json, tokenizer.json and model*.safetensors; a hub model is named "
+                                           "owner/name)"]
+
+
+def load_error(argv):
+    # main(argv) must stop with a one-line "error: ..." and no traceback -> that line
+    with pytest.raises(SystemExit) as exit:
+        train_grpo.main(argv)
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+# a run that takes no step and evaluates 2 problems greedily: a checkpoint in a second
+QUICK = ["--sft-steps", "0", "--steps", "0", "--test-size", "2", "--eval-k", "0", "--prompts-per-step", "1",
+         "--group-size", "2", "--max-new-tokens", "2", "--tiny-layers", "1", "--tiny-dim", "16"]
+
+
+def test_load_and_resume_failures_name_the_file_and_the_fix(tmp_path):
+    assert "nowhere/at/all: no such folder" in load_error(["--policy", "hf:nowhere/at/all"])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(1000))
+    assert f"{junk}: not a train_gpt.py checkpoint" in load_error(["--policy", f"ckpt:{junk}"])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    assert "not a train_gpt.py checkpoint" in load_error(["--policy", f"ckpt:{tmp_path / 'other.pt'}"])
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    write_tiny_hf_folder(hf)
+    (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:1000])       # cut short
+    assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in load_error(["--policy", f"hf:{hf}"])
+    (hf / "config.json").unlink()
+    assert f"{hf / 'config.json'}: no such file" in load_error(["--policy", f"hf:{hf}"])
+
+    train_grpo.main(QUICK + ["--checkpoint-dir", str(tmp_path / "ckpt")])
+    step = tmp_path / "ckpt" / "step_000000"
+    assert "does not fit the model" in load_error(QUICK + ["--tiny-dim", "24", "--resume", str(step)])
+    assert "train_state.json lists them" in load_error(QUICK + ["--tiny-dim", "24", "--resume", str(step)])
+    assert "no reference.safetensors" in load_error(QUICK + ["--beta", "0.1", "--resume", str(step)])
+    assert "--optimizer" in load_error(QUICK + ["--optimizer", "muon", "--resume", str(step)])
+    (step / "optimizer_rank0.pt").write_bytes(b"")
+    assert "optimizer_rank0.pt: not a readable optimizer state" in load_error(QUICK + ["--resume", str(step)])
+    (step / "optimizer_rank0.pt").unlink()
+    assert "optimizer_rank0.pt: no such file; resume with the world size" in load_error(QUICK + ["--resume", str(step)])
+    (step / "model.safetensors").write_bytes(b"not safetensors")
+    assert f"{step / 'model.safetensors'}: not a readable safetensors file" in load_error(
+        QUICK + ["--resume", str(tmp_path / "ckpt")])                       # the checkpoint dir: its latest step
+
+
+def test_task_sizes_are_counted_exactly_and_the_sampler_is_bounded():
+    # the counts against brute force: draw until no new problem appears, for tasks small enough to exhaust
+    for make, count in [
+        (lambda rng: tasks.arithmetic_problem(rng, digits=1, ops="+*"), tasks.arithmetic_count(1, "+*")),
+        (lambda rng: tasks.arithmetic_problem(rng, digits=2, ops="-"), tasks.arithmetic_count(2, "-")),
+        (lambda rng: tasks.countdown_problem(rng, n_numbers=2, max_number=4), tasks.countdown_count(2, 4)),
+        (lambda rng: tasks.countdown_problem(rng, n_numbers=3, max_number=3), tasks.countdown_count(3, 3)),
+    ]:
+        rng = random.Random(0)
+        seen = {make(rng).prompt for _ in range(30 * count)}
+        assert len(seen) == count, (len(seen), count)
+    assert (tasks.arithmetic_count(1, "+"), tasks.arithmetic_count(3, "+-*")) == (100, 900 * 900 * 3)
+    assert tasks.countdown_count(1, 150) == 100                            # targets stop at max_target = 100
+    assert tasks.countdown_count(3, 20, limit=201) == 201 < tasks.countdown_count(3, 20)
+    # with every problem held out, the sampler gives up (a bounded number of draws) instead of looping forever
+    make = lambda rng: tasks.arithmetic_problem(rng, digits=1, ops="+")
+    everything = tasks.held_out_set(make, 100, seed=0)
+    with pytest.raises(ValueError, match="held-out"):
+        tasks.train_sampler(make, everything)(random.Random(0))
+    left = tasks.train_sampler(make, everything[:99])(random.Random(0))     # one problem left: found
+    assert left.prompt not in {p.prompt for p in everything[:99]}
+    with pytest.raises(ValueError, match="found only 100 distinct problems"):
+        tasks.held_out_set(make, 101, seed=0)
+
+
+def test_steps_0_evaluates_once(monkeypatch):
+    calls = []
+    evaluate = train_grpo.evaluate
+    monkeypatch.setattr(train_grpo, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    result = train_grpo.main(QUICK)
+    assert len(calls) == 1 and result["after"] == result["before"]
+
+
+def test_short_sft_checks_often_enough_to_stop_early(capsys):
+    assert train_grpo.parse_args(["--sft-steps", "20"]).sft_check_every == 5
+    assert train_grpo.parse_args([]).sft_check_every == 25               # the demo's 1500 steps: as before
+    assert train_grpo.parse_args(["--sft-steps", "20", "--sft-check-every", "30"]).sft_check_every == 30
+    # a target any policy reaches: a 20-step SFT stops at its first check, step 5 (it used to run all 20)
+    train_grpo.main(QUICK + ["--sft-steps", "20", "--sft-target", "0", "--sft-check-size", "2"])
+    out = capsys.readouterr().out
+    assert "sft step 5/20" in out and "sft step 10/20" not in out and "sft step 20/20" not in out
 
 
 def test_torchrun_two_processes(tmp_path):
