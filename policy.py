@@ -615,8 +615,12 @@ class HFDecoder(nn.Module):
 # -----------------------------------------------------------------------------
 # Loading
 
-HF_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors",
-            "model.safetensors.index.json", "model-*-of-*.safetensors"]
+# What a HF model folder holds besides its weights: the config, the generation defaults, and the tokenizer files and
+# chat template as the model ships them (a checkpoint of a hf: policy carries them, an export copies them unchanged)
+HF_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model"]
+HF_CONFIG_FILES = ["config.json", "generation_config.json", *HF_TOKENIZER_FILES]
+HF_FILES = [*HF_CONFIG_FILES, "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
 
 
 def hf_folder(path_or_repo_id: str) -> Path:
@@ -713,7 +717,7 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
                     tiktoken_file: str | None = None) -> tuple[GPT, Tokenizer]:
     """Our GPT -> (GPT, tokenizer), from either checkpoint format:
     - a train_gpt.py checkpoint file (torch.save of {"model": state_dict, "config": asdict(GPTConfig), ...});
-    - a train_grpo.py checkpoint directory (model.safetensors + config.json of GPTConfig fields).
+    - a train_grpo.py checkpoint directory (model.safetensors + config.json of GPTConfig fields), or its export.
     The tokenizer follows the vocabulary (gpt_tokenizer). dtype: the parameters' dtype (the GPT computes in bf16 on
     CUDA, fp32 on the CPU whatever the parameters are). A missing, damaged or foreign file is an error naming it."""
     if os.path.isdir(path):

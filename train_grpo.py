@@ -3,6 +3,7 @@ Compact GRPO fine-tuner: reinforcement learning with verifiable rewards (the Dee
 
     python train_grpo.py                                    # CPU demo: tiny policy, arithmetic, SFT then GRPO
     torchrun --nproc_per_node=8 train_grpo.py --policy hf:Qwen/Qwen2.5-0.5B-Instruct --task gsm8k ...
+    python train_grpo.py export ckpt/step_000120 out/   # weights only: transformers, vLLM and TRL load hf: policies
 
 Per step: sample P prompts x G completions, score them with rule-based rewards (tasks.py), turn rewards into
 group-relative advantages, then take clipped policy-gradient steps on the completion tokens.
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -202,8 +204,8 @@ def load_policy(spec, device, dtype, seed, tiktoken_file, tiny_layers, tiny_dim)
     if kind == "hf" and path:
         folder = policy.hf_folder(path)
         model, tok = policy.from_hf(folder, dtype=dtype, device=device)
-        names = ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-        return model, tok, [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+        return model, tok, [os.path.join(folder, n) for n in policy.HF_CONFIG_FILES
+                            if os.path.exists(os.path.join(folder, n))]
     if kind == "ckpt" and path:
         return (*policy.from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file), [])
     raise ValueError(f"--policy {spec!r}: use tiny, hf:<repo id or path> or ckpt:<train_gpt.py checkpoint file or "
@@ -548,11 +550,13 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
 
 # -----------------------------------------------------------------------------
 # checkpoints, one directory per step, written to a temporary directory and renamed into place:
-#   model.safetensors, config.json     the policy: for hf: policies also its tokenizer files, so that
-#                                      policy.from_hf(<step dir>) loads it; for our GPT, GPTConfig's fields
+#   model.safetensors, config.json     the policy: for hf: policies also the source's generation config, tokenizer
+#                                      files and chat template (policy.HF_CONFIG_FILES), so that policy.from_hf(<step
+#                                      dir>) loads it; for our GPT, GPTConfig's fields
 #   train_state.json                   step, evaluation before RL, the flags
 #   reference.safetensors              the frozen reference (beta > 0)
 #   optimizer_rank{r}.pt               each rank's optimizer state (Muon's is sharded over ranks)
+# A checkpoint resumes a run; `python train_grpo.py export` turns one into weights that other tools load (below).
 
 def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, hf_files):
     final = os.path.join(directory, f"step_{step:06d}")
@@ -634,6 +638,67 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
 
 
 # -----------------------------------------------------------------------------
+# weights-only export: python train_grpo.py export CKPT DIR (CKPT: a step_* directory or the --checkpoint-dir)
+#   hf: policies -> what save_pretrained writes, which transformers, vLLM and TRL load as they are:
+#     model.safetensors                 transformers' tensor names; a tied lm_head stored once (as embed_tokens);
+#                                       above --max-shard-size, model-0000k-of-0000n.safetensors + an index
+#     config.json                       the source's, its dtype set to the weights' (architectures added if absent)
+#     generation_config.json            the source's; without one, config.json's bos/pad ids and the tokenizer's eos
+#     tokenizer files, chat template    the source's, unchanged (policy.HF_TOKENIZER_FILES)
+#   our GPTs -> model.safetensors + config.json (GPTConfig's fields) + README.md: only this repo loads them
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+OWN_GPT_NOTE = ("a GPT of this repository's model.py, which only this repository loads (policy.from_checkpoint(DIR), "
+                "train_grpo.py --policy ckpt:DIR); transformers and vLLM do not know its architecture")
+
+
+def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
+    # -> a line for the user. dtype: a torch dtype name for the weights (None: the run's --dtype, as trained);
+    # written to out.tmp, then renamed into place
+    step = step_directory(checkpoint)
+    config = policy.read_json(Path(step) / "config.json")
+    state_file = Path(step) / "train_state.json"
+    dtype = dtype or (policy.read_json(state_file).get("flags", {}).get("dtype") if state_file.exists() else None)
+    dtype = getattr(torch, dtype or "float32")
+    tmp = os.path.normpath(out) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if "model_type" in config:                                              # a hf: policy
+        model, tok = policy.from_hf(step, dtype=dtype)
+        state = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in model.state_dict().items()}
+        huggingface_hub.save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+        # torch_dtype, not transformers 5's "dtype", unless the source has that: both versions read torch_dtype
+        for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
+            config[key] = str(dtype).removeprefix("torch.")
+        config.setdefault("architectures", [HF_ARCHITECTURES[config["model_type"]]])
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        if not os.path.isfile(os.path.join(step, "generation_config.json")):   # eos: where the run's samples ended
+            ids = {k: config[k] for k in ("bos_token_id", "pad_token_id") if config.get(k) is not None}
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"pad_token_id": tok.pad_id, **ids, "eos_token_id": tok.eos_id}, f, indent=2)
+        for name in ["generation_config.json", *policy.HF_TOKENIZER_FILES]:
+            if os.path.isfile(os.path.join(step, name)):
+                shutil.copy(os.path.join(step, name), tmp)
+        shards = len([n for n in os.listdir(tmp) if n.endswith(".safetensors")])
+        what = (f"{len(state)} tensors in {shards} safetensors file(s); load it with transformers' "
+                f"AutoModelForCausalLM / AutoTokenizer.from_pretrained, vLLM or TRL")
+    else:                                                                   # our GPT
+        state = policy.read_safetensors(os.path.join(step, "model.safetensors"))
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(os.path.join(step, "config.json"), tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(f"# {os.path.basename(os.path.normpath(out))}\n\nWeights exported from {step} by `python "
+                    f"train_grpo.py export`: {OWN_GPT_NOTE}.\n")
+        what = OWN_GPT_NOTE
+    if os.path.isdir(out):
+        os.rmdir(out)                                                       # empty: export_main checked
+    os.replace(tmp, out)
+    return f"exported {step} to {out} ({str(dtype).removeprefix('torch.')}): {what}"
+
+
+# -----------------------------------------------------------------------------
 # arguments (the defaults are the CPU demo: tiny policy, 2-digit arithmetic, SFT cold start, then GRPO; see
 # POLICY_DEFAULTS for the ones that change with the policy). Every flag is checked as it is parsed: a bad value is a
 # one-line argparse error that names what is allowed.
@@ -711,7 +776,7 @@ def step_dir(text):
 
 parser = argparse.ArgumentParser(
     prog="train_grpo.py", description="GRPO fine-tuning with verifiable rewards",
-    usage="%(prog)s [flags]   (--help lists the flags)")
+    usage="%(prog)s [flags]  |  %(prog)s export CKPT DIR [--dtype D] [--max-shard-size S]   (--help lists the flags)")
 # policy and task
 parser.add_argument("--policy", type=policy_spec, default="tiny",
                     help="tiny | hf:<repo id or path> | ckpt:<train_gpt.py .pt file or train_grpo.py step_* directory>")
@@ -866,6 +931,42 @@ def parse_args(argv=None):
     return args
 
 
+def shard_size(text):
+    match = re.fullmatch(r"(\d+)([KMGT]B)?", text.strip().upper())
+    if not match or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"must be a size such as 500MB or 5GB (or bytes), got {text!r}")
+    return int(match[1]) * 1000 ** " KMGT".index((match[2] or " ")[0])
+
+
+def new_folder(text):
+    if os.path.exists(text) and not (os.path.isdir(text) and not os.listdir(text)):
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not an empty directory; choose a new folder")
+    return text
+
+
+export_parser = argparse.ArgumentParser(
+    prog="train_grpo.py export", description="Write a checkpoint's policy as weights only: a Hugging Face folder "
+    "(transformers, vLLM and TRL load it) for hf: policies; for our own GPTs, weights and GPTConfig that only this "
+    "repository loads.")
+export_parser.add_argument("checkpoint", type=step_dir,
+                           help="a step_* directory, or the --checkpoint-dir (its latest step)")
+export_parser.add_argument("out", type=new_folder, help="a new (or empty) folder")
+export_parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                           help="the weights' dtype (default: the run's --dtype, as trained)")
+export_parser.add_argument("--max-shard-size", type=shard_size, default="50GB",
+                           help="larger weights are split into shards with an index, as transformers' save_pretrained "
+                                "does (its default: 50GB)")
+
+
+def export_main(argv):
+    args = export_parser.parse_args(argv)
+    try:
+        print(export(args.checkpoint, args.out, args.dtype, args.max_shard_size), flush=True)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: {' '.join(str(error).split())}")
+    return args.out
+
+
 # what collect() and rl_update() count; summed over ranks in this fixed order (every rank sends every name)
 SUMS = ["gen_s", "reward_s", "samples", "rewards", "reward_sum", "reward_sq", "groups", "kept_groups",
         "zero_std_groups", "reward_errors", "truncated", "completion_len", "eos_len", "eos_rows", "prompt_len",
@@ -928,6 +1029,8 @@ def fail(error):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     args = parse_args(argv)
     t_start = time.perf_counter()
     if args.threads:

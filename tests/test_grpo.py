@@ -7,11 +7,13 @@ import sys
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_model
 
 import policy
 import tasks
 import train_grpo
+from test_policy import TEXTS, hf_reference, train_bpe
 from train_grpo import group_advantages, policy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; it also keeps the demo's trajectory the same everywhere
@@ -763,6 +765,91 @@ def test_short_sft_checks_often_enough_to_stop_early(capsys):
     train_grpo.main(QUICK + ["--sft-steps", "20", "--sft-target", "0", "--sft-check-size", "2"])
     out = capsys.readouterr().out
     assert "sft step 5/20" in out and "sft step 10/20" not in out and "sft step 20/20" not in out
+
+
+# -----------------------------------------------------------------------------
+# weights-only export
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def write_transformers_folder(folder, kind, tie):
+    # a random tiny Llama / Qwen2 as transformers' save_pretrained writes it (config.json with dtype and architectures,
+    # generation_config.json, model.safetensors), a trained byte-level BPE and its chat template, as a model ships them
+    bpe = train_bpe("qwen")
+    model = hf_reference(kind, tie_word_embeddings=tie, vocab_size=bpe.get_vocab_size())
+    model.save_pretrained(folder)
+    bpe.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (folder / "chat_template.jinja").write_text(CHATML)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
+                                                              "pad_token_id": 0, "temperature": 0.7}))
+    return model
+
+
+@pytest.mark.parametrize("kind, tie, shard", [("qwen2", True, None), ("llama", False, "150KB")])
+def test_export_loads_in_transformers_with_our_logits_and_tokens(tmp_path, monkeypatch, kind, tie, shard):
+    source = tmp_path / "source"
+    write_transformers_folder(source, kind, tie)
+    # a made-up verifier with reward spread, so that the GRPO step does move the weights
+    monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, text: float(sum(map(ord, text)) % 2))
+    train_grpo.main(["--policy", f"hf:{source}", *QUICK, "--steps", "1", "--prompts-per-step", "2", "--group-size",
+                     "4", "--max-new-tokens", "4", "--lr", "1e-2", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    out = tmp_path / "export"
+    train_grpo.main(["export", str(tmp_path / "ckpt"), str(out), *(["--max-shard-size", shard] if shard else [])])
+
+    weights = ({"model.safetensors"} if not shard else
+               {n for n in os.listdir(out) if n.startswith("model-")} | {"model.safetensors.index.json"})
+    assert len(weights) == 1 if not shard else len(weights) >= 3            # sharded: an index and 2+ files
+    assert set(os.listdir(out)) == weights | {"config.json", "generation_config.json", "tokenizer.json",
+                                              "tokenizer_config.json", "chat_template.jinja"}
+    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]:
+        assert (out / name).read_bytes() == (source / name).read_bytes()  # unchanged from the source
+    assert json.loads((out / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+
+    theirs, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                      attn_implementation="eager",
+                                                                      output_loading_info=True)
+    assert not any(info.values()), info                                     # no missing / unexpected tensors
+    names = set().union(*(load_file(out / n).keys() for n in weights if n.endswith(".safetensors")))
+    assert ("lm_head.weight" in names) == (not tie)                         # tied: one tensor, as transformers has it
+    ours, tok = policy.from_hf(str(tmp_path / "ckpt" / "step_000001"))
+    start, _ = policy.from_hf(str(source))
+    idx = torch.randint(0, 500, (3, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got, before = ours(idx), theirs(idx).logits, start(idx)
+    assert (got - expected).abs().max() < 1e-4 and (expected - before).abs().max() > 1e-2   # trained, then exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert [hf_tok.encode(t, add_special_tokens=False) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "12+34="}]
+    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(chat)
+    assert hf_tok.eos_token_id == tok.eos_id and theirs.generation_config.eos_token_id == 2
+    # a source without generation_config.json: the export writes the ids the run sampled with
+    (tmp_path / "ckpt" / "step_000001" / "generation_config.json").unlink()
+    train_grpo.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "export2")])
+    generation = json.loads((tmp_path / "export2" / "generation_config.json").read_text())
+    bos = {"bos_token_id": 1} if kind == "llama" else {}                    # LlamaConfig's; Qwen2Config has none
+    assert generation == {**bos, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id} and tok.eos_id != tok.pad_id
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "export2").eos_token_id == tok.eos_id
+
+
+def test_export_of_our_gpt_says_only_this_repo_loads_it(tmp_path, capsys):
+    train_grpo.main(QUICK + ["--checkpoint-dir", str(tmp_path / "ckpt")])
+    step = tmp_path / "ckpt" / "step_000000"
+    capsys.readouterr()
+    train_grpo.main(["export", str(step), str(tmp_path / "out"), "--dtype", "bfloat16"])
+    assert "only this repository loads" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "config.json", "model.safetensors"]
+    assert "only this repository loads" in (tmp_path / "out" / "README.md").read_text()
+    trained = load_file(step / "model.safetensors")
+    model, _ = policy.from_checkpoint(str(tmp_path / "out"))
+    assert all(torch.equal(model.state_dict()[k], v.bfloat16().float()) for k, v in trained.items())
+    assert {v.dtype for v in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
+    with pytest.raises(SystemExit) as exit:                                 # an export never overwrites a folder
+        train_grpo.main(["export", str(step), str(tmp_path / "out")])
+    assert exit.value.code == 2 and "not an empty directory" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes(tmp_path):
