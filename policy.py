@@ -328,18 +328,17 @@ def hf_tokenizer(folder: Path, config: dict) -> Tokenizer:
     path = folder / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: from_hf needs the model's tokenizer.json")
-    text = path.read_text(encoding="utf-8")
-    tj = json.loads(text)
+    tj = read_json(path)
     try:
         enc, nfc = tiktoken_encoding(folder.name, tj)
         backend = "tiktoken"
     except NotTiktoken as why:
-        enc, nfc = tokenizers.Tokenizer.from_str(text), False
+        enc, nfc = tokenizers.Tokenizer.from_file(str(path)), False
         backend = f"tokenizers (tiktoken cannot reproduce it: {why})"
     specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
 
     tcfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text(encoding="utf-8")) if tcfg_path.exists() else {}
+    tcfg = read_json(tcfg_path) if tcfg_path.exists() else {}
     # the named special tokens, strings or {"content": ...}: what transformers passes to the chat template
     named = {name: tok["content"] if isinstance(tok, dict) else tok
              for name in SPECIAL_TOKEN_NAMES if (tok := tcfg.get(name)) is not None}

@@ -706,6 +706,8 @@ def test_load_and_resume_failures_name_the_file_and_the_fix(tmp_path):
     write_tiny_hf_folder(hf)
     (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:1000])       # cut short
     assert f"{hf / 'model.safetensors'}: not a readable safetensors file" in load_error(["--policy", f"hf:{hf}"])
+    (hf / "tokenizer.json").write_text('{"model": {"type": "BPE", ')                    # cut short
+    assert f"{hf / 'tokenizer.json'}: not valid JSON" in load_error(["--policy", f"hf:{hf}"])
     (hf / "config.json").unlink()
     assert f"{hf / 'config.json'}: no such file" in load_error(["--policy", f"hf:{hf}"])
 
