@@ -616,6 +616,8 @@ def bad_flag_cases(tmp_path):
         (["--group-size", "0"], "integer >= 2"), (["--max-new-tokens", "0"], "integer >= 1"),
         (["--temperature", "-1"], "number > 0"), (["--temperature", "0"], "greedy"),
         (["--temperature", "nan"], "number > 0"), (["--top-k", "-1"], "integer >= 0"),
+        (["--tools", "bash"], "invalid choice"), (["--max-tool-calls", "0"], "integer >= 1"),
+        (["--tool-timeout", "0"], "number > 0"), (["--tool-workers", "0"], "integer >= 1"),
         (["--top-p", "0"], "in (0, 1]"), (["--top-p", "1.5"], "in (0, 1]"),
         (["--correct-weight", "-1"], "number >= 0"), (["--format-weight", "inf"], "number >= 0"),
         (["--correct-weight", "0"], "both 0"),
