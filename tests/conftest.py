@@ -1,9 +1,22 @@
 import os
 
 import pytest
+import torch
 
-# Triton kernels run on the CPU through the interpreter; it must be switched on before any kernel is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton kernels run on the CPU through the interpreter; it must be switched on before any kernel is
+# defined. With one, the kernels compile for it and the device-parametrized tests below check them there (the CPU
+# kernel tests then skip; TRITON_INTERPRET=1 python -m pytest runs them, and the kernels on CUDA tensors, interpreted).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA)])
+def device(request):
+    """Each test that takes it runs on the CPU, and on the GPU when there is one (the GPU self-check): the CUDA
+    paths (FlexAttention, _scaled_mm, compiled Triton kernels, inductor, CUDA graphs) beside their CPU twins."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,12 @@
-"""Run by tests/test_muon.py under torchrun --nproc_per_node=2 (gloo): distributed Muon and sync_grads against one
-process stepping on the averaged gradients. Rank 0 writes <out_dir>/ok."""
+"""Run by tests/test_muon.py under torchrun --nproc_per_node=2 (gloo): distributed Muon, DistAdam and sync_grads
+against one process stepping on the averaged gradients. Rank 0 writes <out_dir>/ok."""
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from muon import Muon, sync_grads
+from muon import DistAdam, Muon, sync_grads
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -18,6 +18,20 @@ dist_params = [torch.nn.Parameter(t.clone()) for t in init]
 ref_params = [torch.nn.Parameter(t.clone()) for t in init]
 dist_opt = Muon(dist_params, lr=0.03, momentum=0.9, weight_decay=0.01)
 ref_opt = Muon(ref_params, lr=0.03, momentum=0.9, weight_decay=0.01)
+# Adam: a matrix the world size divides (sharded in place), one it does not (147 entries: padded), and a group of
+# vectors and a scalar (packed into one padded buffer), in two groups with their own learning rates
+adam_shapes = [(16, 12), (7, 21), (3,), (2,), ()]
+adam_init = [torch.randn(s) for s in adam_shapes]
+adam_dist = [torch.nn.Parameter(t.clone()) for t in adam_init]
+adam_ref = [torch.nn.Parameter(t.clone()) for t in adam_init]
+
+
+def adam_groups(params):
+    return [dict(params=params[:2], lr=0.01), dict(params=params[2:], lr=0.04)]
+
+
+dist_adam = DistAdam(adam_groups(adam_dist), betas=(0.8, 0.95), eps=1e-10)
+moments = [[torch.zeros(s), torch.zeros(s)] for s in adam_shapes]  # the reference's (m, v), whole tensors
 vector = torch.nn.Parameter(torch.zeros(7))
 for step in range(4):
     gen = torch.Generator().manual_seed(100 + step)
@@ -32,12 +46,30 @@ for step in range(4):
         for group in ref_opt.param_groups:
             for p in group["params"]:
                 ref_opt._apply(p, p.grad, group)
+    adam_grads = [[torch.randn(s, generator=gen) for s in adam_shapes] for _ in range(world)]
+    for group in dist_adam.param_groups:
+        group["lr"] *= 0.9  # a schedule
+    for p, g in zip(adam_dist, adam_grads[rank]):
+        p.grad = g.clone()
+    dist_adam.step()
+    # reference: the record's Adam on whole tensors and the mean gradient
+    t = step + 1
+    with torch.no_grad():
+        for i, (p, (m, v)) in enumerate(zip(adam_ref, moments)):
+            g = sum(gs[i] for gs in adam_grads) / world
+            m.mul_(0.8).add_(g, alpha=0.2)
+            v.mul_(0.95).addcmul_(g, g, value=0.05)
+            lr = (0.01 if i < 2 else 0.04) * 0.9 ** t
+            p -= lr * (1 - 0.95 ** t) ** 0.5 / (1 - 0.8 ** t) * m / (v.sqrt() + 1e-10)
     vector.grad = torch.full((7,), float(rank + step))
     sync_grads([vector])
     assert torch.allclose(vector.grad, torch.full((7,), step + (world - 1) / 2))
 
-for p, r in zip(dist_params, ref_params):
-    assert torch.allclose(p, r, atol=1e-6), (p - r).abs().max()
+for p, r in zip(dist_params + adam_dist, ref_params + adam_ref):
+    assert torch.allclose(p, r, atol=1e-6), (p.shape, (p - r).abs().max())
+# each rank holds the moments of its half of each bucket only (ZeRO-1)
+sizes = sorted(s["exp_avg"].numel() for s in dist_adam.state.values())
+assert sizes == sorted([192 // world, -(-147 // world), -(-6 // world)]), sizes
 if rank == 0:
     (Path(sys.argv[1]) / "ok").write_text("identical")
 dist.barrier()  # no rank tears gloo down while another still uses it (an abort at exit otherwise)
