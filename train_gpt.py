@@ -10,11 +10,16 @@ The speedrun trainer: GPT-2 small (model.py) on FineWeb to a validation loss of 
     python train_gpt.py --preset small                          # the speedrun recipe scaled down, GPT-2 BPE, CPU
 
 The speedrun preset is modded-nanogpt record #28's recipe (tests/test_recipe.py pins every figure to its line).
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --smoke   # GPU self-check: a few speedrun steps, no data
+
 Every optimizer step sees the same 8 sequences whatever the world size (1, 2, 4 or 8): rank r runs the
 sequences [r * 8/W, (r+1) * 8/W) as 8/W gradient-accumulation micro-steps. Each sequence starts at a document
 start (an eos token). The loss is the record's: the sum of the token losses of a sequence, and the step's gradient
 is the mean over the 8 sequences of their gradients (the record's at 8 GPUs; each rank averages its micro-steps,
-Muon averages across ranks inside its step, sync_grads does the Adam side). The log shows the mean token loss.
+Muon and DistAdam average across ranks inside their sharded steps). The log shows the mean token loss.
+The step, as the record runs it: the model compiled whole (fullgraph: a graph break is an error), Newton-Schulz and
+the Adam update compiled, the optimizers' collectives asynchronous, no host sync (a step's loss line is written when
+the next step is queued, the next batch is copied in while the current one runs).
 Rank 0 writes --log-dir/<run id>.txt: the source of every module of this repo that ran, the environment, the
 hyperparameters, then one line per step and per validation, then peak memory.
 """
@@ -40,7 +45,7 @@ import torch.distributed as dist
 import kernels
 from data.shards import find_shards, read_shard
 from model import GPT, GPTConfig
-from muon import Muon, sync_grads
+from muon import DistAdam, Muon
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # dense bf16 tensor-core peak per GPU (FLOP/s), for MFU; GPUs not listed (and CPUs) print mfu:n/a
@@ -95,32 +100,85 @@ SMALL = dataclasses.replace(
 PRESETS = {"speedrun": SPEEDRUN, "small": SMALL, "tiny": TINY}
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help="speedrun (default with CUDA), small (its recipe at a CPU size, GPT-2 BPE) or tiny "
-                             "(default without CUDA: byte-level, CPU-sized)")
-    parser.add_argument("--train-files", help="glob of training shards (preset default)")
-    parser.add_argument("--val-files", help="glob of validation shards (preset default)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (preset default)")
-    parser.add_argument("--val-every", type=int, help="validate every K steps, and at the end; 0: only at the end")
-    parser.add_argument("--val-tokens", type=int, help="validation budget in tokens")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (per GPU per micro-step)")
-    parser.add_argument("--val-seq-len", type=int, help="tokens per validation sequence")
-    parser.add_argument("--seed", type=int, help="seed of the model initialisation")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (default: on for speedrun, off for small and tiny)")
-    parser.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (step_NNNNNN.pt)")
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
-    parser.add_argument("--resume", default=None, help="continue from this checkpoint")
-    parser.add_argument("--log-dir", default="logs", help="rank 0 writes <log-dir>/<run id>.txt")
-    parser.add_argument("--run-id", default=None, help="name of the log file (default: date + random suffix)")
-    args = parser.parse_args()
+# Every flag is checked as it is parsed: a bad value is argparse's usage line and one error line naming what is allowed.
+
+def at_least(low):
+    """argparse type: an integer >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
+def folder(text):
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
+    return text
+
+
+def file_name(text):
+    if not text or os.sep in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"must be a file name (no {os.sep}), got {text!r}: the log is "
+                                         f"<--log-dir>/<run id>.txt")
+    return text
+
+
+parser = argparse.ArgumentParser(prog="train_gpt.py", usage="%(prog)s [flags]   (--help lists the flags)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--preset", choices=PRESETS, default=None,
+                    help="speedrun (default with CUDA), small (its recipe at a CPU size, GPT-2 BPE) or tiny "
+                         "(default without CUDA: byte-level, CPU-sized)")
+parser.add_argument("--train-files", help="glob of training shards (preset default)")
+parser.add_argument("--val-files", help="glob of validation shards (preset default)")
+parser.add_argument("--steps", type=at_least(1), help="optimizer steps (preset default)")
+parser.add_argument("--val-every", type=at_least(0), help="validate every K steps, and at the end; 0: only at the end")
+parser.add_argument("--val-tokens", type=at_least(1), help="validation budget in tokens")
+parser.add_argument("--seq-len", type=at_least(1), help="tokens per sequence (per GPU per micro-step)")
+parser.add_argument("--val-seq-len", type=at_least(1), help="tokens per validation sequence")
+parser.add_argument("--seed", type=at_least(0), help="seed of the model initialisation")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the model (default: on for speedrun, off for small and tiny)")
+parser.add_argument("--checkpoint-dir", type=folder, default=None, help="write checkpoints here (step_NNNNNN.pt)")
+parser.add_argument("--save-every", type=at_least(0), default=0, help="checkpoint every K steps (0: only at the end)")
+parser.add_argument("--resume", type=existing_file, default=None, help="continue from this checkpoint")
+parser.add_argument("--log-dir", type=folder, default="logs", help="rank 0 writes <log-dir>/<run id>.txt")
+parser.add_argument("--run-id", type=file_name, default=None,
+                    help="name of the log file (default: date + random suffix)")
+parser.add_argument("--smoke", action="store_true",
+                    help="self-check: SMOKE_STEPS steps of the preset's shapes on random documents (no data needed), "
+                         "then ms/step, tok/s, MFU and peak memory; nothing is written")
+
+
+def parse_args(argv=None):
+    args = parser.parse_args(argv)
     preset = args.preset or ("speedrun" if torch.cuda.is_available() else "tiny")
     flags = {"train_files": args.train_files, "val_files": args.val_files, "steps": args.steps,
              "val_every": args.val_every, "val_tokens": args.val_tokens, "seq_len": args.seq_len,
              "val_seq_len": args.val_seq_len, "seed": args.seed, "compile": args.compile}
     hp = dataclasses.replace(PRESETS[preset], **{k: v for k, v in flags.items() if v is not None})
+    for flag, length in (("--seq-len", hp.seq_len), ("--val-seq-len", hp.val_seq_len)):
+        if length > hp.model.max_seq_len:
+            parser.error(f"argument {flag}: {length} exceeds the model's max_seq_len {hp.model.max_seq_len} "
+                         f"(--preset {preset})")
+    if hp.val_tokens < hp.val_seq_len:
+        parser.error(f"argument --val-tokens: {hp.val_tokens} is less than one validation sequence of "
+                     f"{hp.val_seq_len} tokens (--val-seq-len)")
+    if args.save_every and not args.checkpoint_dir:
+        parser.error("argument --save-every: needs --checkpoint-dir")
+    if args.smoke and preset == "speedrun" and not torch.cuda.is_available():
+        parser.error("argument --smoke: --preset speedrun needs CUDA (one of its steps takes minutes on a CPU): "
+                     "use --preset small or tiny here")
     return args, preset, hp
 
 # -----------------------------------------------------------------------------
@@ -150,17 +208,14 @@ def window_blocks(step, hp):
 
 
 def make_optimizers(model, hp):
-    """(Muon for the hidden matrices, Adam for the rest), each group's "initial_lr" set for the schedule. The record's
-    Adam is torch.optim.Adam but for where eps goes: it adds eps to sqrt(v) before v's bias correction, torch after.
-    Their steps differ by a factor 1 + O(eps / |grad|): < 1e-4 relative for a gradient entry above 1e-5, and not at
-    all where the gradient is 0."""
+    """(Muon for the hidden matrices, DistAdam for the rest: the record's Adam, sharded), each group's "initial_lr"
+    set for the schedule."""
     groups = model.param_groups()
     muon = Muon(groups["hidden"], lr=hp.muon_lr, momentum=hp.muon_momentum[0], nesterov=True, weight_decay=0.0)
-    adam = torch.optim.Adam([dict(params=groups["head"], lr=hp.head_lr),
-                             dict(params=groups["embed"], lr=hp.embed_lr),
-                             dict(params=groups["scalar"], lr=hp.scalar_lr)],
-                            betas=hp.adam_betas, eps=hp.adam_eps, weight_decay=0.0,
-                            fused=model.lm_head.weight.is_cuda)
+    adam = DistAdam([dict(params=groups["head"], lr=hp.head_lr),
+                     dict(params=groups["embed"], lr=hp.embed_lr),
+                     dict(params=groups["scalar"], lr=hp.scalar_lr)],
+                    betas=hp.adam_betas, eps=hp.adam_eps)
     for opt in (muon, adam):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -229,10 +284,15 @@ class TrainLoader:
             if j in self.mine:
                 rows.append(self.tokens[start:start + self.seq_len + 1])
             self.pos = start + self.seq_len
-        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(self.device, non_blocking=True)
+        return stage(torch.from_numpy(np.stack(rows).astype(np.int64)), self.device)
+
+
+def stage(batch, device):
+    """A host batch onto the device: on CUDA through pinned memory, asynchronously (the copy overlaps the running
+    step; the pinned buffer is not reused before the copy ends: torch's host allocator tracks it)."""
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
 
 
 def load_val_tokens(files, num_tokens):
@@ -300,10 +360,12 @@ def evaluate(model, forward, val_tokens, seq_len, window, rank, world, device):
     return total.item() / num_seqs
 
 
-def muon_states(muon):
-    """Every rank's Muon state_dict (each rank keeps momentum only for the parameters it owns), on CPU, on rank 0."""
-    state = muon.state_dict()
-    state["state"] = {k: {n: v.cpu() for n, v in s.items()} for k, s in state["state"].items()}
+def rank_states(opt):
+    """Every rank's state_dict of a sharded optimizer (Muon keeps momentum for the parameters a rank owns, DistAdam
+    the moments of its slices), on CPU, on rank 0."""
+    state = opt.state_dict()
+    state["state"] = {k: {n: v.cpu() if torch.is_tensor(v) else v for n, v in s.items()}
+                      for k, s in state["state"].items()}
     if not dist.is_initialized():
         return [state]
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -345,6 +407,13 @@ def repo_sources():
     return "\n".join(texts)
 
 
+def mfu_text(flops_per_s, device, world):
+    """Model FLOPs utilisation against the GPUs' dense bf16 peak, or n/a (CPUs and GPUs not in PEAK_FLOPS)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return f"{100 * flops_per_s / (peak * world):.2f}%" if peak else "n/a"
+
+
 def peak_memory(device):
     if device.type == "cuda":
         return (f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
@@ -352,11 +421,83 @@ def peak_memory(device):
     return f"peak memory (max RSS of rank 0): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
 
 # -----------------------------------------------------------------------------
+# Checkpoints and the self-check
+
+CHECKPOINT_KEYS = {"model", "config", "muon", "adam", "step", "loader", "train_time_ms", "world_size", "rng"}
+
+
+def load_checkpoint(path, world):
+    """A checkpoint this trainer wrote at this world size, or a one-line error naming the file (weights_only: loading
+    runs no code from the file)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated or foreign files fail in many ways (pickle, zip, EOF, dtype)
+        sys.exit(f"error: {path} is not a checkpoint of train_gpt.py (torch.load failed: {type(err).__name__}): "
+                 f"resume from a step_NNNNNN.pt that --checkpoint-dir wrote")
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        sys.exit(f"error: {path} is not a checkpoint of train_gpt.py (a dict with {', '.join(sorted(CHECKPOINT_KEYS))})"
+                 f": resume from a step_NNNNNN.pt that --checkpoint-dir wrote")
+    if ckpt["world_size"] != world:
+        sys.exit(f"error: {path} was written by {ckpt['world_size']} ranks (Muon and DistAdam keep per-rank state): "
+                 f"resume with --nproc_per_node {ckpt['world_size']}")
+    if not isinstance(ckpt["adam"], list):
+        sys.exit(f"error: {path} holds one unsharded Adam state (an older train_gpt.py): it cannot be resumed by "
+                 f"this one's DistAdam")
+    return ckpt
+
+
+SMOKE_STEPS, SMOKE_UNTIMED = 10, 3  # --smoke: optimizer steps, of which the first ones compile and warm up
+
+
+def random_documents(rows, seq_len, vocab_size, eos, gen):
+    """(rows, seq_len + 1) int64 random tokens in documents of 1 to 2 * 1024 tokens, each row starting with eos:
+    the shapes and the document structure (so the attention masks) of real batches, without the data."""
+    tokens = torch.randint(0, vocab_size, (rows, seq_len + 1), generator=gen)
+    tokens[tokens == eos] = (eos + 1) % vocab_size
+    starts = torch.rand(rows, seq_len + 1, generator=gen) < 1 / 1024
+    starts[:, 0] = True
+    return tokens.masked_fill(starts, eos)
+
+
+def smoke(hp, model, forward, optimizers, device, world, rank, preset):
+    """--smoke: SMOKE_STEPS full optimizer steps (micro-steps, Muon, DistAdam and their collectives) on random documents
+    at the preset's shapes and its longest window (the costliest step of the run), the first SMOKE_UNTIMED untimed
+    (compilation); prints ms/step, tok/s, MFU and peak memory. Returns the losses of the steps."""
+    window = torch.tensor(hp.model.window_blocks, device=device)
+    gen = torch.Generator().manual_seed(hp.seed + rank)
+    rows = hp.seqs_per_step // world
+    losses = []
+    for step in range(SMOKE_STEPS):
+        if step == SMOKE_UNTIMED:
+            synchronize(device)
+            t0 = time.perf_counter()
+        batch = stage(random_documents(rows, hp.seq_len, hp.model.vocab_size, hp.model.eos_token_id, gen), device)
+        losses.append(all_reduce_mean(accumulate_gradients(forward, model, batch, window)))
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / (SMOKE_STEPS - SMOKE_UNTIMED)
+    losses = [loss.item() for loss in losses]
+    tok_per_s = hp.seqs_per_step * hp.seq_len / dt
+    mfu = mfu_text(model.estimate_flops_per_token(hp.model.window_blocks) * tok_per_s, device, world)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if rank == 0:
+        print(f"smoke: --preset {preset} on {world}x {hardware}, {hp.seqs_per_step} x {hp.seq_len} tokens per step, "
+              f"window {hp.model.window_blocks} blocks, compile {'on' if hp.compile else 'off'}: "
+              f"{SMOKE_STEPS - SMOKE_UNTIMED} timed steps after {SMOKE_UNTIMED} untimed\n"
+              f"smoke: {1000 * dt:.2f} ms/step | tok/s: {tok_per_s:,.0f} | mfu: {mfu} | {peak_memory(device)}\n"
+              f"smoke: loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    if not all(math.isfinite(loss) for loss in losses):
+        sys.exit(f"error: --smoke: a loss is not finite ({losses}): the machine or the code is broken")
+    return losses
+
+# -----------------------------------------------------------------------------
 # Training
 
 
-def main():
-    args, preset, hp = parse_args()
+def main(argv=None):
+    args, preset, hp = parse_args(argv)
 
     # distributed setup (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -374,28 +515,23 @@ def main():
                                 device_id=device if device.type == "cuda" else None)
     master = rank == 0
 
-    # data (errors here are one line: missing shards, corrupt headers)
-    try:
-        train_files = find_shards(hp.train_files, "--train-files")
-        val_files = find_shards(hp.val_files, "--val-files")
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    for flag, length in (("--seq-len", hp.seq_len), ("--val-seq-len", hp.val_seq_len)):
-        if length > hp.model.max_seq_len:
-            sys.exit(f"error: {flag} {length} exceeds the model's max_seq_len {hp.model.max_seq_len}")
-    if hp.val_tokens < hp.val_seq_len:
-        sys.exit(f"error: --val-tokens {hp.val_tokens} is less than one validation sequence of {hp.val_seq_len} "
-                 f"tokens (--val-seq-len)")
-    val_tokens = load_val_tokens(val_files, hp.val_tokens // hp.val_seq_len * hp.val_seq_len)
+    # data (errors here are one line: missing shards, corrupt headers); --smoke needs none
+    if not args.smoke:
+        try:
+            train_files = find_shards(hp.train_files, "--train-files")
+            val_files = find_shards(hp.val_files, "--val-files")
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"error: {err}")
+        val_tokens = load_val_tokens(val_files, hp.val_tokens // hp.val_seq_len * hp.val_seq_len)
 
     # checkpoint to resume from
-    ckpt = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    ckpt = load_checkpoint(args.resume, world) if args.resume else None
     if ckpt is not None:
-        if ckpt["world_size"] != world:
-            sys.exit(f"error: {args.resume} was written by {ckpt['world_size']} ranks (Muon keeps per-rank "
-                     f"state): resume with --nproc_per_node {ckpt['world_size']}")
         if ckpt["config"] != dataclasses.asdict(hp.model):
             sys.exit(f"error: {args.resume} holds a model config that differs from --preset {preset}'s")
+        if ckpt["step"] > hp.steps:
+            sys.exit(f"error: {args.resume} is at step {ckpt['step']}, beyond --steps {hp.steps}: nothing to train "
+                     f"(the schedules are fractions of --steps: keep the run's own)")
 
     # model and optimizers
     torch.manual_seed(hp.seed)
@@ -405,8 +541,16 @@ def main():
             table.bfloat16()
     muon, adam = make_optimizers(model, hp)
     optimizers = [muon, adam]
-    adam_params = [p for group in adam.param_groups for p in group["params"]]
-    forward = torch.compile(model, dynamic=False) if hp.compile else model
+    # fullgraph: a graph break is an error, not a silent slowdown; dynamic=False: the window is a 0-dim tensor, the
+    # shapes never change
+    forward = torch.compile(model, dynamic=False, fullgraph=True) if hp.compile else model
+
+    if args.smoke:
+        smoke(hp, model, forward, optimizers, device, world, rank, preset)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return
 
     # log header: sources, environment, hyperparameters
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -432,19 +576,20 @@ def main():
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,} "
         f"train shards: {len(train_files)} val tokens: {val_tokens.size - 1:,}")
 
+    # the long window of every step the run takes, as 0-dim tensors made once (no host-to-device copy per step)
+    start_step = ckpt["step"] if ckpt else 0
+    windows = {w: torch.tensor(w, device=device) for w in sorted({window_blocks(s, hp)
+                                                                  for s in range(start_step, hp.steps + 1)})}
+
     # untimed warm-up of the compiled training step and validation forward, for every window the run uses; then back
     # to the initial state
-    start_step = ckpt["step"] if ckpt else 0
-    windows = sorted({window_blocks(s, hp) for s in range(start_step, hp.steps + 1)})
     if hp.compile:
         initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
         gen = torch.Generator().manual_seed(hp.seed)
         t0 = time.perf_counter()
-        for w in windows:
-            window = torch.tensor(w, device=device)
+        for window in windows.values():
             seq = torch.randint(0, hp.model.vocab_size, (1, hp.seq_len + 1), generator=gen).to(device)
             forward(seq[:, :-1], seq[:, 1:], window=window, reduction="sum").backward()
-            sync_grads(adam_params)
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
@@ -454,7 +599,8 @@ def main():
         model.load_state_dict(initial[0])
         for opt, state in zip(optimizers, initial[1]):
             opt.load_state_dict(state)
-        log(f"warm-up of {len(windows)} windows {windows} (blocks): {time.perf_counter() - t0:.1f}s (not timed)")
+        log(f"warm-up of {len(windows)} windows {list(windows)} (blocks): {time.perf_counter() - t0:.1f}s "
+            f"(not timed)")
 
     # resume: model, optimizers, data position, time so far, RNG
     loader_state = {"shard": 0, "pos": 0}
@@ -462,7 +608,7 @@ def main():
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         muon.load_state_dict(ckpt["muon"][rank])
-        adam.load_state_dict(ckpt["adam"])
+        adam.load_state_dict(ckpt["adam"][rank])
         loader_state, train_time_ms = ckpt["loader"], ckpt["train_time_ms"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
@@ -471,15 +617,14 @@ def main():
     loader = TrainLoader(train_files, hp.seq_len, hp.seqs_per_step, rank, world, hp.model.eos_token_id,
                          hp.model.vocab_size, device, **loader_state)
 
-    def save_checkpoint(step):
+    def save_checkpoint(step, loader_state):
         path = os.path.join(args.checkpoint_dir, f"step_{step:06d}.pt")
-        states = muon_states(muon)
+        states = [rank_states(opt) for opt in optimizers]
         if master:
             os.makedirs(args.checkpoint_dir, exist_ok=True)
-            ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(hp.model), "muon": states,
-                    "adam": adam.state_dict(), "step": step, "loader": loader.state_dict(),
-                    "train_time_ms": train_time_ms, "world_size": world, "run_id": run_id,
-                    "hyperparameters": repr(hp),
+            ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(hp.model), "muon": states[0],
+                    "adam": states[1], "step": step, "loader": loader_state, "train_time_ms": train_time_ms,
+                    "world_size": world, "run_id": run_id, "hyperparameters": repr(hp),
                     "rng": {"cpu": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
             torch.save(ckpt, path + ".tmp")
@@ -490,66 +635,77 @@ def main():
     # the training loop; the timer runs only while training (not validating or checkpointing)
     tokens_per_step = hp.seqs_per_step * hp.seq_len
     flops_per_token = {w: model.estimate_flops_per_token(w) for w in windows}
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
-                None)
     last_checkpoint = args.resume
     resumed_time_ms = train_time_ms
+
+    def report(step, train_loss, lrm, blocks):
+        """The line of a finished step (1-based). On CUDA it is written once the next step is queued: .item() then
+        waits for this step only, while the GPU already runs the next one. Stops the run on a non-finite loss."""
+        nonlocal step_done
+        train_loss = train_loss.item()
+        if not math.isfinite(train_loss):
+            log(f"step:{step}/{hp.steps} train_loss:{train_loss}: stopping, the loss is not finite at step "
+                f"{step} (last checkpoint: {last_checkpoint or 'none'})")
+            sys.exit(1)
+        now = time.perf_counter()
+        elapsed_ms = train_time_ms + 1000 * (now - t0)
+        dt, step_done = now - step_done, now
+        tok_per_s = tokens_per_step / dt
+        mfu = mfu_text(flops_per_token[blocks] * tok_per_s, device, world)
+        log(f"step:{step}/{hp.steps} train_loss:{train_loss:.6f} train_time:{elapsed_ms:.0f}ms "
+            f"step_avg:{elapsed_ms / step:.2f}ms tok/s:{tok_per_s:.0f} mfu:{mfu}", console=False)
+        eta_min = (elapsed_ms - resumed_time_ms) / (step - start_step) * (hp.steps - step) / 60_000
+        if master:
+            print(f"step {step:05d}/{hp.steps:05d} ({100 * step / hp.steps:.1f}%) | loss: {train_loss:.6f} | "
+                  f"lrm: {lrm:.2f} | dt: {1000 * dt:.2f}ms | tok/sec: {tok_per_s:,.0f} | mfu: {mfu} | "
+                  f"eta: {eta_min:.1f}m", flush=True)
+
+    pending = None  # (step, loss, lrm, window) of the CUDA step whose line is not written yet
+    batch_state, batch = loader.state_dict(), loader.next_batch()  # the loader's state before the staged batch
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = step_done = time.perf_counter()
     for step in range(start_step, hp.steps + 1):
         last = step == hp.steps
         blocks = window_blocks(step, hp)
-        window = torch.tensor(blocks, device=device)  # 0-dim tensor: no recompiles
         validate = last or (hp.val_every > 0 and step % hp.val_every == 0)
         save = args.checkpoint_dir and (last or (args.save_every > 0 and step % args.save_every == 0
                                                  and step > start_step))
         if validate or save:
+            if pending:  # before anything is saved: a NaN stops the run here
+                report(*pending)
+                pending = None
             synchronize(device)
             train_time_ms += 1000 * (time.perf_counter() - t0)
             if validate:
-                val_loss = evaluate(model, forward, val_tokens, hp.val_seq_len, window, rank, world, device)
+                val_loss = evaluate(model, forward, val_tokens, hp.val_seq_len, windows[blocks], rank, world, device)
                 log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                     f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
             if save:
-                last_checkpoint = save_checkpoint(step)
+                last_checkpoint = save_checkpoint(step, batch_state)
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = step_done = time.perf_counter()
         if last:
             break
 
-        # one optimizer step: schedules, grad_accum micro-steps of one sequence, gradient sync, update
-        step_start = time.perf_counter()
+        # one optimizer step: schedules, grad_accum micro-steps of one sequence, the sharded optimizers' steps
         lrm = lr_multiplier(step, hp)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(step, hp)
-        train_loss = accumulate_gradients(forward, model, loader.next_batch(), window)
-        sync_grads(adam_params)
+        train_loss = accumulate_gradients(forward, model, batch, windows[blocks])
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        train_loss = all_reduce_mean(train_loss).item()
-        synchronize(device)
-        if not math.isfinite(train_loss):
-            log(f"step:{step + 1}/{hp.steps} train_loss:{train_loss}: stopping, the loss is not finite at step "
-                f"{step + 1} (last checkpoint: {last_checkpoint or 'none'})")
-            sys.exit(1)
-
-        now = time.perf_counter()
-        elapsed_ms = train_time_ms + 1000 * (now - t0)
-        dt = now - step_start
-        tok_per_s = tokens_per_step / dt
-        flops = flops_per_token[blocks] * tok_per_s
-        mfu = f"{100 * flops / (peak * world):.2f}%" if peak else "n/a"
-        log(f"step:{step + 1}/{hp.steps} train_loss:{train_loss:.6f} train_time:{elapsed_ms:.0f}ms "
-            f"step_avg:{elapsed_ms / (step + 1):.2f}ms tok/s:{tok_per_s:.0f} mfu:{mfu}", console=False)
-        eta_min = (elapsed_ms - resumed_time_ms) / (step + 1 - start_step) * (hp.steps - step - 1) / 60_000
-        if master:
-            print(f"step {step + 1:05d}/{hp.steps:05d} ({100 * (step + 1) / hp.steps:.1f}%) | "
-                  f"loss: {train_loss:.6f} | lrm: {lrm:.2f} | dt: {1000 * dt:.2f}ms | tok/sec: {tok_per_s:,.0f} | "
-                  f"mfu: {mfu} | eta: {eta_min:.1f}m", flush=True)
+        train_loss = all_reduce_mean(train_loss)
+        batch_state, batch = loader.state_dict(), loader.next_batch()  # built and copied in while this step runs
+        if pending:
+            report(*pending)
+        pending = (step + 1, train_loss, lrm, blocks)
+        if device.type != "cuda":  # the CPU ran the step as it was queued: nothing to overlap
+            report(*pending)
+            pending = None
 
     log(peak_memory(device))
     if dist.is_initialized():

@@ -209,7 +209,86 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(straight, shards, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt")  # nothing was written after the NaN
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "world"])
+def bad_flag_cases(tmp_path):
+    """(argv, what the error line must say): at least one bad value of every flag that takes one."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return [
+        (["--preset", "huge"], "invalid choice"),
+        (["--steps", "-5"], "integer >= 1"), (["--steps", "0"], "integer >= 1"), (["--steps", "2.5"], "integer"),
+        (["--val-every", "-1"], "integer >= 0"), (["--val-tokens", "0"], "integer >= 1"),
+        (["--val-tokens", "100", "--preset", "tiny"], "less than one validation sequence of 256"),
+        (["--seq-len", "0"], "integer >= 1"), (["--seq-len", "x"], "integer >= 1"),
+        (["--seq-len", "300", "--preset", "tiny"], "300 exceeds the model's max_seq_len 256"),
+        (["--val-seq-len", "0"], "integer >= 1"), (["--val-seq-len", "257", "--preset", "tiny"], "max_seq_len 256"),
+        (["--seed", "-1"], "integer >= 0"),
+        (["--checkpoint-dir", str(a_file)], "not a directory"),
+        (["--save-every", "-1"], "integer >= 0"), (["--save-every", "5"], "needs --checkpoint-dir"),
+        (["--resume", str(tmp_path / "nowhere.pt")], "no such file"),
+        (["--log-dir", str(a_file)], "not a directory"),
+        (["--run-id", "a/b"], "must be a file name"), (["--run-id", ""], "must be a file name"),
+        # the shard globs are checked when the run starts (test_bad_input_is_one_line_error)
+        (["--train-files", "x"], None), (["--val-files", "x"], None),
+    ]
+
+
+def test_every_bad_flag_value_is_a_one_line_error(tmp_path, capsys):
+    cases = bad_flag_cases(tmp_path)
+    for argv, message in cases:
+        if message is None:
+            continue
+        with pytest.raises(SystemExit) as exit:
+            train_gpt.parse_args(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(lines) == 2 and lines[0].startswith("usage: train_gpt.py"), (argv, lines)
+        assert lines[1].startswith("train_gpt.py: error: argument ") and message in lines[1], (argv, lines[1])
+    takes_value = {a.option_strings[-1] for a in train_gpt.parser._actions if a.option_strings and a.nargs != 0}
+    assert takes_value == {argv[0] for argv, _ in cases}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train_gpt.parse_args(["--smoke", "--preset", "speedrun"])
+        assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_resume_refuses_what_is_not_its_checkpoint(straight, tmp_path):
+    out, _, _ = straight
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(bytes(range(174, 256)) * 20)  # torch.load: "Unsupported operand 174" under weights_only
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    for path, why in ((corrupt, "torch.load failed"), (foreign, "a dict with adam, config")):
+        with pytest.raises(SystemExit) as exit:
+            train_gpt.load_checkpoint(str(path), world=1)
+        assert exit.value.code.startswith(f"error: {path} is not a checkpoint of train_gpt.py ({why}")
+        assert "\n" not in exit.value.code and "step_NNNNNN.pt" in exit.value.code
+    good = str(out / "ckpt" / "step_000006.pt")
+    assert train_gpt.load_checkpoint(good, world=1)["step"] == 6
+    with pytest.raises(SystemExit, match="written by 1 ranks.*--nproc_per_node 1"):
+        train_gpt.load_checkpoint(good, world=2)
+
+
+def test_smoke_runs_the_step_on_random_documents(tmp_path):
+    """--smoke on the CPU (tiny preset): no data, no files written; ms/step, tok/s, mfu, peak memory printed."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train_gpt.py"), "--smoke", "--preset", "tiny"],
+                          capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^smoke: \d+\.\d\d ms/step \| tok/s: [\d,]+ \| mfu: n/a \| peak memory .* \d+ MiB$", proc.stdout,
+                     flags=re.M), proc.stdout
+    first, last = map(float, re.search(r"^smoke: loss (\S+) -> (\S+)$", proc.stdout, flags=re.M).groups())
+    # zero-initialised head: uniform over 256 bytes, which is also the best a model can do on uniform random tokens
+    assert first == pytest.approx(np.log(256), abs=1e-3) and np.log(256) - 0.05 < last < np.log(256) + 0.5
+    assert os.listdir(tmp_path) == []
+
+
+def test_random_documents_have_the_batch_structure():
+    gen = torch.Generator().manual_seed(0)
+    batch = train_gpt.random_documents(3, 5000, 256, 0, gen)
+    assert batch.shape == (3, 5001) and batch.dtype == torch.int64 and (batch[:, 0] == 0).all()
+    docs = (batch == 0).sum(dim=1)
+    assert ((docs > 1) & (docs < 20)).all() and batch.max() < 256
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "world", "resume"])
 def test_bad_input_is_one_line_error(shards, tmp_path, case):
     flags, env = [], ENV
     if case == "missing":
@@ -217,8 +296,11 @@ def test_bad_input_is_one_line_error(shards, tmp_path, case):
     elif case == "corrupt":
         (tmp_path / "train_000000.bin").write_bytes(b"\x00" * 2048)
         flags = ["--train-files", str(tmp_path / "train_*.bin")]
-    else:
+    elif case == "world":
         env = {**ENV, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    else:
+        (tmp_path / "ckpt.pt").write_bytes(b"\xae" * 100)
+        flags = ["--resume", str(tmp_path / "ckpt.pt")]
     cmd = [sys.executable, os.path.join(REPO, "train_gpt.py"), "--val-files", str(shards / "val_*.bin"),
            "--train-files", str(shards / "train_*.bin"), *RUN_FLAGS, "--log-dir", str(tmp_path / "logs"), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
@@ -226,5 +308,6 @@ def test_bad_input_is_one_line_error(shards, tmp_path, case):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     expected = {"missing": "python data/cached_fineweb10B.py 9", "corrupt": str(tmp_path / "train_000000.bin"),
-                "world": "world size 3 must divide 8"}[case]
+                "world": "world size 3 must divide 8",
+                "resume": f"{tmp_path / 'ckpt.pt'} is not a checkpoint of train_gpt.py"}[case]
     assert expected in lines[0]
