@@ -1,6 +1,8 @@
-"""kernels/: every Triton kernel against its torch reference, on the CPU through Triton's interpreter.
+"""kernels/: every Triton kernel against its torch reference, on the CPU through Triton's interpreter, and compiled on
+the GPU when there is one (the `kdevice` fixture: cpu and cuda).
 
-tests/conftest.py sets TRITON_INTERPRET=1 before kernels/ is imported, so the public functions run the real kernels.
+Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before kernels/ is imported, so the public functions run the
+real kernels on CPU tensors; with CUDA the kernels compile for the GPU and the CPU variants skip.
 Shapes are small (the interpreter is ~1000x slower than torch) but not multiples of the block sizes, and span
 several blocks, so masked edges and loops are exercised. Output buffers handed to the launchers are poisoned with
 NaN first: an element a kernel forgets to write fails the comparison. The interpreter truncates fp32 -> bf16
@@ -23,12 +25,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def assert_close(actual, expected):
-    """actual (any dtype) vs a float64 expected, to a tolerance set by actual's dtype, relative to |expected|.max()."""
+    """actual (any dtype, any device) vs a float64 expected on the CPU, to a tolerance set by actual's dtype, relative
+    to |expected|.max()."""
     tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -5}[actual.dtype]
     scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected, atol=tol * scale, rtol=tol)
+    torch.testing.assert_close(actual.double().cpu(), expected.cpu(), atol=tol * scale, rtol=tol)
 
 
+@pytest.fixture
+def kdevice(device):
+    """The device a kernel test runs on: the CPU through the interpreter, or the GPU, compiled."""
+    if device.type == "cpu" and not kernels.dispatch.INTERPRET:
+        pytest.skip("Triton compiles for the GPU in this session: TRITON_INTERPRET=1 runs the kernels on the CPU")
+    return device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels compile for the GPU")
 def test_kernels_run_in_the_interpreter():
     assert kernels.dispatch.INTERPRET, "tests/conftest.py must set TRITON_INTERPRET=1 before kernels/ is imported"
 
@@ -39,17 +51,17 @@ CE_CASES = [(torch.float32, "sigmoid", 5000), (torch.bfloat16, "sigmoid", 5000),
             (torch.bfloat16, "tanh", 1000), (torch.float32, "tanh", 1000)]  # V=5000: two 4096 blocks, ragged
 
 
-def ce_inputs(dtype, V, N=37, seed=0):
+def ce_inputs(dtype, V, N=37, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(N, V, generator=g) * 12).to(dtype)  # wide enough to reach into the cap
     targets = torch.randint(0, V, (N,), generator=g)
     targets[::4] = -100
-    return logits, targets
+    return logits.to(device), targets.to(device)
 
 
 def ce_reference64(logits, targets, softcap_type):
     """float64 reference: (row losses (N,), gradient of the mean loss (N, V))."""
-    z = logits.double().requires_grad_()
+    z, targets = logits.double().cpu().requires_grad_(), targets.cpu()
     y = 30.0 * torch.tanh(z / 30.0) if softcap_type == "tanh" else 30.0 * torch.sigmoid(z / 7.5)
     rows = F.cross_entropy(y, targets, ignore_index=-100, reduction="none")
     rows.sum().div((targets != -100).sum()).backward()
@@ -57,10 +69,10 @@ def ce_reference64(logits, targets, softcap_type):
 
 
 @pytest.mark.parametrize("dtype,softcap_type,V", CE_CASES)
-def test_softcap_ce_kernel_writes_every_row_loss_and_gradient(dtype, softcap_type, V):
-    logits, targets = ce_inputs(dtype, V)
-    row_loss = torch.full((logits.shape[0],), float("nan"))
-    dlogits = torch.full(logits.shape, float("nan"), dtype=dtype)
+def test_softcap_ce_kernel_writes_every_row_loss_and_gradient(dtype, softcap_type, V, kdevice):
+    logits, targets = ce_inputs(dtype, V, device=kdevice)
+    row_loss = torch.full((logits.shape[0],), float("nan"), device=kdevice)
+    dlogits = torch.full(logits.shape, float("nan"), dtype=dtype, device=kdevice)
     n_valid = (targets != -100).sum()
     grid, kw = softcap_ce._launch_args(logits, targets, n_valid, 30.0, softcap_type, row_loss, dlogits)
     softcap_ce._softcap_ce_kernel[grid](**kw)
@@ -71,8 +83,8 @@ def test_softcap_ce_kernel_writes_every_row_loss_and_gradient(dtype, softcap_typ
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype,softcap_type,V", CE_CASES)
-def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V, reduction):
-    logits, targets = ce_inputs(dtype, V + 64, seed=1)
+def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V, reduction, kdevice):
+    logits, targets = ce_inputs(dtype, V + 64, seed=1, device=kdevice)
     wide = logits.requires_grad_()
     z = wide[:, :V]  # a strided view, like logits sliced out of a padded vocabulary
     targets = targets.clamp(max=V - 1).masked_fill(targets == -100, -100)
@@ -83,32 +95,33 @@ def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V, r
     loss_ref = rows_ref.sum() / (n_valid if reduction == "mean" else 1)
     grad_ref = grad_ref * (1 if reduction == "mean" else n_valid)  # the sum's gradient: the mean's times n_valid
     assert loss.dtype == torch.float32 and loss.shape == ()
-    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-5, atol=1e-5)
     assert_close(wide.grad[:, :V], 2.5 * grad_ref)
     assert (wide.grad[:, V:] == 0).all()
 
 
-def test_softcap_ce_unit_upstream_gradient_and_no_grad():
-    logits, targets = ce_inputs(torch.bfloat16, 700, N=19, seed=2)
+def test_softcap_ce_unit_upstream_gradient_and_no_grad(kdevice):
+    logits, targets = ce_inputs(torch.bfloat16, 700, N=19, seed=2, device=kdevice)
     z = logits.requires_grad_()
     kernels.softcap_cross_entropy(z, targets).backward()
     rows_ref, grad_ref = ce_reference64(logits.detach(), targets, "sigmoid")
     assert_close(z.grad, grad_ref)
     with torch.no_grad():
         loss = kernels.softcap_cross_entropy(z, targets)
-    torch.testing.assert_close(loss.double(), rows_ref.sum() / (targets != -100).sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), rows_ref.sum() / (targets.cpu() != -100).sum(), rtol=1e-5,
+                               atol=1e-5)
 
 
-def test_softcap_ce_second_backward_fails_loudly():
-    logits, targets = ce_inputs(torch.float32, 300, N=5)
+def test_softcap_ce_second_backward_fails_loudly(kdevice):
+    logits, targets = ce_inputs(torch.float32, 300, N=5, device=kdevice)
     loss = kernels.softcap_cross_entropy(logits.requires_grad_(), targets)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
-def test_softcap_ce_target_out_of_range_gives_nan():
-    logits, targets = ce_inputs(torch.float32, 300, N=5, seed=4)
+def test_softcap_ce_target_out_of_range_gives_nan(kdevice):
+    logits, targets = ce_inputs(torch.float32, 300, N=5, seed=4, device=kdevice)
     targets[2] = 300
     assert kernels.softcap_cross_entropy(logits, targets).isnan()
 
@@ -122,8 +135,8 @@ def test_softcap_ce_rejects_bad_shapes():
         kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), reduction="none")
 
 
-def test_softcap_ce_opcheck():
-    logits, targets = ce_inputs(torch.float32, 300, N=6, seed=3)
+def test_softcap_ce_opcheck(kdevice):
+    logits, targets = ce_inputs(torch.float32, 300, N=6, seed=3, device=kdevice)
     torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
                           (logits, targets, 30.0, "sigmoid", False, "sum"))
     # With the gradient written, the backward scales the op's own dlogits output in place (no extra pass over the
@@ -133,7 +146,8 @@ def test_softcap_ce_opcheck():
     torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
                           (logits.requires_grad_(), targets, 30.0, "tanh", True, "mean"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(torch.ops.kernels.scale_.default, (torch.randn(7, 300), torch.tensor(0.3)))
+    torch.library.opcheck(torch.ops.kernels.scale_.default, (torch.randn(7, 300, device=kdevice),
+                                                             torch.tensor(0.3, device=kdevice)))
 
 
 # -- xxt / ba_plus_cAA ------------------------------------------------------------------------------------------
@@ -141,52 +155,55 @@ def test_softcap_ce_opcheck():
 XXT_SHAPES = [(150, 200), (2, 70, 90)]  # 64-wide tiles: 3x3 tiles with ragged edges; a batch of two
 
 
-def random(shape, dtype, seed=0, scale=1.0):
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+def random(shape, dtype, seed=0, scale=1.0, device="cpu"):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", XXT_SHAPES)
-def test_xxt_kernel_writes_every_tile(dtype, shape):
-    A = random(shape, dtype).reshape(-1, *shape[-2:])
-    out = torch.full((A.shape[0], A.shape[1], A.shape[1]), float("nan"), dtype=dtype)
+def test_xxt_kernel_writes_every_tile(dtype, shape, kdevice):
+    A = random(shape, dtype, device=kdevice).reshape(-1, *shape[-2:])
+    out = torch.full((A.shape[0], A.shape[1], A.shape[1]), float("nan"), dtype=dtype, device=kdevice)
     gram._launch(A, out, 1.0, 0.0, add_a=False)
-    assert_close(out, A.double() @ A.double().mT)
+    A64 = A.double().cpu()
+    assert_close(out, A64 @ A64.mT)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ba_plus_cAA_kernel_writes_every_tile(dtype):
-    A = random((2, 130, 130), dtype, seed=1)  # not symmetric: the b*A term must be read at both mirror places
-    out = torch.full(A.shape, float("nan"), dtype=dtype)
+def test_ba_plus_cAA_kernel_writes_every_tile(dtype, kdevice):
+    A = random((2, 130, 130), dtype, seed=1, device=kdevice)  # not symmetric: b*A is read at both mirror places
+    out = torch.full(A.shape, float("nan"), dtype=dtype, device=kdevice)
     gram._launch(A, out, 2.0315, -4.775, add_a=True)
-    A64 = A.double()
+    A64 = A.double().cpu()
     assert_close(out, -4.775 * A64 + 2.0315 * (A64 @ A64.mT))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_xxt_and_ba_plus_cAA_public_functions(dtype):
-    X = random((200, 150), dtype, seed=2).mT  # strided, as muon passes X.mT for tall matrices
+def test_xxt_and_ba_plus_cAA_public_functions(dtype, kdevice):
+    X = random((200, 150), dtype, seed=2, device=kdevice).mT  # strided, as muon passes X.mT for tall matrices
     A = kernels.xxt(X)
     assert A.shape == (150, 150) and A.dtype == dtype
-    assert_close(A, X.double() @ X.double().mT)
-    S = random((3, 90, 90), dtype, seed=3)
+    X64 = X.double().cpu()
+    assert_close(A, X64 @ X64.mT)
+    S = random((3, 90, 90), dtype, seed=3, device=kdevice)
     S = (S + S.mT) / 2  # symmetric, like the Gram matrices Newton-Schulz feeds it
     B = kernels.ba_plus_cAA(S, -2.8, 0.5)
-    assert_close(B, -2.8 * S.double() + 0.5 * (S.double() @ S.double()))
+    S64 = S.double().cpu()
+    assert_close(B, -2.8 * S64 + 0.5 * (S64 @ S64))
 
 
-def test_xxt_and_ba_plus_cAA_gradients():
-    X = random((70, 90), torch.float32, seed=4).requires_grad_()
-    G = random((70, 70), torch.float32, seed=5)
+def test_xxt_and_ba_plus_cAA_gradients(kdevice):
+    X = random((70, 90), torch.float32, seed=4, device=kdevice).requires_grad_()
+    G = random((70, 70), torch.float32, seed=5, device=kdevice)
     (kernels.xxt(X) * G).sum().backward()
-    X64 = X.detach().double().requires_grad_()
-    (kernels.xxt_reference(X64) * G.double()).sum().backward()
+    X64 = X.detach().double().cpu().requires_grad_()
+    (kernels.xxt_reference(X64) * G.double().cpu()).sum().backward()
     assert_close(X.grad, X64.grad)
 
-    A = random((70, 70), torch.float32, seed=6).requires_grad_()
+    A = random((70, 70), torch.float32, seed=6, device=kdevice).requires_grad_()
     (kernels.ba_plus_cAA(A, 1.5, -0.7) * G).sum().backward()
-    A64 = A.detach().double().requires_grad_()
-    (kernels.ba_plus_cAA_reference(A64, 1.5, -0.7) * G.double()).sum().backward()
+    A64 = A.detach().double().cpu().requires_grad_()
+    (kernels.ba_plus_cAA_reference(A64, 1.5, -0.7) * G.double().cpu()).sum().backward()
     assert_close(A.grad, A64.grad)
 
 
@@ -197,15 +214,16 @@ def test_xxt_rejects_bad_shapes():
         kernels.xxt(torch.randn(4))
 
 
-def test_xxt_opcheck():
-    torch.library.opcheck(torch.ops.kernels.xxt.default, (random((70, 40), torch.float32).requires_grad_(),))
+def test_xxt_opcheck(kdevice):
+    torch.library.opcheck(torch.ops.kernels.xxt.default,
+                          (random((70, 40), torch.float32, device=kdevice).requires_grad_(),))
     torch.library.opcheck(torch.ops.kernels.ba_plus_cAA.default,
-                          (random((70, 70), torch.float32).requires_grad_(), 1.5, -0.5))
+                          (random((70, 70), torch.float32, device=kdevice).requires_grad_(), 1.5, -0.5))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
-def test_newton_schulz_with_kernels_matches_torch(monkeypatch, dtype, tol):
-    G = random((2, 150, 90), torch.float32, seed=7)  # tall: muon iterates on the strided transpose
+def test_newton_schulz_with_kernels_matches_torch(monkeypatch, dtype, tol, kdevice):
+    G = random((2, 150, 90), torch.float32, seed=7, device=kdevice)  # tall: muon iterates on the strided transpose
     monkeypatch.setenv("NANOGPT_KERNELS", "0")
     plain = muon.newton_schulz(G, steps=5, polar_express=True, dtype=dtype).double()
     monkeypatch.setenv("NANOGPT_KERNELS", "1")
@@ -216,32 +234,32 @@ def test_newton_schulz_with_kernels_matches_torch(monkeypatch, dtype, tol):
 
 # -- relu2_linear -------------------------------------------------------------------------------------------------
 
-def relu2_inputs(dtype, seed=0):
+def relu2_inputs(dtype, seed=0, device="cpu"):
     # x (3, 50, 100) -> 150 tokens, W (200, 100): 2x2 output tiles of 128, and a ragged K loop in every product
-    x = random((3, 50, 100), dtype, seed=seed)
-    W = random((200, 100), dtype, seed=seed + 1, scale=0.1)
-    dy = random((3, 50, 200), dtype, seed=seed + 2)
+    x = random((3, 50, 100), dtype, seed=seed, device=device)
+    W = random((200, 100), dtype, seed=seed + 1, scale=0.1, device=device)
+    dy = random((3, 50, 200), dtype, seed=seed + 2, device=device)
     return x, W, dy
 
 
 def relu2_reference64(x, W, dy):
-    x64, W64 = x.double().requires_grad_(), W.double().requires_grad_()
+    x64, W64 = x.double().cpu().requires_grad_(), W.double().cpu().requires_grad_()
     y = kernels.relu2_linear_reference(x64, W64)
-    y.backward(dy.double())
+    y.backward(dy.double().cpu())
     return y.detach(), x64.grad, W64.grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu2_matmul_kernel_writes_every_element(dtype):
-    x, W, dy = relu2_inputs(dtype)
+def test_relu2_matmul_kernel_writes_every_element(dtype, kdevice):
+    x, W, dy = relu2_inputs(dtype, device=kdevice)
     x, dy = x.view(150, 100), dy.view(150, 200)
     y_ref, dx_ref, dW_ref = relu2_reference64(x, W, dy)
-    y = torch.full((150, 200), float("nan"), dtype=dtype)
+    y = torch.full((150, 200), float("nan"), dtype=dtype, device=kdevice)
     relu2_matmul._matmul(x, W.T, y, relu2_out=True)
     assert_close(y, y_ref)
     dx = torch.full_like(x, float("nan"))
     dW = torch.full_like(W, float("nan"))
-    y_exact = y_ref.to(dtype)  # the backward's inputs, without the forward's rounding error
+    y_exact = y_ref.to(kdevice, dtype)  # the backward's inputs, without the forward's rounding error
     relu2_matmul._matmul(dy, W, dx, y=y_exact)
     relu2_matmul._matmul(dy.T, x, dW, y=y_exact.T)
     assert_close(dx, dx_ref)
@@ -249,8 +267,8 @@ def test_relu2_matmul_kernel_writes_every_element(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relu2_linear_forward_backward_matches_reference(dtype):
-    x, W, dy = relu2_inputs(dtype, seed=3)
+def test_relu2_linear_forward_backward_matches_reference(dtype, kdevice):
+    x, W, dy = relu2_inputs(dtype, seed=3, device=kdevice)
     x.requires_grad_()
     W.requires_grad_()
     y = kernels.relu2_linear(x, W)
@@ -267,12 +285,12 @@ def test_relu2_linear_rejects_mixed_dtypes():
         kernels.relu2_linear(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(6, 8))
 
 
-def test_relu2_linear_opcheck():
-    x, W = random((20, 30), torch.float32), random((40, 30), torch.float32, seed=1)
+def test_relu2_linear_opcheck(kdevice):
+    x, W = random((20, 30), torch.float32, device=kdevice), random((40, 30), torch.float32, seed=1, device=kdevice)
     torch.library.opcheck(torch.ops.kernels.relu2_linear.default, (x.requires_grad_(), W.requires_grad_()))
     y = kernels.relu2_linear_reference(x.detach(), W.detach())
     torch.library.opcheck(torch.ops.kernels.relu2_linear_backward.default,
-                          (random((20, 40), torch.float32, seed=2), x.detach(), W.detach(), y))
+                          (random((20, 40), torch.float32, seed=2, device=kdevice), x.detach(), W.detach(), y))
 
 
 # -- switch, compile, GPU build -----------------------------------------------------------------------------------
@@ -290,7 +308,8 @@ def test_enabled_switch(monkeypatch):
         kernels.enabled(cpu)
 
 
-def test_all_kernels_under_torch_compile_fullgraph(monkeypatch):
+def test_all_kernels_under_torch_compile_fullgraph(monkeypatch, kdevice):
+    """aot_eager on the CPU (no codegen), inductor on CUDA: the kernels as opaque nodes of a real compiled graph."""
     monkeypatch.setenv("NANOGPT_KERNELS", "1")
 
     def step(x, W, targets):  # the model's pattern: the switch, then the kernels
@@ -298,9 +317,10 @@ def test_all_kernels_under_torch_compile_fullgraph(monkeypatch):
         z = h @ kernels.xxt(W)  # (30, 70)
         return kernels.softcap_cross_entropy(z, targets)
 
-    x, W = random((30, 40), torch.float32), random((70, 40), torch.float32, seed=1, scale=0.2)
-    targets = torch.randint(0, 70, (30,), generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = random((30, 40), torch.float32, device=kdevice)
+    W = random((70, 40), torch.float32, seed=1, scale=0.2, device=kdevice)
+    targets = torch.randint(0, 70, (30,), generator=torch.Generator().manual_seed(0)).to(kdevice)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if kdevice.type == "cpu" else "inductor")
     grads = []
     for fn in (step, compiled):
         xg, Wg = x.clone().requires_grad_(), W.clone().requires_grad_()
