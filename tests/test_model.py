@@ -160,29 +160,33 @@ def emulate_fp8_mm(x, w, x_s, w_s):
     return (x8 @ w8.T) * (x_s * w_s)
 
 
-def test_fp8_mm_forward_backward():
+@pytest.mark.parametrize("tokens", [37, 48])  # 37: not a multiple of 16 (_scaled_mm's grad_w product is padded)
+def test_fp8_mm_forward_backward(device, tokens):
+    """CUDA: torch._scaled_mm; CPU: the emulation. Both against the float64 product of the same float8 values."""
     gen = torch.Generator().manual_seed(0)
-    x = F.rms_norm(torch.randn(37, 64, generator=gen), (64,)).requires_grad_()
-    w = (0.05 * torch.randn(200, 64, generator=gen)).requires_grad_()
+    x = F.rms_norm(torch.randn(tokens, 64, generator=gen), (64,)).to(device).requires_grad_()
+    w = (0.05 * torch.randn(208, 64, generator=gen)).to(device).requires_grad_()  # _scaled_mm: N, K multiples of 16
     scales = (64 ** 0.5 / 448, 2 ** -9, 1 / 448)  # the model's: x_s, w_s, grad_s
     out, x8, w8 = fp8_mm(x, w, *scales)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(x8.view(torch.float8_e4m3fn).float(), (x.detach() / scales[0]).to(torch.float8_e4m3fn).float())
-    emulated = emulate_fp8_mm(x.detach(), w.detach(), scales[0], scales[1])
-    assert torch.allclose(out.double(), emulated, rtol=1e-2, atol=1e-3)  # only the bf16 output rounding differs
-    exact = x.detach().double() @ w.detach().double().T
-    assert (out.double() - exact).norm() / exact.norm() < 0.05  # within FP8 tolerance of the true product
-    g = (torch.randn(37, 200, generator=gen) * 1e-2).bfloat16()  # the output's dtype
-    out.backward(g)
+    x_, w_ = x.detach().cpu(), w.detach().cpu()
+    assert out.dtype == torch.bfloat16 and out.device == x.device
+    assert torch.equal(x8.view(torch.float8_e4m3fn).float().cpu(), (x_ / scales[0]).to(torch.float8_e4m3fn).float())
+    emulated = emulate_fp8_mm(x_, w_, scales[0], scales[1])
+    # only the bf16 output rounding differs (and _scaled_mm's fast accumulation on CUDA, as the record runs it)
+    assert torch.allclose(out.double().cpu(), emulated, rtol=1e-2, atol=1e-3)
+    exact = x_.double() @ w_.double().T
+    assert (out.double().cpu() - exact).norm() / exact.norm() < 0.05  # within FP8 tolerance of the true product
+    g = (torch.randn(tokens, 208, generator=gen) * 1e-2).bfloat16()  # the output's dtype
+    out.backward(g.to(device))
     g8 = (g / scales[2]).to(torch.float8_e5m2).double()
-    grad_x = (g8 @ (w.detach() / scales[1]).to(torch.float8_e4m3fn).double()) * (scales[2] * scales[1])
-    grad_w = (g8.T @ (x.detach() / scales[0]).to(torch.float8_e4m3fn).double()) * (scales[2] * scales[0])
+    grad_x = (g8 @ (w_ / scales[1]).to(torch.float8_e4m3fn).double()) * (scales[2] * scales[1])
+    grad_w = (g8.T @ (x_ / scales[0]).to(torch.float8_e4m3fn).double()) * (scales[2] * scales[0])
     assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
-    assert torch.allclose(x.grad.double(), grad_x, rtol=1e-2, atol=1e-5)
-    assert torch.allclose(w.grad.double(), grad_w, rtol=1e-5, atol=1e-7)
-    true_gx, true_gw = g.double() @ w.detach().double(), g.double().T @ x.detach().double()
-    assert (x.grad.double() - true_gx).norm() / true_gx.norm() < 0.15
-    assert (w.grad.double() - true_gw).norm() / true_gw.norm() < 0.15
+    assert torch.allclose(x.grad.double().cpu(), grad_x, rtol=1e-2, atol=1e-5)
+    assert torch.allclose(w.grad.double().cpu(), grad_w, rtol=1e-5 if device.type == "cpu" else 1e-4, atol=1e-7)
+    true_gx, true_gw = g.double() @ w_.double(), g.double().T @ x_.double()
+    assert (x.grad.double().cpu() - true_gx).norm() / true_gx.norm() < 0.15
+    assert (w.grad.double().cpu() - true_gw).norm() / true_gw.norm() < 0.15
 
 
 def test_fp8_mm_opcheck():
@@ -306,24 +310,63 @@ def test_tiny_model_overfits_a_fixed_batch():
     assert loss.item() < 0.3 * first
 
 
-def test_compiled_model_fullgraph_matches_eager():
-    """The CUDA run compiles the model with fullgraph=True; trace it here (aot_eager: dynamo + AOT autograd, no
-    codegen) with a tensor window, forward and backward, and compare with eager."""
+def test_compiled_model_fullgraph_matches_eager(device):
+    """train_gpt.py compiles the model with dynamic=False, fullgraph=True (a graph break is an error). On the CPU the
+    graph is traced (aot_eager: dynamo + AOT autograd, no codegen: inductor's C++ build would take a minute); on
+    CUDA inductor compiles it (flex attention, FP8 head, Triton kernels) against the eager model in its bf16
+    numerics. Training loss (FP8 head, summed) forward and backward at a ragged length, with a tensor window."""
     torch.manual_seed(5)
-    model = GPT(tiny_config())
+    model = GPT(tiny_config()).to(device)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1) if p.ndim >= 2 else None
-    idx = torch.randint(0, 256, (1, 200))
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    loss = compiled(idx, idx, window=torch.tensor(3), reduction="sum")
+    idx = torch.randint(0, 256, (1, 200), device=device)
+    backend = "aot_eager" if device.type == "cpu" else "inductor"
+    compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
+    loss = compiled(idx, idx, window=torch.tensor(3, device=device), reduction="sum")
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     expected = model(idx, idx, window=3, reduction="sum")
     expected.backward()
-    assert torch.allclose(loss, expected)
+    # bf16 activations on CUDA: fused kernels round differently from eager ones
+    rtol, atol = (1.3e-6, 1e-5) if device.type == "cpu" else (2e-2, 2e-2)
+    torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol * expected.abs().item())
     for g, p in zip(grads, model.parameters()):
-        assert torch.allclose(g, p.grad, atol=1e-5)
+        torch.testing.assert_close(g, p.grad, rtol=rtol, atol=atol * p.grad.abs().max().item() + 1e-6)
+
+
+def test_flex_matches_sdpa_forward_backward_at_a_ragged_length(device):
+    """The model's two attention paths from the same mask function at T = 300 (not a multiple of flex's 128-token
+    tile): SDPA with the dense mask (the CPU path), and flex with the BlockMask (the CUDA path; compiled there, as in
+    the model's compiled graph). Flex has no backward on the CPU, so there the backward is SDPA's against a float64
+    reference from the dense mask."""
+    gen = torch.Generator().manual_seed(7)
+    T = 300
+    idx = random_tokens(1, T, 4, gen).to(device)
+    docs = document_ids(idx, EOS)
+    q, k, v = (torch.randn(1, 2, T, 32, generator=gen).to(device).requires_grad_() for _ in range(3))
+    dy = torch.randn(1, 2, T, 32, generator=gen).to(device)
+    mask = dense_mask(docs, 3, 16, T)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    ref = attend(q64, k64, v64, mask.cpu(), 0.12)
+    ref.backward(dy.double().cpu())
+    sdpa = attend(q, k, v, mask, 0.12)
+    sdpa.backward(dy)
+    paths = [("sdpa", sdpa, [t.grad for t in (q, k, v)])]
+    if device.type == "cuda":
+        for t in (q, k, v):
+            t.grad = None
+        flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)(q, k, v, block_mask=block_mask(
+            docs, torch.tensor(3, device=device), 16, T), scale=0.12)
+        flex.backward(dy)
+        paths.append(("flex", flex, [t.grad for t in (q, k, v)]))
+    else:
+        paths.append(("flex", flex_attention(q.detach(), k.detach(), v.detach(), block_mask=block_mask(docs, 3, 16, T),
+                                             scale=0.12), None))
+    for name, out, grads in paths:
+        torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=1e-4, rtol=1e-4, msg=name)
+        for g, t in zip(grads or [], (q64, k64, v64)):
+            torch.testing.assert_close(g.double().cpu(), t.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_compiled_flex_with_built_block_mask_matches_sdpa():

@@ -2,6 +2,7 @@
 rollout engine against brute-force full forwards, on the HF decoder and on model.py's GPT."""
 import base64
 import collections
+import copy
 import dataclasses
 import json
 import random
@@ -533,14 +534,16 @@ def full_logprobs(model, rollout, temperature):
 
 @pytest.mark.parametrize("prompts, prefill_tokens", [(PROMPTS, 4096), (PROMPTS, 6), ([[9], [3]], 4096)],
                          ids=["mixed-lengths", "one-prompt-per-prefill", "no-prefill"])
-def test_greedy_equals_full_forward_argmax(policy_model, monkeypatch, prompts, prefill_tokens):
+def test_greedy_equals_full_forward_argmax(policy_model, monkeypatch, prompts, prefill_tokens, device):
+    """On CUDA the engine's decode step is compiled and replayed as a CUDA graph, the full forward runs eagerly."""
     monkeypatch.setattr(policy, "PREFILL_TOKENS", prefill_tokens)  # 6: prefill one prompt per forward
-    rollout = policy.generate(policy_model, prompts, n=2, max_new_tokens=9, temperature=0.0, eos=EOS)
+    model = copy.deepcopy(policy_model).to(device)
+    rollout = policy.generate(model, prompts, n=2, max_new_tokens=9, temperature=0.0, eos=EOS)
     for i, prompt in enumerate(prompts):
         seq = list(prompt)
         with torch.no_grad():
             while len(seq) < len(prompt) + 9 and seq[-1] != EOS:
-                seq.append(int(policy_model(torch.tensor([seq]))[0, -1].argmax()))
+                seq.append(int(model(torch.tensor([seq], device=device))[0, -1].argmax()))
         for r in (2 * i, 2 * i + 1):
             assert rollout.tokens[r].tolist() == seq + [0] * (rollout.tokens.size(1) - len(seq))
             assert rollout.completion_lens[r] == len(seq) - len(prompt)
