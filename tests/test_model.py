@@ -291,6 +291,31 @@ def test_param_groups_and_flops():
     assert cfg.padded_vocab_size == 50304 and cfg.num_heads * cfg.head_dim == cfg.model_dim
 
 
+def test_flops_estimate_matches_flop_counter(monkeypatch):
+    """estimate_flops_per_token (train_gpt.py's MFU) against torch's FlopCounterMode on a forward + backward of the
+    training loss. The counter has no formula for SDPA on the CPU, so attention runs here as explicit matmuls over
+    the dense (T, T) scores: what the estimate assumes when every layer's window spans the sequence (it counts each
+    query against its full window, as nanoGPT's 12·L·H·Q·T does, not the causal half). The FP8 head is a custom op
+    the counter cannot see: the bf16 head has the same FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def dense_attend(q, k, v, mask, scale):
+        scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+    monkeypatch.setattr(model_module, "attend", dense_attend)
+    L, T = 5, 256
+    cfg = tiny_config(num_layers=L, vocab_size=300, max_seq_len=T, block_len=32, window_blocks=8,
+                      long_window_layers=tuple(range(L)), no_attn_layers=(3,), fp8_head=False)
+    model = GPT(cfg)
+    idx = torch.randint(1, 300, (1, T), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx, reduction="sum").backward()
+    assert counter.get_total_flops() / T == model.estimate_flops_per_token(window=8)
+    # and the attention term is there: 12 * H * D * T per attention layer
+    assert model.estimate_flops_per_token(8) - model.estimate_flops_per_token(1) == 4 * 12 * 2 * 32 * (T - 32)
+
+
 def test_tiny_model_overfits_a_fixed_batch():
     from muon import Muon
     torch.manual_seed(4)
