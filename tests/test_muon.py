@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import muon
 from muon import DistAdam, Muon, muon_update, newton_schulz
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,19 @@ def test_newton_schulz_singular_values(shape, polar_express, band):
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     polar = U @ Vh
     assert (X.double() - polar).norm() / polar.norm() < 0.3
+
+
+def test_newton_schulz_compiles_fullgraph(device, monkeypatch):
+    """Muon's CUDA step runs newton_schulz under torch.compile(dynamic=False, fullgraph=True), the Triton kernels
+    inside. On the CPU the same graph is traced (aot_eager, kernels in the interpreter); on CUDA it is the compiled
+    function muon_update calls, in bf16, against the eager one."""
+    monkeypatch.setenv("NANOGPT_KERNELS", "1")
+    G = conditioned((2, 70, 40), torch.Generator().manual_seed(3)).to(device)
+    compiled = (torch.compile(newton_schulz, backend="aot_eager", dynamic=False, fullgraph=True)
+                if device.type == "cpu" else muon.newton_schulz_compiled)
+    out, expected = compiled(G, 5, True).float(), newton_schulz(G, 5, True).float()
+    tol = 1e-5 if device.type == "cpu" else 0.1  # bf16 on CUDA: fused and eager products round differently
+    torch.testing.assert_close(out, expected, atol=tol * expected.abs().max().item(), rtol=tol)
 
 
 def test_update_scaling_and_nesterov():
