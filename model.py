@@ -386,7 +386,7 @@ class GPT(nn.Module):
         return self.lm_head(x)
 
     def _logits(self, x: Tensor) -> Tensor:
-        """x (B, T, C) -> softcapped logits (B, T, padded_vocab) fp32."""
+        """x (..., C) -> softcapped logits (..., padded_vocab) fp32."""
         return kernels.softcap_logits(self._head(x).float(), self.config.softcap, self.config.softcap_type)
 
     def _loss(self, x: Tensor, targets: Tensor, fp8: bool) -> Tensor:
@@ -443,7 +443,7 @@ class GPT(nn.Module):
         return self._trunk(idx, rope, attend_fns)
 
     def head(self, x: Tensor) -> Tensor:
-        """x (B, T, C) from hidden() -> softcapped logits (B, T, vocab_size) fp32 (the bf16 head)."""
+        """x (..., C) from hidden() -> softcapped logits (..., vocab_size) fp32 (the bf16 head)."""
         return self._logits(x)[..., :self.config.vocab_size]
 
     # -- cached decoding (the KV-cache protocol of policy.py's rollout engine) -----------------------------------
@@ -456,10 +456,10 @@ class GPT(nn.Module):
         shape = (len(self.blocks), batch_size, max_len, self.config.num_heads, self.config.head_dim)
         return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
-        """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32. Writes this step's K/V at pos; every query attends
-        to the cached positions <= its own within its layer's window (the mask rule above, blocks counted from
-        position 0). Assumes one document per row."""
+    def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache, logits: bool = True) -> Tensor | None:
+        """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32 (logits=False: None, only the cache writes of a
+        prefill). Writes this step's K/V at pos; every query attends to the cached positions <= its own within its
+        layer's window (the mask rule above, blocks counted from position 0). Assumes one document per row."""
         B, t = idx.shape
         rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
         key_pos = torch.arange(cache.k.size(2), device=idx.device)  # (S,)
@@ -480,7 +480,7 @@ class GPT(nn.Module):
 
         rope = (self.cos[pos], self.sin[pos])  # (B, t, D/2)
         x = self._trunk(idx, rope, [cached_attend(i) for i in range(len(self.blocks))])
-        return self._logits(x)[..., :self.config.vocab_size]
+        return self._logits(x)[..., :self.config.vocab_size] if logits else None
 
     # -- optimizer grouping and FLOPs --------------------------------------------------------------------------------
 

@@ -14,8 +14,9 @@ log; HF checkpoints, tokenizers and sampling are no part of the speedrun.
 Every policy model maps idx (B, T) -> logits (B, T, vocab) fp32 (right-padded rows are fine: attention is causal),
 in two parts, hidden(idx) -> final hidden states (B, T, C) and head(x) -> logits, which token_logprobs uses to score
 tokens with flat memory (the head a chunk of positions at a time), and implements model.py's KV-cache protocol:
-init_cache(batch_size, max_len) -> KVCache and forward_cached(idx, pos, cache) -> logits, with per-row absolute
-positions.
+init_cache(batch_size, max_len) -> KVCache and forward_cached(idx, pos, cache, logits=True) -> logits (None with
+logits=False: a prefill's cache writes only), with per-row absolute positions. HFDecoder also runs the rows of a
+group on one pass over their shared prompt (hidden_shared), which GRPO's update uses.
 
 Tokenizers run on tiktoken where it reproduces a HF tokenizer.json exactly (byte-level BPE whose merges agree with
 rank order, a known pre-tokenizer, no normalizer but NFC), and on Hugging Face's tokenizers library otherwise. Chat
@@ -482,8 +483,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:  # normalised in fp32, scaled in x's dtype, as transformers does
-        xf = x.float()
+    def forward(self, x: Tensor) -> Tensor:  # normalised in fp32 (fp64 stays), scaled in x's dtype, as transformers does
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
@@ -498,11 +499,29 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     hidden = ~mask[:, :, None]  # (B, T, 1, S): broadcast over the g query heads of a K/V head
     out = []
     for h in range(Hkv):
-        scores = (q[:, :, h].reshape(B, T * g, D) @ k[:, :, h].transpose(1, 2)).float() * D ** -0.5  # (B, T*g, S)
+        scores = q[:, :, h].reshape(B, T * g, D) @ k[:, :, h].transpose(1, 2)  # (B, T*g, S)
+        scores = scores.to(torch.promote_types(q.dtype, torch.float32)) * D ** -0.5
         scores = scores.view(B, T, g, -1).masked_fill(hidden, float("-inf"))  # rows ordered (t, j)
         probs = scores.softmax(dim=-1).to(v.dtype).view(B, T * g, -1)
         out.append((probs @ v[:, :, h]).view(B, T, g, D))
     return torch.stack(out, dim=2).view(B, T, H, D)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B, T, H, D); k, v (B, T, Hkv, D) -> (B, T, H, D), causal: SDPA's GQA, no K/V copies."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=True).transpose(1, 2)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q (B, T, H, D); k, v (B, S, Hkv, D); mask (B, T, S) bool -> (B, T, H, D), for training (autograd). On CUDA,
+    SDPA's memory-efficient kernel (it takes a mask but not GQA: K/V repeated per query head), which keeps no (T, S)
+    scores for backward; on the CPU, cached_attention's per-K/V-head matmuls."""
+    if not q.is_cuda:
+        return cached_attention(q, k, v, mask)
+    g = q.size(2) // k.size(2)
+    k, v = (t.repeat_interleave(g, dim=2).transpose(1, 2) for t in (k, v))  # (B, H, S, D)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None]).transpose(1, 2)
 
 
 class HFAttention(nn.Module):
@@ -517,25 +536,41 @@ class HFAttention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv=None, pos=None, mask=None) -> Tensor:
-        # x (B, T, C). Without kv: causal attention within x. With kv = (k_cache, v_cache), each (B, S, Hkv, D):
-        # this step's K/V are written at pos (B, T) and the queries attend to the cache under mask (B, T, S).
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> q (B, T, H, D), k and v (B, T, Hkv, D), q and k normed (Qwen3) and rotated."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv=None, pos=None, mask=None) -> Tensor:
+        # x (B, T, C). Without kv: causal attention within x. With kv = (k_cache, v_cache), each (B, S, Hkv, D):
+        # this step's K/V are written at pos (B, T) and the queries attend to the cache under mask (B, T, S).
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if kv is None:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, H, D)
+            y = causal_attention(q, k, v)
         else:
             rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
             kv[0][rows, pos] = k
             kv[1][rows, pos] = v
             y = cached_attention(q, kv[0], kv[1], mask)
         return self.o_proj(y.reshape(B, T, -1))
+
+    def forward_shared(self, xp: Tensor, xc: Tensor, rope_p, rope_c, group: Tensor, mask: Tensor):
+        """Completions after shared prompts. xp (P, Tp, C): the distinct prompts, causal among themselves; xc (N, Tc,
+        C): the completions, row r after prompt group[r]; mask (N, Tc, Tp + Tc): what each completion position sees
+        of its prompt's keys and its own. -> (yp (P, Tp, C), yc (N, Tc, C)). A prompt's K/V are computed once and
+        read by each of its rows."""
+        (P, Tp, _), (N, Tc, _) = xp.shape, xc.shape
+        qp, kp, vp = self.qkv(xp, *rope_p)
+        qc, kc, vc = self.qkv(xc, *rope_c)
+        yp = causal_attention(qp, kp, vp)
+        yc = masked_attention(qc, torch.cat([kp[group], kc], dim=1), torch.cat([vp[group], vc], dim=1), mask)
+        return self.o_proj(yp.reshape(P, Tp, -1)), self.o_proj(yc.reshape(N, Tc, -1))
 
 
 class HFMLP(nn.Module):
@@ -563,6 +598,12 @@ class HFBlock(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_shared(self, xp: Tensor, xc: Tensor, rope_p, rope_c, group: Tensor, mask: Tensor):
+        yp, yc = self.self_attn.forward_shared(self.input_layernorm(xp), self.input_layernorm(xc), rope_p, rope_c,
+                                               group, mask)
+        xp, xc = xp + yp, xc + yc
+        return xp + self.mlp(self.post_attention_layernorm(xp)), xc + self.mlp(self.post_attention_layernorm(xc))
+
 
 class HFDecoder(nn.Module):
     """Llama / Qwen2 / Qwen3 decoder. Parameter names are transformers' without the "model." prefix, so a HF
@@ -586,6 +627,23 @@ class HFDecoder(nn.Module):
         pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
         return self._run(idx, pos)
 
+    def hidden_shared(self, prompts: Tensor, prompt_lens: Tensor, completions: Tensor, group: Tensor):
+        """The final hidden states of rows that share prompts, each prompt's trunk run once. prompts (P, Tp) int64:
+        the distinct prompts, right-padded; prompt_lens (P,); completions (N, Tc) int64: row r is prompt group[r]
+        followed by completions[r] (from position prompt_lens[group[r]]). -> (hp (P, Tp, C), hc (N, Tc, C)): what
+        hidden() gives at those positions of each row's prompt + completion (up to float round-off)."""
+        (P, Tp), (N, Tc) = prompts.shape, completions.shape
+        start = prompt_lens[group]  # (N,)
+        arange_p, arange_c = torch.arange(Tp, device=prompts.device), torch.arange(Tc, device=prompts.device)
+        mask = torch.cat([(arange_p < start[:, None]).unsqueeze(1).expand(N, Tc, Tp),  # the row's prompt
+                          (arange_c[None, :] <= arange_c[:, None]).expand(N, Tc, Tc)], dim=2)  # causal: (N, Tc, Tp+Tc)
+        xp, xc = self.embed_tokens(prompts), self.embed_tokens(completions)  # (P, Tp, C), (N, Tc, C)
+        rope_p = self.rope(arange_p.expand(P, Tp), xp.dtype)
+        rope_c = self.rope(start[:, None] + arange_c, xc.dtype)
+        for layer in self.layers:
+            xp, xc = layer.forward_shared(xp, xc, rope_p, rope_c, group, mask)
+        return self.norm(xp), self.norm(xc)
+
     def head(self, x: Tensor) -> Tensor:
         """x (..., C) hidden states -> logits (..., vocab_size), fp32 (fp64 for fp64 weights)."""
         logits = F.linear(x, (self.embed_tokens if self.lm_head is None else self.lm_head).weight)
@@ -597,15 +655,21 @@ class HFDecoder(nn.Module):
         return KVCache(torch.zeros(shape, dtype=w.dtype, device=w.device),
                        torch.zeros(shape, dtype=w.dtype, device=w.device))
 
-    def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
-        """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32; writes K/V at pos, attends to cache slots <= pos."""
+    def forward_cached(self, idx: Tensor, pos: Tensor, cache: KVCache, logits: bool = True) -> Tensor | None:
+        """idx, pos (B, t) int64 -> logits (B, t, vocab_size) fp32 (logits=False: None, only the cache writes of a
+        prefill); writes K/V at pos, attends to cache slots <= pos."""
         visible = torch.arange(cache.k.size(2), device=idx.device) <= pos[:, :, None]  # (B, t, S)
-        return self.head(self._run(idx, pos, cache, visible))
+        x = self._run(idx, pos, cache, visible)
+        return self.head(x) if logits else None
+
+    def rope(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """pos (B, T) int64 -> cos, sin (B, T, 1, D/2) in dtype, the angles computed in fp32 as transformers does."""
+        angles = pos[:, :, None, None].float() * self.inv_freq
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def _run(self, idx: Tensor, pos: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
         x = self.embed_tokens(idx)  # (B, T, C)
-        angles = pos[:, :, None, None].float() * self.inv_freq  # (B, T, 1, D/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self.rope(pos, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else (cache.k[i], cache.v[i]), pos, mask)
         return self.norm(x)
@@ -792,8 +856,9 @@ LOGITS_CHUNK = 2 ** 26  # logits per head chunk in token_logprobs: 256 MiB in fp
 
 
 def chunk_logits(model, h: Tensor, temperature: float) -> Tensor:
-    """h (c, C) final hidden states -> logits / temperature (c, V) fp32 (temperature 0 or 1: no division)."""
-    logits = model.head(h[None])[0]
+    """h (c, C) final hidden states -> logits / temperature (c, V) fp32 (temperature 0 or 1: no division). The head
+    on the 2-D h: its backward through a (1, c, C) view took ~1.4x as long (SmolLM2's head, one CPU thread)."""
+    logits = model.head(h)
     return logits if temperature in (0.0, 1.0) else logits / temperature
 
 
@@ -848,11 +913,40 @@ class ChunkedLogprobs(torch.autograd.Function):
         return grad_h, None, None, None, None, None, *grad_params
 
 
+def prompt_groups(tokens: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
+    """tokens (B, L), prompt_lens (B,) -> (prompts (P, Tp): the distinct prompts, -1 past each one's end; group (B,):
+    the index of each row's prompt). Rows with equal prompts share one, wherever they sit in the batch."""
+    Tp = int(prompt_lens.max())
+    col = torch.arange(Tp, device=tokens.device)
+    key = torch.where(col < prompt_lens[:, None], tokens[:, :Tp], -1)  # (B, Tp)
+    return torch.unique(key, dim=0, return_inverse=True)
+
+
+def shared_hidden(model, tokens: Tensor, prompt_lens: Tensor, mask: Tensor) -> Tensor:
+    """model.hidden(tokens[:, :-1])[mask] (n, C), with each distinct prompt's trunk run once (model.hidden_shared).
+    mask (B, L-1) must score nothing before a row's last prompt token (completions' targets only)."""
+    B, L = tokens.shape
+    first = prompt_lens - 1  # (B,) the first scored position a row may have: its last prompt token
+    if bool((mask & (torch.arange(L - 1, device=tokens.device) < first[:, None])).any()):
+        raise ValueError("token_logprobs: with prompt_lens, the mask may score only targets after the prompt")
+    prompts, group = prompt_groups(tokens, prompt_lens)  # (P, Tp), (B,)
+    Tc = max(1, int((L - 1 - prompt_lens).max()))  # completion positions whose hidden states are scored
+    at = first[:, None] + torch.arange(1 + Tc, device=tokens.device)  # (B, 1+Tc): positions Lp-1, Lp, ...
+    completions = tokens.gather(1, at[:, 1:].clamp(max=L - 1))  # (B, Tc): past a row's end, any token (causal)
+    hp, hc = model.hidden_shared(prompts.clamp(min=0), (prompts >= 0).sum(1), completions, group)
+    h = torch.cat([hp[group, first][:, None], hc], dim=1)  # (B, 1+Tc, C): the hidden states at positions `at`
+    scored = (at < L - 1) & mask.gather(1, at.clamp(max=L - 2))  # (B, 1+Tc)
+    return h[scored]  # row-major, positions increasing: the order of hidden(tokens[:, :-1])[mask]
+
+
 def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor | None = None,
-                   with_entropy: bool = False, chunk_tokens: int | None = None) -> tuple[Tensor, Tensor | None]:
+                   with_entropy: bool = False, chunk_tokens: int | None = None,
+                   prompt_lens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """tokens (B, L) -> (logp (B, L-1): the log-prob of tokens[:, 1:] under softmax(logits / temperature), the
     sampler's distribution (temperature 0 or 1: softmax(logits), no division); entropy (B, L-1) of that distribution
     (no grad) or None). mask (B, L-1) bool: score only those targets (0 elsewhere); the head never sees the others.
+    prompt_lens (B,): rows whose first prompt_lens tokens are equal share one trunk pass over them (models with
+    hidden_shared; GRPO's groups); the mask must then score only targets after the prompt.
 
     Flat memory: the trunk runs once (model.hidden), then the head runs on chunk_tokens positions at a time (default:
     LOGITS_CHUNK logits' worth) and each chunk keeps only its targets' log-probs and entropies; backward recomputes
@@ -861,7 +955,10 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
     all come from here."""
     B, L = tokens.shape
     mask = torch.ones(B, L - 1, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
-    h = model.hidden(tokens[:, :-1])[mask]  # (n, C): the scored positions only
+    if prompt_lens is not None and hasattr(model, "hidden_shared"):
+        h = shared_hidden(model, tokens, prompt_lens, mask)  # (n, C)
+    else:
+        h = model.hidden(tokens[:, :-1])[mask]  # (n, C): the scored positions only
     chunk = chunk_tokens or max(1, LOGITS_CHUNK // model.config.vocab_size)
     logp, entropy = ChunkedLogprobs.apply(h, tokens[:, 1:][mask], model, temperature, chunk, with_entropy,
                                           *model.parameters())
@@ -961,7 +1058,8 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
     whole completion, tool outputs included. With tools every step copies the N new tokens to the CPU, where each
     row's text is checked for a closed block.
 
-    1. prefill every prompt but its last token once, as one right-padded batch (chunked by PREFILL_TOKENS);
+    1. prefill every prompt but its last token once, as one right-padded batch (chunked by PREFILL_TOKENS), K/V
+       only (no logits);
     2. copy each prompt's KV cache into its n rows of the static decode cache;
     3. decode all rows together, each at its own position: a step feeds every row its current token (first: the
        prompt's last token, so the n rows of a prompt draw even their first token independently) and samples the
@@ -989,7 +1087,7 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
         rows = max(1, PREFILL_TOKENS // (T - 1))
         for i in range(0, P, rows):
             chunk = KVCache(pre.k[:, i:i + rows], pre.v[:, i:i + rows])  # views: the writes land in pre
-            model.forward_cached(padded[i:i + rows, :-1], pos[i:i + rows], chunk)
+            model.forward_cached(padded[i:i + rows, :-1], pos[i:i + rows], chunk, logits=False)
         for dst, src in ((cache.k, pre.k), (cache.v, pre.v)):  # (layers, N, S, H, D) <- (layers, P, T-1, H, D)
             dst.view(dst.size(0), P, n, *dst.shape[2:])[:, :, :, :T - 1] = src[:, :, None]
 
@@ -1025,7 +1123,7 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
         token = torch.where(forcing, forced[rows, forced_at.clamp(max=M - 1)], token)
         sampled = moving & ~forcing
         out[rows, j] = torch.where(moving, token, out[rows, j])
-        out_logp[rows, j] = torch.where(sampled, logp, out_logp[rows, j])
+        out_logp[rows, j] = torch.where(sampled, logp.to(out_logp.dtype), out_logp[rows, j])
         was_sampled[rows, j] |= sampled
         first_eos = sampled & torch.isin(token, eos_ids)
         ended |= first_eos

@@ -549,6 +549,15 @@ def test_greedy_equals_full_forward_argmax(policy_model, monkeypatch, prompts, p
             assert rollout.completion_lens[r] == len(seq) - len(prompt)
 
 
+def test_prefill_makes_no_logits(policy_model, monkeypatch):
+    """The prefill only writes K/V: every logits tensor generate makes is one decode step's, (N, 1, V)."""
+    name = "head" if isinstance(policy_model, policy.HFDecoder) else "_logits"
+    shapes, original = [], getattr(policy_model, name)
+    monkeypatch.setattr(policy_model, name, lambda x: shapes.append(tuple(x.shape[:-1])) or original(x))
+    policy.generate(policy_model, PROMPTS, n=2, max_new_tokens=4, eos=EOS, seed=0)
+    assert len(shapes) >= 3 and set(shapes) == {(6, 1)}
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
 def test_logprobs_match_full_forward(policy_model, temperature, top_k, top_p):
     rollout = policy.generate(policy_model, PROMPTS, n=3, max_new_tokens=12, temperature=temperature, top_k=top_k,
@@ -694,6 +703,52 @@ def test_token_logprobs_match_unchunked(family, temperature, chunk):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
     no_grad, _ = policy.token_logprobs(model, tokens, temperature, chunk_tokens=chunk)  # every target, no autograd
     torch.testing.assert_close(no_grad[mask], logp.detach()[mask], rtol=0, atol=tol)
+
+
+def grouped_batch(P=3, G=4, seed=0):
+    """GRPO's layout, rows shuffled: P prompts of random lengths, G completions of random lengths each, right-padded
+    -> tokens (P*G, L), prompt_lens (P*G,), mask (P*G, L-1) of the completions' targets."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, V, (int(n),), generator=g) for n in torch.randint(1, 8, (P,), generator=g)]
+    rows = [(p, torch.randint(0, V, (int(n),), generator=g)) for p in prompts
+            for n in torch.randint(1, 9, (G,), generator=g)]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=g)]
+    L = max(len(p) + len(c) for p, c in rows)
+    tokens = torch.stack([F.pad(torch.cat([p, c]), (0, L - len(p) - len(c)), value=V - 1) for p, c in rows])
+    prompt_lens = torch.tensor([len(p) for p, _ in rows])
+    ends = torch.tensor([len(p) + len(c) for p, c in rows])
+    t = torch.arange(1, L)  # target positions
+    return tokens, prompt_lens, (t >= prompt_lens[:, None]) & (t < ends[:, None])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_shared_prompt_logprobs_equal_every_row_alone(kind):
+    """hidden_shared runs each prompt once and its rows' completions against the prompt's K/V: log-probs, entropies
+    and every parameter's gradient equal the per-row computation in float64 (GQA; Qwen2's biases, Qwen3's q/k norms)."""
+    cfg = dict(model_type=kind, vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=kind == "qwen2")
+    torch.manual_seed(0)
+    model = policy.HFDecoder(policy.hf_config(cfg)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
+    tokens, prompt_lens, mask = grouped_batch()
+    prompts, group = policy.prompt_groups(tokens, prompt_lens)
+    assert len(prompts) == 3 and len(set(group.tolist())) == 3
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = []
+    for lens in (None, prompt_lens):
+        logp, entropy = policy.token_logprobs(model, tokens, 0.7, mask, with_entropy=True, chunk_tokens=5,
+                                              prompt_lens=lens)
+        results.append((logp, entropy, torch.autograd.grad((logp * weights).sum(), list(model.parameters()))))
+    (logp, entropy, grads), (shared, shared_entropy, shared_grads) = results
+    assert (shared[~mask] == 0).all() and (shared[mask] != 0).all()
+    torch.testing.assert_close(shared, logp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(shared_entropy, entropy, rtol=0, atol=1e-12)
+    for got, want in zip(shared_grads, grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="only targets after the prompt"):
+        policy.token_logprobs(model, tokens, 1.0, torch.ones_like(mask), prompt_lens=prompt_lens)
 
 
 class TensorLog(torch.utils._python_dispatch.TorchDispatchMode):

@@ -74,8 +74,9 @@ class Biased(torch.nn.Module):
     def init_cache(self, batch_size, max_len):
         return self.model.init_cache(batch_size, max_len)
 
-    def forward_cached(self, idx, pos, cache):
-        return self.model.forward_cached(idx, pos, cache) + self.bias
+    def forward_cached(self, idx, pos, cache, logits=True):
+        out = self.model.forward_cached(idx, pos, cache, logits)
+        return None if out is None else out + self.bias
 
 
 def fake_tool(code):
