@@ -4,6 +4,7 @@ Compact GRPO fine-tuner: reinforcement learning with verifiable rewards (the Dee
     python train_grpo.py                                    # CPU demo: tiny policy, arithmetic, SFT then GRPO
     torchrun --nproc_per_node=8 train_grpo.py --policy hf:Qwen/Qwen2.5-0.5B-Instruct --task gsm8k ...
     python train_grpo.py export ckpt/step_000120 out/   # weights only: transformers, vLLM and TRL load hf: policies
+    python train_grpo.py bench --policy hf:... --steps 5  # seconds per step (gen / reward / train), no evaluation
 
 Per step: sample P prompts x G completions, score them with rule-based rewards (tasks.py), turn rewards into
 group-relative advantages, then take clipped policy-gradient steps on the completion tokens.
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -268,15 +270,22 @@ def select_rows(rollout, rows):
     return type(rollout)(**{f.name: getattr(rollout, f.name)[rows] for f in dataclasses.fields(rollout)})
 
 
-def micro_batches(rows, lengths, max_tokens):
+def micro_batches(rows, lengths, max_tokens, groups=None):
     # rows (n,) indices, lengths (N,) of every row -> (rows, L) micro-batches of at most max_tokens padded tokens
-    # (len(rows) * L; a longer row goes alone), rows sorted by length so that little of a micro-batch is padding
-    order = rows[lengths[rows].argsort(descending=True, stable=True)]
+    # (len(rows) * L; a longer row goes alone), rows sorted by length so that little of a micro-batch is padding.
+    # groups (N,): rows that share a prompt stay together (sorted by their group's longest row), so that a
+    # micro-batch runs each prompt once (--share-prompts)
+    key = lengths
+    if groups is not None:
+        key = torch.zeros(int(groups.max()) + 1, dtype=lengths.dtype, device=lengths.device)
+        key = key.scatter_reduce(0, groups, lengths, "amax")[groups]        # (N,) the longest row of each row's group
+        rows = rows[groups[rows].argsort(stable=True)]
+    order = rows[key[rows].argsort(descending=True, stable=True)]
     start = 0
     while start < len(order):
-        L = int(lengths[order[start]])                                      # the longest of this micro-batch
-        count = max(1, max_tokens // L)
-        yield order[start:start + count], L
+        count = max(1, max_tokens // int(key[order[start]]))                # the longest row (or group) first
+        batch = order[start:start + count]
+        yield batch, int(lengths[batch].max())
         start += count
 
 
@@ -492,6 +501,14 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     lengths = rollout.prompt_lens + rollout.completion_lens                 # (N,)
     N = tokens.size(0)
     on_policy = args.updates_per_rollout * args.minibatches == 1            # one optimizer step: ratio exactly 1
+    # --share-prompts: the rows of a group run their prompt's trunk once (policy.token_logprobs with prompt_lens)
+    share = args.share_prompts and hasattr(model, "hidden_shared")
+    prompt_lens = rollout.prompt_lens if share else None
+    groups = policy.prompt_groups(tokens, rollout.prompt_lens)[1] if share else None
+
+    def logprobs(model, rows, L, mask, with_entropy=False):
+        return policy.token_logprobs(model, tokens[rows, :L], args.temperature, mask, with_entropy=with_entropy,
+                                     prompt_lens=None if prompt_lens is None else prompt_lens[rows])
     # No group with a reward spread: every advantage is 0, and without a KL term so is every gradient. Skip the
     # forwards, backwards and optimizer steps (all ranks together); the step line says so.
     if args.beta == 0 and global_sum([(advantages != 0).sum().item()], device)[0] == 0:
@@ -505,14 +522,15 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     ref_logp = torch.zeros_like(sampler_logp) if args.beta > 0 else None
     if old_logp is not None or ref_logp is not None:
         with torch.no_grad():
-            for rows, L in micro_batches(torch.arange(N, device=tokens.device), lengths, args.micro_batch_tokens):
+            for rows, L in micro_batches(torch.arange(N, device=tokens.device), lengths, args.micro_batch_tokens,
+                                         groups):
                 m = mask[rows, :L - 1]
                 if old_logp is not None:
-                    old_logp[rows, :L - 1] = policy.token_logprobs(model, tokens[rows, :L], args.temperature, m)[0]
+                    old_logp[rows, :L - 1] = logprobs(model, rows, L, m)[0]
                     sums["logp_gap"] += ((sampler_logp[rows, :L - 1] - old_logp[rows, :L - 1]).abs() * m).sum().item()
                     sums["gap_tokens"] += m.sum().item()
                 if ref_logp is not None:
-                    ref_logp[rows, :L - 1] = policy.token_logprobs(ref_model, tokens[rows, :L], args.temperature, m)[0]
+                    ref_logp[rows, :L - 1] = logprobs(ref_model, rows, L, m)[0]
 
     lr_scale = lr_schedule(step, args)
     for epoch in range(args.updates_per_rollout):
@@ -521,9 +539,9 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
             num_tokens, num_rows = global_sum([mask[minibatch].sum().item(), len(minibatch)], device)
             if num_tokens == 0:                                             # nothing to learn from on any rank
                 continue
-            for rows, L in micro_batches(minibatch, lengths, args.micro_batch_tokens):
+            for rows, L in micro_batches(minibatch, lengths, args.micro_batch_tokens, groups):
                 m = mask[rows, :L - 1]                                      # (b, L-1)
-                logp, entropy = policy.token_logprobs(model, tokens[rows, :L], args.temperature, m, with_entropy=True)
+                logp, entropy = logprobs(model, rows, L, m, with_entropy=True)
                 loss, metrics = policy_loss(
                     logp, logp.detach() if on_policy else old_logp[rows, :L - 1], advantages[rows], m,
                     loss_type=args.loss_type, level=args.level, eps_low=args.eps_low, eps_high=args.eps_high,
@@ -776,7 +794,8 @@ def step_dir(text):
 
 parser = argparse.ArgumentParser(
     prog="train_grpo.py", description="GRPO fine-tuning with verifiable rewards",
-    usage="%(prog)s [flags]  |  %(prog)s export CKPT DIR [--dtype D] [--max-shard-size S]   (--help lists the flags)")
+    usage="%(prog)s [flags]  |  %(prog)s bench [flags]  |  %(prog)s export CKPT DIR [--dtype D] [--max-shard-size S]   "
+          "(--help lists the flags; bench: the seconds of a step, no evaluation)")
 # policy and task
 parser.add_argument("--policy", type=policy_spec, default="tiny",
                     help="tiny | hf:<repo id or path> | ckpt:<train_gpt.py .pt file or train_grpo.py step_* directory>")
@@ -849,6 +868,9 @@ parser.add_argument("--minibatches", type=number(int, 1), default=1,
                     help="optimizer steps per pass (at most P x G, the rows of a step)")
 parser.add_argument("--micro-batch-tokens", type=number(int, 1), default=16384,
                     help="padded tokens (rows x longest row) per forward/backward; SFT too")
+parser.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
+                    help="hf: policies: the completions of a prompt run its trunk once in the update's forwards and "
+                         "backwards (equal to each row alone up to float round-off); our GPTs run every row")
 # optimisation
 parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on hidden matrices")
 parser.add_argument("--lr", type=number(float, 0), default=None, help="default: 3e-4 (tiny), 5e-6 (hf:, ckpt:)")
@@ -1027,12 +1049,9 @@ def fail(error):
     sys.exit(f"error: {' '.join(str(error).split())}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["export"]:
-        return export_main(argv[1:])
-    args = parse_args(argv)
-    t_start = time.perf_counter()
+def start(args):
+    # threads, process group, seed, the policy and the task, checked -> (rank, world, device, model, tok, hf_files,
+    # sample, test)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
@@ -1051,6 +1070,56 @@ def main(argv=None):
            f"world {world} | device {device} | tokenizer on {tok.backend}")
     if args.tools != "none":
         print0(sandbox.check())                                    # raises when the sandbox cannot run here
+    return rank, world, device, model, tok, hf_files, sample, test
+
+
+def finish():
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+
+
+def bench_main(argv):
+    # python train_grpo.py bench [flags]: the seconds of a GRPO step on a configuration. The SFT cold start as
+    # configured, then --steps RL steps (default 5 here), no evaluation; each step's split and the medians
+    args = parse_args(["--steps", "5", *argv])                              # a --steps in argv wins
+    if args.steps == 0:
+        parser.error("bench: --steps 0 times nothing; give at least 1")
+    rank, world, device, model, tok, _, sample, _ = start(args)
+    t0 = time.perf_counter()
+    if args.sft_steps > 0:
+        sft(model, tok, sample, args, rank, world, device)
+    print0(f"sft: {time.perf_counter() - t0:.1f}s")
+    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    optimizers, synced_params = make_optimizers(model, args)
+    split = []                                                              # (gen, reward, train) seconds per step
+    for step in range(args.steps):
+        rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
+        t1 = time.perf_counter()
+        sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device)
+        split.append((stats["gen_s"], stats["reward_s"], time.perf_counter() - t1))
+        print0(f"step {step + 1}/{args.steps} | {sum(split[-1]):.2f}s: gen {split[-1][0]:.2f}s reward "
+               f"{split[-1][1]:.2f}s train {split[-1][2]:.2f}s | {rollout.tokens.shape[0]} rows, "
+               f"{int(rollout.completion_lens.sum())} completion tokens, {int(rollout.prompt_lens.sum())} prompt "
+               f"tokens" + (" | no reward spread: no update" if sums["skipped"] else ""))
+    gen, reward, train = (statistics.median(column) for column in zip(*split))
+    total = statistics.median(map(sum, split))
+    print0(f"median of {args.steps} steps: {total:.2f} s/step (gen {gen:.2f}s reward {reward:.2f}s train {train:.2f}s) "
+           f"| {args.policy} share-prompts {'on' if args.share_prompts else 'off'} threads "
+           f"{torch.get_num_threads()} world {world}")
+    finish()
+    return split
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        return bench_main(argv[1:])
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    rank, world, device, model, tok, hf_files, sample, test = start(args)
 
     if args.resume is None and args.sft_steps > 0:
         sft(model, tok, sample, args, rank, world, device)
@@ -1117,9 +1186,7 @@ def main(argv=None):
     print0(f"held-out pass@1 (greedy): {100 * before['pass@1']:.1f}% before RL -> {100 * after['pass@1']:.1f}% after "
            f"({100 * (after['pass@1'] - before['pass@1']):+.1f} points) in {time.perf_counter() - t_start:.0f}s; "
            f"{state.get('skipped_steps', 0)} of {state['step']} steps had no reward spread (no update)")
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while another still uses it
-        dist.destroy_process_group()
+    finish()
     return {"before": before, "after": after}
 
 

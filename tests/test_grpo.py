@@ -1,3 +1,4 @@
+import collections
 import json
 import math
 import os
@@ -432,6 +433,69 @@ def test_micro_batches_pack_rows_up_to_the_token_budget():
     for r, L in batches:
         assert L == lengths[r].max() and (len(r) * L <= 24 or len(r) == 1)  # the 30-token row goes alone
     assert [len(r) for r, _ in batches] == [1, 2, 2, 2]                      # longest first: 30 | 12 9 | 9 5 | 3 1
+
+
+def test_micro_batches_keep_the_rows_of_a_prompt_together():
+    lengths = torch.tensor([5, 17, 3, 9, 9, 30, 1, 12, 4])
+    groups = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0, 2])                      # prompt of each row
+    batches = list(train_grpo.micro_batches(torch.arange(9), lengths, 36, groups))
+    assert [groups[r].tolist() for r, _ in batches] == [[1], [1], [1], [0, 0, 0], [2, 2, 2]]  # by 30, 12, 9
+    for r, L in batches:
+        assert L == lengths[r].max() and (len(r) * L <= 36 or len(r) == 1)
+
+
+def tiny_hf_float64(seed=0):
+    # a random Qwen3-style decoder (GQA, q/k norms) in float64, vocabulary the tiny policy's bytes + eos
+    cfg = dict(model_type="qwen3", vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = policy.HFDecoder(policy.hf_config(cfg)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
+    return model
+
+
+@pytest.mark.parametrize("flags", [[], ["--beta", "0.1"], ["--updates-per-rollout", "2", "--beta", "0.1",
+                                                           "--kl-estimator", "k3-is", "--micro-batch-tokens", "40"]])
+def test_shared_prompts_update_equals_every_row_alone(flags, monkeypatch):
+    """--share-prompts changes how the update computes, not what: the parameters after rl_update equal those of
+    --no-share-prompts in float64 (on-policy; with the reference's KL; mu = 2 with the old log-probs' pass and small
+    micro-batches that split groups). Each pass runs once per micro-batch and only when used: the old log-probs when
+    mu > 1, the reference's when beta > 0."""
+    _, tok = policy.tiny_policy()
+    model = tiny_hf_float64()
+    prompts = [tok.encode(p) for p in ["12+34=", "7-1=", "99+99=", "5+5="]]
+    rollout = policy.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
+    rollout.logprobs = rollout.logprobs.double()
+    advantages = torch.randn(16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ref_model = tiny_hf_float64(seed=1).requires_grad_(False)
+    deltas, passes = [], []
+    for share in ["--share-prompts", "--no-share-prompts"]:
+        model.load_state_dict(start)
+        calls = collections.Counter()
+        for m, name in ((model, "policy"), (ref_model, "reference")):
+            for fn in ("hidden", "hidden_shared"):
+                monkeypatch.setattr(m, fn, lambda *a, f=getattr(type(m), fn), m=m, key=(name, fn): (
+                    calls.update([key]), f(m, *a))[1])
+        args = train_grpo.parse_args([share, "--grad-clip", "1e9", "--max-new-tokens", "6", *flags])
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)                    # parameter change = -gradient
+        train_grpo.rl_update(model, ref_model, [sgd], list(model.parameters()), rollout, advantages, args,
+                             step=10, world=1, device=torch.device("cpu"))
+        deltas.append(torch.cat([(p.detach() - start[n]).flatten() for n, p in model.named_parameters()]))
+        passes.append(calls)
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-9, atol=1e-12)
+    mu, beta = args.updates_per_rollout, args.beta
+    batches = len(list(train_grpo.micro_batches(torch.arange(16), rollout.prompt_lens + rollout.completion_lens,
+                                                args.micro_batch_tokens)))
+    assert passes[1] == collections.Counter({("policy", "hidden"): batches * (mu + (mu > 1)),
+                                             **({("reference", "hidden"): batches} if beta else {})})
+    shared = passes[0]
+    assert set(shared) == {("policy", "hidden_shared")} | ({("reference", "hidden_shared")} if beta else set())
+    assert shared["policy", "hidden_shared"] % (mu + (mu > 1)) == 0
+    assert shared["reference", "hidden_shared"] == shared["policy", "hidden_shared"] // (mu + (mu > 1)) * (beta > 0)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
