@@ -515,6 +515,17 @@ def test_no_reward_spread_skips_the_update(beta, monkeypatch):
                                                                              (0, 1, True))
 
 
+def test_bench_times_steps_without_evaluation(monkeypatch, capsys):
+    monkeypatch.setattr(train_grpo, "evaluate", lambda *a, **k: pytest.fail("bench evaluated"))
+    split = train_grpo.main(["bench", "--steps", "2", "--sft-steps", "0", "--prompts-per-step", "2", "--group-size",
+                             "2", "--max-new-tokens", "4", "--tiny-dim", "32"])
+    assert len(split) == 2 and all(len(s) == 3 and min(s) >= 0 for s in split)
+    assert "median of 2 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_grpo.main(["bench", "--steps", "0"])
+    assert "bench: --steps 0 times nothing" in capsys.readouterr().err
+
+
 def test_flag_defaults_follow_the_policy():
     tiny, hf = train_grpo.parse_args([]), train_grpo.parse_args(["--policy", "hf:some/model"])
     assert (tiny.lr, tiny.sft_lr, tiny.sft_steps, tiny.sft_target) == (3e-4, 3e-3, 1500, 0.4)
