@@ -36,3 +36,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_usage_errors(parse_args, prog: str, cases, capsys):
+    """Each (argv, message) case exits as argparse does on bad input: status 2, the usage line, then one error line
+    that contains message (cases with message None are skipped)."""
+    for argv, message in cases:
+        if message is None:
+            continue
+        with pytest.raises(SystemExit) as exit:
+            parse_args(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(lines) == 2 and lines[0].startswith(f"usage: {prog}"), (argv, lines)
+        assert lines[1].startswith(f"{prog}: error: ") and message in lines[1], (argv, lines[1])

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_model
 import policy
 import tasks
 import train_grpo
+from conftest import assert_usage_errors
 from test_policy import TEXTS, hf_reference, train_bpe
 from train_grpo import group_advantages, policy_loss
 
@@ -727,12 +728,7 @@ def bad_flag_cases(tmp_path):
 
 def test_every_bad_flag_value_is_a_one_line_error(tmp_path, capsys):
     cases = bad_flag_cases(tmp_path)
-    for argv, message in cases:
-        with pytest.raises(SystemExit) as exit:
-            train_grpo.parse_args(argv)
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert exit.value.code == 2 and len(lines) == 2 and lines[0].startswith("usage: train_grpo.py"), (argv, lines)
-        assert lines[1].startswith("train_grpo.py: error: ") and message in lines[1], (argv, lines[1])
+    assert_usage_errors(train_grpo.parse_args, "train_grpo.py", cases, capsys)
     # every flag that takes a value has a case (the flags that take none, and free text, cannot be wrong)
     takes_value = {a.option_strings[-1] for a in train_grpo.parser._actions if a.option_strings and a.nargs != 0}
     assert takes_value - {argv[0] for argv, _ in cases} == {"--system-prompt"}

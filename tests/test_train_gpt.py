@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assert_usage_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -234,14 +235,7 @@ def bad_flag_cases(tmp_path):
 
 def test_every_bad_flag_value_is_a_one_line_error(tmp_path, capsys):
     cases = bad_flag_cases(tmp_path)
-    for argv, message in cases:
-        if message is None:
-            continue
-        with pytest.raises(SystemExit) as exit:
-            train_gpt.parse_args(argv)
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert exit.value.code == 2 and len(lines) == 2 and lines[0].startswith("usage: train_gpt.py"), (argv, lines)
-        assert lines[1].startswith("train_gpt.py: error: argument ") and message in lines[1], (argv, lines[1])
+    assert_usage_errors(train_gpt.parse_args, "train_gpt.py", cases, capsys)
     takes_value = {a.option_strings[-1] for a in train_gpt.parser._actions if a.option_strings and a.nargs != 0}
     assert takes_value == {argv[0] for argv, _ in cases}
     if not torch.cuda.is_available():
