@@ -501,18 +501,18 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     lengths = rollout.prompt_lens + rollout.completion_lens                 # (N,)
     N = tokens.size(0)
     on_policy = args.updates_per_rollout * args.minibatches == 1            # one optimizer step: ratio exactly 1
-    # --share-prompts: the rows of a group run their prompt's trunk once (policy.token_logprobs with prompt_lens)
-    share = args.share_prompts and hasattr(model, "hidden_shared")
-    prompt_lens = rollout.prompt_lens if share else None
-    groups = policy.prompt_groups(tokens, rollout.prompt_lens)[1] if share else None
-
-    def logprobs(model, rows, L, mask, with_entropy=False):
-        return policy.token_logprobs(model, tokens[rows, :L], args.temperature, mask, with_entropy=with_entropy,
-                                     prompt_lens=None if prompt_lens is None else prompt_lens[rows])
     # No group with a reward spread: every advantage is 0, and without a KL term so is every gradient. Skip the
     # forwards, backwards and optimizer steps (all ranks together); the step line says so.
     if args.beta == 0 and global_sum([(advantages != 0).sum().item()], device)[0] == 0:
         return collections.Counter(skipped=1)
+
+    # --share-prompts: the rows of a group run their prompt's trunk once (policy.token_logprobs with prompt_lens)
+    share_prompts = args.share_prompts and hasattr(model, "hidden_shared")
+    groups = policy.prompt_groups(tokens, rollout.prompt_lens)[1] if share_prompts else None
+
+    def logprobs(model, rows, L, mask, with_entropy=False):
+        return policy.token_logprobs(model, tokens[rows, :L], args.temperature, mask, with_entropy=with_entropy,
+                                     prompt_lens=rollout.prompt_lens[rows] if share_prompts else None)
 
     # Several optimizer steps per rollout need the log-probs of the policy that sampled it. We take them from one
     # no-grad forward of the trainer rather than from the sampler's Rollout.logprobs, so that the ratio measures
