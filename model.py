@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-import kernels
+import speedrun_kernels
 
 FLEX_BLOCK = 128  # FlexAttention tile (tokens); the BlockMask is built at this granularity
 
@@ -303,8 +303,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.c_fc.T.type_as(x)  # (hidden, C)
-        if kernels.enabled(x):  # ReLU² fused into the up-projection (kernels/relu2_matmul.py)
-            return self.c_proj(kernels.relu2_linear(x, w))
+        if speedrun_kernels.enabled(x):  # ReLU² fused into the up-projection (speedrun_kernels/relu2_matmul.py)
+            return self.c_proj(speedrun_kernels.relu2_linear(x, w))
         return self.c_proj(F.relu(F.linear(x, w)).square())
 
 
@@ -387,7 +387,7 @@ class GPT(nn.Module):
 
     def _logits(self, x: Tensor) -> Tensor:
         """x (..., C) -> softcapped logits (..., padded_vocab) fp32."""
-        return kernels.softcap_logits(self._head(x).float(), self.config.softcap, self.config.softcap_type)
+        return speedrun_kernels.softcap_logits(self._head(x).float(), self.config.softcap, self.config.softcap_type)
 
     def _loss(self, x: Tensor, targets: Tensor, fp8: bool) -> Tensor:
         """x (N, C), targets (N,) -> summed loss over targets != -100 (fp32). Without autograd the head runs
@@ -396,10 +396,10 @@ class GPT(nn.Module):
         chunk = x.size(0) if torch.is_grad_enabled() else EVAL_CHUNK_CUDA if x.is_cuda else EVAL_CHUNK_CPU
         for xs, ts in zip(x.split(chunk), targets.split(chunk)):
             z = self._head(xs, fp8)  # (n, V_padded)
-            if kernels.enabled(z):  # softcap + cross-entropy + its gradient in one kernel
-                total = total + kernels.softcap_cross_entropy(z, ts, cfg.softcap, cfg.softcap_type, "sum")
+            if speedrun_kernels.enabled(z):  # softcap + cross-entropy + its gradient in one kernel
+                total = total + speedrun_kernels.softcap_cross_entropy(z, ts, cfg.softcap, cfg.softcap_type, "sum")
             else:
-                logits = kernels.softcap_logits(z.float(), cfg.softcap, cfg.softcap_type)
+                logits = speedrun_kernels.softcap_logits(z.float(), cfg.softcap, cfg.softcap_type)
                 total = total + F.cross_entropy(logits, ts, ignore_index=-100, reduction="sum")
         return total
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
+import speedrun_kernels
 
 # quintic Newton-Schulz coefficients: a·X + b·(XXᵀ)X + c·(XXᵀ)²X, the same for every step
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -46,10 +46,10 @@ def newton_schulz(G: Tensor, steps: int = 5, polar_express: bool = False, dtype:
     margin = 1.01 if polar_express else 1.0
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)  # spectral norm <= Frobenius norm <= 1
     coeffs = [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)] if polar_express else [QUINTIC] * steps
-    fused = kernels.enabled(X)  # on CUDA: Triton products that compute only one triangle of the symmetric result
+    fused = speedrun_kernels.enabled(X)  # CUDA: Triton products that compute one triangle of the symmetric result
     for a, b, c in coeffs:
-        A = kernels.xxt(X) if fused else X @ X.mT  # (..., m, m)
-        B = kernels.ba_plus_cAA(A, b, c) if fused else b * A + c * (A @ A)
+        A = speedrun_kernels.xxt(X) if fused else X @ X.mT  # (..., m, m)
+        B = speedrun_kernels.ba_plus_cAA(A, b, c) if fused else b * A + c * (A @ A)
         X = a * X + B @ X
     return X.mT if tall else X
 

@@ -4,9 +4,9 @@ The speedrun trainer: GPT-2 small (model.py) on FineWeb to a validation loss of 
     python data/cached_fineweb10B.py 9                          # 900M training tokens + the validation shard
     torchrun --standalone --nproc_per_node=8 train_gpt.py       # the record run (--preset speedrun)
 
-    python data/tokenize.py input.txt --doc-separator $'\\n\\n' --encoding bytes --out-dir data/tiny
+    python data/tokenize_text.py input.txt --doc-separator $'\\n\\n' --encoding bytes --out-dir data/tiny
     python train_gpt.py --preset tiny                           # a CPU-sized model on byte-level shards
-    python data/tokenize.py input.txt --doc-separator $'\\n\\n' --out-dir data/small
+    python data/tokenize_text.py input.txt --doc-separator $'\\n\\n' --out-dir data/small
     python train_gpt.py --preset small                          # the speedrun recipe scaled down, GPT-2 BPE, CPU
 
 The speedrun preset is modded-nanogpt record #28's recipe (tests/test_recipe.py pins every figure to its line).
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import kernels
+import speedrun_kernels
 from data.shards import find_shards, read_shard
 from model import GPT, GPTConfig
 from muon import DistAdam, Muon
@@ -231,7 +231,7 @@ def load_shard(path, eos, vocab_size):
     if tokens.size and tokens.max() >= vocab_size:
         raise SystemExit(f"error: {path} holds token id {tokens.max()}, beyond the model's vocabulary of "
                          f"{vocab_size}: GPT-2 shards need --preset speedrun, --preset tiny needs byte shards "
-                         f"(python data/tokenize.py FILES --encoding bytes --out-dir DIR)")
+                         f"(python data/tokenize_text.py FILES --encoding bytes --out-dir DIR)")
     return tokens, np.flatnonzero(tokens == eos)
 
 
@@ -271,7 +271,7 @@ class TrainLoader:
                 return int(self.starts[i])
             self.next_shard()
         raise SystemExit(f"error: no document start (token {self.eos}) followed by {self.seq_len + 1} tokens in "
-                         f"{self.files}: shards need documents separated by token {self.eos} (data/tokenize.py)")
+                         f"{self.files}: shards need documents separated by token {self.eos} (data/tokenize_text.py)")
 
     def next_batch(self):
         """This rank's sequences of the next global batch: (seqs_per_step // world, seq_len + 1) int64."""
@@ -385,7 +385,7 @@ def environment_report(device, world):
     else:
         lines.append(f"hardware: {world}x cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank)")
     switch = os.environ.get("NANOGPT_KERNELS", "auto")
-    lines.append(f"kernels: {'on' if kernels.enabled(torch.empty(0, device=device)) else 'off'} "
+    lines.append(f"kernels: {'on' if speedrun_kernels.enabled(torch.empty(0, device=device)) else 'off'} "
                  f"(NANOGPT_KERNELS={switch})")
     if shutil.which("nvidia-smi"):
         lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout.rstrip())

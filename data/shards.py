@@ -1,4 +1,4 @@
-"""Token shards: the file format shared by data/cached_fineweb10B.py, data/tokenize.py and train_gpt.py.
+"""Token shards: the file format shared by data/cached_fineweb10B.py, data/tokenize_text.py and train_gpt.py.
 
 A shard is a header of 256 int32 (magic 20240520, version 1, token count, then zeros) followed by the tokens
 as uint16 (so the vocabulary must stay below 65,536; GPT-2's is 50,257). The format is the one of the
@@ -39,7 +39,7 @@ def read_header(path):
     """Validate a shard's header against its size; return its token count. Raises ValueError naming the file."""
     with open(path, "rb") as f:
         header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
-    fix = "re-download it (python data/cached_fineweb10B.py) or remake it (python data/tokenize.py)"
+    fix = "re-download it (python data/cached_fineweb10B.py) or remake it (python data/tokenize_text.py)"
     if header.size < HEADER_INTS or header[0] != MAGIC:
         raise ValueError(f"{path}: not a token shard (bad magic number, expected {MAGIC}); {fix}")
     if header[1] != VERSION:
@@ -66,7 +66,7 @@ def find_shards(pattern, flag):
     if not paths:
         raise FileNotFoundError(
             f"no shards match {flag} {pattern!r}: download FineWeb with `python data/cached_fineweb10B.py 9` "
-            f"or make shards from your own text with `python data/tokenize.py FILES --out-dir DIR` "
+            f"or make shards from your own text with `python data/tokenize_text.py FILES --out-dir DIR` "
             f"(add --encoding bytes for --preset tiny)")
     for path in paths:
         read_header(path)

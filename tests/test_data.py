@@ -1,4 +1,4 @@
-"""data/: shard format round trip and validation, tokenize.py end to end, the FineWeb downloader's file logic."""
+"""data/: shard format round trip and validation, tokenize_text.py end to end, the FineWeb downloader's file logic."""
 import base64
 import importlib.util
 import os
@@ -65,7 +65,7 @@ def test_missing_shards_error_gives_the_download_command(tmp_path):
         find_shards(str(tmp_path / "fineweb_train_*.bin"), "--train-files")
     message = str(err.value)
     assert "--train-files" in message and "python data/cached_fineweb10B.py 9" in message
-    assert "data/tokenize.py" in message and "\n" not in message
+    assert "data/tokenize_text.py" in message and "\n" not in message
 
 
 def test_find_shards_sorted(tmp_path):
@@ -97,7 +97,7 @@ def test_tokenize_end_to_end(tmp_path, encoding):
     (tmp_path / "in" / "b.txt").write_text("\n\n".join(docs[70:]))
     (tmp_path / "in" / "skip.md").write_text("not a .txt file")
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(REPO, "data", "tokenize.py"), str(tmp_path / "in"), "--out-dir", str(out),
+    cmd = [sys.executable, os.path.join(REPO, "data", "tokenize_text.py"), str(tmp_path / "in"), "--out-dir", str(out),
            "--doc-separator", "\n\n", "--encoding", encoding, "--val-fraction", "0.2", "--shard-tokens", "1000",
            "--batch-docs", "16"]
     if encoding == "gpt2":  # a tiny stand-in for the GPT-2 ranks file (tests have no network)
@@ -157,8 +157,8 @@ def test_tokenize_one_file_needs_documents(tmp_path):
     draw sends no document to validation the last one goes there."""
     docs = [f"document {i}: " + "words " * (i + 3) for i in range(6)]
     (tmp_path / "book.txt").write_text("\n\n".join(docs))
-    cmd = [sys.executable, os.path.join(REPO, "data", "tokenize.py"), str(tmp_path / "book.txt"), "--encoding", "bytes",
-           "--val-fraction", "0.01"]
+    cmd = [sys.executable, os.path.join(REPO, "data", "tokenize_text.py"), str(tmp_path / "book.txt"),
+           "--encoding", "bytes", "--val-fraction", "0.01"]
     proc = subprocess.run(cmd + ["--out-dir", str(tmp_path / "none")], capture_output=True, text=True)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "one document" in proc.stderr and "--doc-separator" in proc.stderr and not (tmp_path / "none").exists()

@@ -1,8 +1,8 @@
-"""kernels/: every Triton kernel against its torch reference, on the CPU through Triton's interpreter, and compiled on
-the GPU when there is one (the `kdevice` fixture: cpu and cuda).
+"""speedrun_kernels/: every Triton kernel against its torch reference, on the CPU through Triton's interpreter, and
+compiled on the GPU when there is one (the `kdevice` fixture: cpu and cuda).
 
-Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before kernels/ is imported, so the public functions run the
-real kernels on CPU tensors; with CUDA the kernels compile for the GPU and the CPU variants skip.
+Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before speedrun_kernels/ is imported, so the public functions
+run the real kernels on CPU tensors; with CUDA the kernels compile for the GPU and the CPU variants skip.
 Shapes are small (the interpreter is ~1000x slower than torch) but not multiples of the block sizes, and span
 several blocks, so masked edges and loops are exercised. Output buffers handed to the launchers are poisoned with
 NaN first: an element a kernel forgets to write fails the comparison. The interpreter truncates fp32 -> bf16
@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import speedrun_kernels
 import muon
-from kernels import gram, relu2_matmul, softcap_ce
+from speedrun_kernels import gram, relu2_matmul, softcap_ce
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,14 +35,15 @@ def assert_close(actual, expected):
 @pytest.fixture
 def kdevice(device):
     """The device a kernel test runs on: the CPU through the interpreter, or the GPU, compiled."""
-    if device.type == "cpu" and not kernels.dispatch.INTERPRET:
+    if device.type == "cpu" and not speedrun_kernels.dispatch.INTERPRET:
         pytest.skip("Triton compiles for the GPU in this session: TRITON_INTERPRET=1 runs the kernels on the CPU")
     return device
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels compile for the GPU")
 def test_kernels_run_in_the_interpreter():
-    assert kernels.dispatch.INTERPRET, "tests/conftest.py must set TRITON_INTERPRET=1 before kernels/ is imported"
+    assert speedrun_kernels.dispatch.INTERPRET, \
+        "tests/conftest.py must set TRITON_INTERPRET=1 before speedrun_kernels/ is imported"
 
 
 # -- softcap_cross_entropy ---------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V, r
     wide = logits.requires_grad_()
     z = wide[:, :V]  # a strided view, like logits sliced out of a padded vocabulary
     targets = targets.clamp(max=V - 1).masked_fill(targets == -100, -100)
-    loss = kernels.softcap_cross_entropy(z, targets, 30.0, softcap_type, reduction)
+    loss = speedrun_kernels.softcap_cross_entropy(z, targets, 30.0, softcap_type, reduction)
     (loss * 2.5).backward()  # an upstream gradient != 1: the backward must scale
     rows_ref, grad_ref = ce_reference64(z.detach(), targets, softcap_type)
     n_valid = (targets != -100).sum()
@@ -103,18 +104,18 @@ def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V, r
 def test_softcap_ce_unit_upstream_gradient_and_no_grad(kdevice):
     logits, targets = ce_inputs(torch.bfloat16, 700, N=19, seed=2, device=kdevice)
     z = logits.requires_grad_()
-    kernels.softcap_cross_entropy(z, targets).backward()
+    speedrun_kernels.softcap_cross_entropy(z, targets).backward()
     rows_ref, grad_ref = ce_reference64(logits.detach(), targets, "sigmoid")
     assert_close(z.grad, grad_ref)
     with torch.no_grad():
-        loss = kernels.softcap_cross_entropy(z, targets)
+        loss = speedrun_kernels.softcap_cross_entropy(z, targets)
     torch.testing.assert_close(loss.double().cpu(), rows_ref.sum() / (targets.cpu() != -100).sum(), rtol=1e-5,
                                atol=1e-5)
 
 
 def test_softcap_ce_second_backward_fails_loudly(kdevice):
     logits, targets = ce_inputs(torch.float32, 300, N=5, device=kdevice)
-    loss = kernels.softcap_cross_entropy(logits.requires_grad_(), targets)
+    loss = speedrun_kernels.softcap_cross_entropy(logits.requires_grad_(), targets)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -123,30 +124,30 @@ def test_softcap_ce_second_backward_fails_loudly(kdevice):
 def test_softcap_ce_target_out_of_range_gives_nan(kdevice):
     logits, targets = ce_inputs(torch.float32, 300, N=5, seed=4, device=kdevice)
     targets[2] = 300
-    assert kernels.softcap_cross_entropy(logits, targets).isnan()
+    assert speedrun_kernels.softcap_cross_entropy(logits, targets).isnan()
 
 
 def test_softcap_ce_rejects_bad_shapes():
     with pytest.raises(ValueError, match="view"):
-        kernels.softcap_cross_entropy(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
+        speedrun_kernels.softcap_cross_entropy(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="softcap_type"):
-        kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), 30.0, "relu")
+        speedrun_kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), 30.0, "relu")
     with pytest.raises(ValueError, match="reduction"):
-        kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), reduction="none")
+        speedrun_kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), reduction="none")
 
 
 def test_softcap_ce_opcheck(kdevice):
     logits, targets = ce_inputs(torch.float32, 300, N=6, seed=3, device=kdevice)
-    torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
+    torch.library.opcheck(torch.ops.speedrun_kernels.softcap_cross_entropy.default,
                           (logits, targets, 30.0, "sigmoid", False, "sum"))
     # With the gradient written, the backward scales the op's own dlogits output in place (no extra pass over the
     # (N, V) logits). The public function never hands dlogits out, and compiled that way it works (the
     # torch.compile test below); opcheck's AOT test makes dlogits a graph output, which AOTAutograd cannot
     # partition, so it is left out of this one call.
-    torch.library.opcheck(torch.ops.kernels.softcap_cross_entropy.default,
+    torch.library.opcheck(torch.ops.speedrun_kernels.softcap_cross_entropy.default,
                           (logits.requires_grad_(), targets, 30.0, "tanh", True, "mean"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(torch.ops.kernels.scale_.default, (torch.randn(7, 300, device=kdevice),
+    torch.library.opcheck(torch.ops.speedrun_kernels.scale_.default, (torch.randn(7, 300, device=kdevice),
                                                              torch.tensor(0.3, device=kdevice)))
 
 
@@ -181,13 +182,13 @@ def test_ba_plus_cAA_kernel_writes_every_tile(dtype, kdevice):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_xxt_and_ba_plus_cAA_public_functions(dtype, kdevice):
     X = random((200, 150), dtype, seed=2, device=kdevice).mT  # strided, as muon passes X.mT for tall matrices
-    A = kernels.xxt(X)
+    A = speedrun_kernels.xxt(X)
     assert A.shape == (150, 150) and A.dtype == dtype
     X64 = X.double().cpu()
     assert_close(A, X64 @ X64.mT)
     S = random((3, 90, 90), dtype, seed=3, device=kdevice)
     S = (S + S.mT) / 2  # symmetric, like the Gram matrices Newton-Schulz feeds it
-    B = kernels.ba_plus_cAA(S, -2.8, 0.5)
+    B = speedrun_kernels.ba_plus_cAA(S, -2.8, 0.5)
     S64 = S.double().cpu()
     assert_close(B, -2.8 * S64 + 0.5 * (S64 @ S64))
 
@@ -195,29 +196,29 @@ def test_xxt_and_ba_plus_cAA_public_functions(dtype, kdevice):
 def test_xxt_and_ba_plus_cAA_gradients(kdevice):
     X = random((70, 90), torch.float32, seed=4, device=kdevice).requires_grad_()
     G = random((70, 70), torch.float32, seed=5, device=kdevice)
-    (kernels.xxt(X) * G).sum().backward()
+    (speedrun_kernels.xxt(X) * G).sum().backward()
     X64 = X.detach().double().cpu().requires_grad_()
-    (kernels.xxt_reference(X64) * G.double().cpu()).sum().backward()
+    (speedrun_kernels.xxt_reference(X64) * G.double().cpu()).sum().backward()
     assert_close(X.grad, X64.grad)
 
     A = random((70, 70), torch.float32, seed=6, device=kdevice).requires_grad_()
-    (kernels.ba_plus_cAA(A, 1.5, -0.7) * G).sum().backward()
+    (speedrun_kernels.ba_plus_cAA(A, 1.5, -0.7) * G).sum().backward()
     A64 = A.detach().double().cpu().requires_grad_()
-    (kernels.ba_plus_cAA_reference(A64, 1.5, -0.7) * G.double().cpu()).sum().backward()
+    (speedrun_kernels.ba_plus_cAA_reference(A64, 1.5, -0.7) * G.double().cpu()).sum().backward()
     assert_close(A.grad, A64.grad)
 
 
 def test_xxt_rejects_bad_shapes():
     with pytest.raises(ValueError, match="square"):
-        kernels.ba_plus_cAA(torch.randn(4, 5), 1.0, 1.0)
+        speedrun_kernels.ba_plus_cAA(torch.randn(4, 5), 1.0, 1.0)
     with pytest.raises(ValueError, match="matrix"):
-        kernels.xxt(torch.randn(4))
+        speedrun_kernels.xxt(torch.randn(4))
 
 
 def test_xxt_opcheck(kdevice):
-    torch.library.opcheck(torch.ops.kernels.xxt.default,
+    torch.library.opcheck(torch.ops.speedrun_kernels.xxt.default,
                           (random((70, 40), torch.float32, device=kdevice).requires_grad_(),))
-    torch.library.opcheck(torch.ops.kernels.ba_plus_cAA.default,
+    torch.library.opcheck(torch.ops.speedrun_kernels.ba_plus_cAA.default,
                           (random((70, 70), torch.float32, device=kdevice).requires_grad_(), 1.5, -0.5))
 
 
@@ -244,7 +245,7 @@ def relu2_inputs(dtype, seed=0, device="cpu"):
 
 def relu2_reference64(x, W, dy):
     x64, W64 = x.double().cpu().requires_grad_(), W.double().cpu().requires_grad_()
-    y = kernels.relu2_linear_reference(x64, W64)
+    y = speedrun_kernels.relu2_linear_reference(x64, W64)
     y.backward(dy.double().cpu())
     return y.detach(), x64.grad, W64.grad
 
@@ -271,7 +272,7 @@ def test_relu2_linear_forward_backward_matches_reference(dtype, kdevice):
     x, W, dy = relu2_inputs(dtype, seed=3, device=kdevice)
     x.requires_grad_()
     W.requires_grad_()
-    y = kernels.relu2_linear(x, W)
+    y = speedrun_kernels.relu2_linear(x, W)
     y.backward(dy)
     y_ref, dx_ref, dW_ref = relu2_reference64(x.detach(), W.detach(), dy)
     assert y.shape == (3, 50, 200) and y.dtype == dtype
@@ -282,14 +283,14 @@ def test_relu2_linear_forward_backward_matches_reference(dtype, kdevice):
 
 def test_relu2_linear_rejects_mixed_dtypes():
     with pytest.raises(ValueError, match="type_as"):
-        kernels.relu2_linear(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(6, 8))
+        speedrun_kernels.relu2_linear(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(6, 8))
 
 
 def test_relu2_linear_opcheck(kdevice):
     x, W = random((20, 30), torch.float32, device=kdevice), random((40, 30), torch.float32, seed=1, device=kdevice)
-    torch.library.opcheck(torch.ops.kernels.relu2_linear.default, (x.requires_grad_(), W.requires_grad_()))
-    y = kernels.relu2_linear_reference(x.detach(), W.detach())
-    torch.library.opcheck(torch.ops.kernels.relu2_linear_backward.default,
+    torch.library.opcheck(torch.ops.speedrun_kernels.relu2_linear.default, (x.requires_grad_(), W.requires_grad_()))
+    y = speedrun_kernels.relu2_linear_reference(x.detach(), W.detach())
+    torch.library.opcheck(torch.ops.speedrun_kernels.relu2_linear_backward.default,
                           (random((20, 40), torch.float32, seed=2, device=kdevice), x.detach(), W.detach(), y))
 
 
@@ -298,14 +299,14 @@ def test_relu2_linear_opcheck(kdevice):
 def test_enabled_switch(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("NANOGPT_KERNELS", raising=False)
-    assert not kernels.enabled(cpu)  # default: CUDA tensors only
+    assert not speedrun_kernels.enabled(cpu)  # default: CUDA tensors only
     monkeypatch.setenv("NANOGPT_KERNELS", "1")
-    assert kernels.enabled(cpu)
+    assert speedrun_kernels.enabled(cpu)
     monkeypatch.setenv("NANOGPT_KERNELS", "0")
-    assert not kernels.enabled(cpu)
+    assert not speedrun_kernels.enabled(cpu)
     monkeypatch.setenv("NANOGPT_KERNELS", "yes")
     with pytest.raises(ValueError, match="NANOGPT_KERNELS"):
-        kernels.enabled(cpu)
+        speedrun_kernels.enabled(cpu)
 
 
 def test_all_kernels_under_torch_compile_fullgraph(monkeypatch, kdevice):
@@ -313,9 +314,10 @@ def test_all_kernels_under_torch_compile_fullgraph(monkeypatch, kdevice):
     monkeypatch.setenv("NANOGPT_KERNELS", "1")
 
     def step(x, W, targets):  # the model's pattern: the switch, then the kernels
-        h = kernels.relu2_linear(x, W) if kernels.enabled(x) else kernels.relu2_linear_reference(x, W)  # (30, 70)
-        z = h @ kernels.xxt(W)  # (30, 70)
-        return kernels.softcap_cross_entropy(z, targets)
+        K = speedrun_kernels
+        h = K.relu2_linear(x, W) if K.enabled(x) else K.relu2_linear_reference(x, W)  # (30, 70)
+        z = h @ speedrun_kernels.xxt(W)  # (30, 70)
+        return speedrun_kernels.softcap_cross_entropy(z, targets)
 
     x = random((30, 40), torch.float32, device=kdevice)
     W = random((70, 40), torch.float32, seed=1, scale=0.2, device=kdevice)
@@ -335,7 +337,7 @@ def test_kernels_compile_for_h100():
     """Every kernel, at the speedrun's shapes, compiles to an sm_90 cubin with the ptxas Triton ships: the
     interpreter accepts code the GPU compiler rejects. No GPU needed."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, str(ROOT / "kernels" / "bench.py"), "--compile-only"], env=env,
+    out = subprocess.run([sys.executable, str(ROOT / "speedrun_kernels" / "bench.py"), "--compile-only"], env=env,
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "compiled" in out.stdout

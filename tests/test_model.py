@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-import kernels
+import speedrun_kernels
 import model as model_module
 from model import GPT, GPTConfig, attend, block_mask, dense_mask, document_ids, fp8_mm
 
@@ -420,8 +420,8 @@ def test_kernel_path_matches_torch_path(monkeypatch):
     idx = torch.randint(0, 256, (1, 70))
     calls = []
     for name in ("relu2_linear", "softcap_cross_entropy"):  # count the kernel calls: the path must really switch
-        fn = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+        fn = getattr(speedrun_kernels, name)
+        monkeypatch.setattr(speedrun_kernels, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
     results = []
     for mode in ("0", "1"):
         monkeypatch.setenv("NANOGPT_KERNELS", mode)

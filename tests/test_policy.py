@@ -483,7 +483,8 @@ def test_from_checkpoint_roundtrip(tmp_path):
 
 
 def test_from_checkpoint_bytes_vocabulary(tmp_path):
-    """train_gpt.py --preset tiny trains on data/tokenize.py --encoding bytes: 256 tokens, byte 0 separates documents."""
+    """train_gpt.py --preset tiny trains on data/tokenize_text.py --encoding bytes: 256 tokens, byte 0 separates
+    documents."""
     config = tiny_gpt_config(vocab_size=256, eos_token_id=0)
     torch.save({"model": GPT(config).state_dict(), "config": dataclasses.asdict(config)}, tmp_path / "ckpt.pt")
     model, tok = policy.from_checkpoint(str(tmp_path / "ckpt.pt"))

@@ -303,7 +303,7 @@ def stdlib_docstrings(min_chars=200):
 
 @pytest.mark.slow
 def test_small_preset_learns(gpt2_ranks, tmp_path):
-    """The README flow (data/tokenize.py with GPT-2 BPE, then train_gpt.py --preset small) on the standard library's
+    """The README flow (data/tokenize_text.py with GPT-2 BPE, then train_gpt.py --preset small) on the standard library's
     docstrings, shuffled: 30 steps of 8 x 64 tokens, 1 thread, ~55 s. Measured on this data (Python 3.11, seeds
     0-2): the record-#28 recipe keeps every training loss after the first step below the uniform loss
     ln(50304) = 10.826 (at most 10.76) and validates at 7.42-7.44 after 10 steps, 6.81-6.87 after 30. The recipe
@@ -316,7 +316,7 @@ def test_small_preset_learns(gpt2_ranks, tmp_path):
     for i, j in enumerate(np.random.default_rng(0).permutation(len(docs))):
         (tmp_path / "docs" / f"{i:05d}.txt").write_text(docs[j], encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(REPO / "data" / "tokenize.py"), str(tmp_path / "docs"), "--out-dir",
+    subprocess.run([sys.executable, str(REPO / "data" / "tokenize_text.py"), str(tmp_path / "docs"), "--out-dir",
                     str(tmp_path / "small"), "--tiktoken-file", str(gpt2_ranks), "--val-fraction", "0.1"],
                    check=True, capture_output=True, env=env, timeout=300)
     proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py"), "--preset", "small",

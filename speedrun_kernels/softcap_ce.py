@@ -114,7 +114,7 @@ def _scale_launch_args(x, scale):
     return (triton.cdiv(x.numel(), block),), dict(x_ptr=x, scale_ptr=scale, n=x.numel(), BLOCK=block, num_warps=8)
 
 
-@torch.library.custom_op("kernels::softcap_cross_entropy", mutates_args=())
+@torch.library.custom_op("speedrun_kernels::softcap_cross_entropy", mutates_args=())
 def _softcap_ce_op(logits: torch.Tensor, targets: torch.Tensor, softcap: float, softcap_type: str,
                    write_grad: bool, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     # logits (N, V) unit column stride, targets (N,) contiguous -> loss () fp32, dlogits (N, V) or (0, V)
@@ -136,7 +136,7 @@ def _(logits, targets, softcap, softcap_type, write_grad, reduction):
     return logits.new_empty((), dtype=torch.float32), logits.new_empty((N if write_grad else 0, V))
 
 
-@torch.library.custom_op("kernels::scale_", mutates_args=("x",))
+@torch.library.custom_op("speedrun_kernels::scale_", mutates_args=("x",))
 def _scale_op(x: torch.Tensor, scale: torch.Tensor) -> None:
     # x contiguous, any shape; scale () -> x *= scale in place, nothing done when scale == 1
     grid, kwargs = _scale_launch_args(x, scale)
@@ -156,7 +156,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_dlogits):
     dlogits, = ctx.saved_tensors  # the version check here makes a second backward through the graph fail loudly
-    torch.ops.kernels.scale_(dlogits, grad_loss)
+    torch.ops.speedrun_kernels.scale_(dlogits, grad_loss)
     return dlogits, None, None, None, None, None
 
 
@@ -182,6 +182,6 @@ def softcap_cross_entropy(logits, targets, softcap=30.0, softcap_type="sigmoid",
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     write_grad = logits.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.kernels.softcap_cross_entropy(logits, targets.contiguous(), float(softcap), softcap_type,
+    loss, _ = torch.ops.speedrun_kernels.softcap_cross_entropy(logits, targets.contiguous(), float(softcap), softcap_type,
                                                       write_grad, reduction)
     return loss

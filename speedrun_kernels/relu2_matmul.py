@@ -83,7 +83,7 @@ def _matmul(a, b, out, y=None, relu2_out=False):
     _matmul_kernel[grid](**kwargs)
 
 
-@torch.library.custom_op("kernels::relu2_linear", mutates_args=())
+@torch.library.custom_op("speedrun_kernels::relu2_linear", mutates_args=())
 def _relu2_linear_op(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     # x (M, K), W (N, K) -> y (M, N)
     y = x.new_empty((x.shape[0], W.shape[0]))
@@ -96,7 +96,7 @@ def _(x, W):
     return x.new_empty((x.shape[0], W.shape[0]))
 
 
-@torch.library.custom_op("kernels::relu2_linear_backward", mutates_args=())
+@torch.library.custom_op("speedrun_kernels::relu2_linear_backward", mutates_args=())
 def _relu2_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, W: torch.Tensor,
                               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # dy (M, N), x (M, K), W (N, K), y (M, N) -> dx (M, K), dW (N, K)
@@ -119,7 +119,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, W, y = ctx.saved_tensors
-    return torch.ops.kernels.relu2_linear_backward(dy, x, W, y)
+    return torch.ops.speedrun_kernels.relu2_linear_backward(dy, x, W, y)
 
 
 _relu2_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -133,5 +133,5 @@ def relu2_linear(x, W):
         raise ValueError(f"relu2_linear: x is {x.dtype} but W is {W.dtype}: cast W first, e.g. W.type_as(x)")
     if not use_triton(x):
         return relu2_linear_reference(x, W)
-    y = torch.ops.kernels.relu2_linear(x.reshape(-1, x.shape[-1]), W)
+    y = torch.ops.speedrun_kernels.relu2_linear(x.reshape(-1, x.shape[-1]), W)
     return y.view(*x.shape[:-1], W.shape[0])

@@ -1,4 +1,4 @@
-"""Triton kernels for the speedrun's hot paths, each beside its torch reference (see kernels/README.md).
+"""Triton kernels for the speedrun's hot paths, each beside its torch reference (see speedrun_kernels/README.md).
 
 Every public function dispatches on its input: CUDA tensors run the Triton kernel, CPU tensors run the torch
 reference, or the Triton kernel itself in Triton's interpreter when TRITON_INTERPRET=1 (the tests).

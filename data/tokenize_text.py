@@ -1,10 +1,10 @@
 """Turn local text files into token shards, the format train_gpt.py reads.
 
-    python data/tokenize.py corpus/*.txt --out-dir data/mycorpus
-    python data/tokenize.py /path/to/site-packages --ext .py .md .rst .txt --out-dir data/code \\
+    python data/tokenize_text.py corpus/*.txt --out-dir data/mycorpus
+    python data/tokenize_text.py /path/to/site-packages --ext .py .md .rst .txt --out-dir data/code \\
         --tiktoken-file ../shared/data/gpt2.tiktoken
     python train_gpt.py --train-files 'data/mycorpus/train_*.bin' --val-files 'data/mycorpus/val_*.bin'
-    python data/tokenize.py input.txt --doc-separator $'\\n\\n' --encoding bytes --out-dir data/tiny  # --preset tiny
+    python data/tokenize_text.py input.txt --doc-separator $'\\n\\n' --encoding bytes --out-dir data/tiny  # --preset tiny
 
 --encoding gpt2 (default) is GPT-2 BPE (tiktoken; --preset speedrun). --encoding bytes writes the UTF-8 bytes of
 the text with 0 as the document separator (NUL bytes dropped from the text): the 256-token vocabulary of
@@ -20,17 +20,11 @@ document (one training sequence, nothing to validate on): that is an error that 
 """
 import argparse
 import os
-import sys
 
-# This file shares its name with the standard library's `tokenize` (which inspect, linecache, ... import):
-# move this folder to the end of sys.path so `import tokenize` still finds the standard library's.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE] + [HERE]
+import numpy as np
+import tiktoken
 
-import numpy as np  # noqa: E402
-import tiktoken  # noqa: E402
-
-from shards import write_shard  # noqa: E402
+from shards import write_shard
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"

@@ -89,7 +89,7 @@ def _launch(A, out, alpha, beta, add_a):
     _xxt_kernel[grid](**kwargs)
 
 
-@torch.library.custom_op("kernels::xxt", mutates_args=())
+@torch.library.custom_op("speedrun_kernels::xxt", mutates_args=())
 def _xxt_op(A: torch.Tensor) -> torch.Tensor:
     # (..., m, k) -> (..., m, m)
     *lead, m, k = A.shape
@@ -115,7 +115,7 @@ def _xxt_backward(ctx, grad):
 _xxt_op.register_autograd(_xxt_backward, setup_context=_xxt_setup_context)
 
 
-@torch.library.custom_op("kernels::ba_plus_cAA", mutates_args=())
+@torch.library.custom_op("speedrun_kernels::ba_plus_cAA", mutates_args=())
 def _ba_plus_cAA_op(A: torch.Tensor, b: float, c: float) -> torch.Tensor:
     # (..., m, m) -> (..., m, m)
     *lead, m, _ = A.shape
@@ -149,7 +149,7 @@ def xxt(A):
         raise ValueError(f"xxt: want a matrix or a batch of matrices (..., m, k), got shape {tuple(A.shape)}")
     if not use_triton(A):
         return xxt_reference(A)
-    return torch.ops.kernels.xxt(A)
+    return torch.ops.speedrun_kernels.xxt(A)
 
 
 def ba_plus_cAA(A, b, c):
@@ -158,4 +158,4 @@ def ba_plus_cAA(A, b, c):
         raise ValueError(f"ba_plus_cAA: want square matrices (..., m, m), got shape {tuple(A.shape)}")
     if not use_triton(A):
         return ba_plus_cAA_reference(A, b, c)
-    return torch.ops.kernels.ba_plus_cAA(A, float(b), float(c))
+    return torch.ops.speedrun_kernels.ba_plus_cAA(A, float(b), float(c))

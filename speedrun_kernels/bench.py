@@ -1,9 +1,9 @@
 """Benchmark of the kernels at the speedrun's shapes: Triton vs the eager torch reference vs torch.compile(reference).
 
-    python kernels/bench.py                 # on a CUDA GPU: the table (README.md shows how to read it)
-    python kernels/bench.py --smoke         # on the CPU: the same script on tiny shapes, Triton in its interpreter;
+    python speedrun_kernels/bench.py                 # on a CUDA GPU: the table (README.md shows how to read it)
+    python speedrun_kernels/bench.py --smoke         # on the CPU: the same script on tiny shapes, Triton in its interpreter;
                                             # checks the script runs, its times mean nothing
-    python kernels/bench.py --compile-only  # any machine, no GPU needed: compile every kernel at the speedrun
+    python speedrun_kernels/bench.py --compile-only  # any machine, no GPU needed: compile every kernel at the speedrun
                                             # shapes for the H100 (sm_90) with the ptxas Triton ships, print the
                                             # shared memory each uses (tests/test_kernels.py runs this)
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import kernels` from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `import speedrun_kernels` from the repository root
 
 import torch
 
@@ -32,7 +32,7 @@ BF16 = 2  # bytes per element
 
 def cases(smoke):
     """(kernel, size, triton fn, reference fn, bytes, FLOPs) at the speedrun's shapes, or tiny ones for --smoke."""
-    import kernels  # after TRITON_INTERPRET is settled
+    import speedrun_kernels  # after TRITON_INTERPRET is settled
 
     device = "cpu" if smoke else "cuda"
     dtype = torch.float32 if smoke else torch.bfloat16  # the CPU has no fast bf16 matmul; the interpreter none at all
@@ -58,20 +58,20 @@ def cases(smoke):
                 return ce(z, targets)
         return run
 
-    out.append(("softcap_ce fwd+bwd", f"{N}x{V}", ce_fwd_bwd(kernels.softcap_cross_entropy),
-                ce_fwd_bwd(kernels.softcap_cross_entropy_reference), 2 * N * V * elt, 0))
-    out.append(("softcap_ce fwd", f"{N}x{V}", ce_fwd(kernels.softcap_cross_entropy),
-                ce_fwd(kernels.softcap_cross_entropy_reference), N * V * elt, 0))
+    out.append(("softcap_ce fwd+bwd", f"{N}x{V}", ce_fwd_bwd(speedrun_kernels.softcap_cross_entropy),
+                ce_fwd_bwd(speedrun_kernels.softcap_cross_entropy_reference), 2 * N * V * elt, 0))
+    out.append(("softcap_ce fwd", f"{N}x{V}", ce_fwd(speedrun_kernels.softcap_cross_entropy),
+                ce_fwd(speedrun_kernels.softcap_cross_entropy_reference), N * V * elt, 0))
 
     for m, k in ((768 // s, 768 // s), (768 // s, 3072 // s), (3072 // s, 768 // s)):
         X = rand(m, k)
-        out.append(("xxt", f"{m}x{k}", lambda X=X: kernels.xxt(X), lambda X=X: kernels.xxt_reference(X),
+        out.append(("xxt", f"{m}x{k}", lambda X=X: speedrun_kernels.xxt(X), lambda X=X: speedrun_kernels.xxt_reference(X),
                     (m * k + m * m) * elt, m * (m + 1) * k))  # only one triangle is computed
     for m in (768 // s, 3072 // s):
         A = rand(m, m)
         A = (A + A.mT) / 2
-        out.append(("ba_plus_cAA", f"{m}x{m}", lambda A=A: kernels.ba_plus_cAA(A, -4.775, 2.0315),
-                    lambda A=A: kernels.ba_plus_cAA_reference(A, -4.775, 2.0315),
+        out.append(("ba_plus_cAA", f"{m}x{m}", lambda A=A: speedrun_kernels.ba_plus_cAA(A, -4.775, 2.0315),
+                    lambda A=A: speedrun_kernels.ba_plus_cAA_reference(A, -4.775, 2.0315),
                     2 * m * m * elt, m * (m + 1) * m))
 
     x, dy = rand(T, C, grad=True), rand(T, H)
@@ -86,11 +86,11 @@ def cases(smoke):
     def mlp_fwd_bwd(f):
         return lambda: torch.autograd.grad(f(x, W), (x, W), dy)
 
-    out.append(("relu2_linear fwd", f"{T}x{C} @ {H}x{C}.T", mlp_fwd(kernels.relu2_linear),
-                mlp_fwd(kernels.relu2_linear_reference), (T * C + H * C + T * H) * elt, 2 * T * C * H))
+    out.append(("relu2_linear fwd", f"{T}x{C} @ {H}x{C}.T", mlp_fwd(speedrun_kernels.relu2_linear),
+                mlp_fwd(speedrun_kernels.relu2_linear_reference), (T * C + H * C + T * H) * elt, 2 * T * C * H))
     # backward reads dy, y, x, W and writes dx, dW on top of the forward's traffic
-    out.append(("relu2_linear fwd+bwd", f"{T}x{C} @ {H}x{C}.T", mlp_fwd_bwd(kernels.relu2_linear),
-                mlp_fwd_bwd(kernels.relu2_linear_reference), (3 * T * C + 3 * H * C + 3 * T * H) * elt,
+    out.append(("relu2_linear fwd+bwd", f"{T}x{C} @ {H}x{C}.T", mlp_fwd_bwd(speedrun_kernels.relu2_linear),
+                mlp_fwd_bwd(speedrun_kernels.relu2_linear_reference), (3 * T * C + 3 * H * C + 3 * T * H) * elt,
                 6 * T * C * H))
     return out
 
@@ -163,7 +163,7 @@ def compile_for_h100(fn, grid_and_kwargs):
 
 
 def compile_only():
-    from kernels import gram, relu2_matmul, softcap_ce
+    from speedrun_kernels import gram, relu2_matmul, softcap_ce
 
     def meta(*shape, dtype=torch.bfloat16):
         return torch.empty(shape, dtype=dtype, device="meta")
