@@ -423,6 +423,33 @@ def peak_memory(device):
 # -----------------------------------------------------------------------------
 # Checkpoints and the self-check
 
+def save_checkpoint(path, hp, model, optimizers, step, loader_state, train_time_ms, world, run_id, device):
+    """Everything a resume needs, written atomically (a crash never leaves a half-written checkpoint). A collective:
+    every rank sends its optimizer shards, rank 0 writes."""
+    states = [rank_states(opt) for opt in optimizers]
+    if int(os.environ.get("RANK", 0)) == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(hp.model), "muon": states[0],
+                "adam": states[1], "step": step, "loader": loader_state, "train_time_ms": train_time_ms,
+                "world_size": world, "run_id": run_id, "hyperparameters": repr(hp),
+                "rng": {"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def restore(ckpt, model, optimizers, rank, device):
+    """A loaded checkpoint -> the model, this rank's optimizer shards and the RNG as they were; returns the loader's
+    state and the training time so far."""
+    model.load_state_dict(ckpt["model"])
+    for opt, name in zip(optimizers, ["muon", "adam"]):
+        opt.load_state_dict(ckpt[name][rank])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["loader"], ckpt["train_time_ms"]
+
+
 CHECKPOINT_KEYS = {"model", "config", "muon", "adam", "step", "loader", "train_time_ms", "world_size", "rng"}
 
 
@@ -496,15 +523,12 @@ def smoke(hp, model, forward, optimizers, device, world, rank, preset):
 # Training
 
 
-def main(argv=None):
-    args, preset, hp = parse_args(argv)
-
-    # distributed setup (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
+def setup_distributed(hp):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE -> (rank, world, device); one process: (0, 1, cuda:0 or cpu)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if 8 % world or hp.seqs_per_step % world:
         sys.exit(f"error: world size {world} must divide 8 (the {hp.seqs_per_step} sequences of a step are split "
                  f"evenly across GPUs): use --nproc_per_node 1, 2, 4 or 8")
-    grad_accum = hp.seqs_per_step // world
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -513,6 +537,51 @@ def main(argv=None):
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def open_log(logfile, master):
+    """Start the run's log with the sources that run -> log(line, console=True), which appends a line (rank 0)."""
+    if master:
+        os.makedirs(os.path.dirname(logfile) or ".", exist_ok=True)
+        with open(logfile, "w") as f:
+            f.write(repo_sources() + "\n" + "=" * 100 + "\n")
+
+    def log(line, console=True):
+        if master:
+            with open(logfile, "a") as f:
+                f.write(line + "\n")
+            if console:
+                print(line, flush=True)
+    return log
+
+
+def warm_up(hp, model, forward, optimizers, windows, device):
+    """Compile the training step and the validation forward for every window the run uses, untimed, then put the
+    model and optimizers back in their initial state -> seconds taken."""
+    initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
+    gen = torch.Generator().manual_seed(hp.seed)
+    t0 = time.perf_counter()
+    for window in windows.values():
+        seq = torch.randint(0, hp.model.vocab_size, (1, hp.seq_len + 1), generator=gen).to(device)
+        forward(seq[:, :-1], seq[:, 1:], window=window, reduction="sum").backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        seq = torch.randint(0, hp.model.vocab_size, (hp.val_seq_len + 1,), generator=gen).numpy()
+        evaluate(model, forward, seq, hp.val_seq_len, window, 0, 1, device)
+    synchronize(device)
+    model.load_state_dict(initial[0])
+    for opt, state in zip(optimizers, initial[1]):
+        opt.load_state_dict(state)
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    args, preset, hp = parse_args(argv)
+
+    rank, world, device = setup_distributed(hp)
+    grad_accum = hp.seqs_per_step // world
     master = rank == 0
 
     # data (errors here are one line: missing shards, corrupt headers); --smoke needs none
@@ -555,18 +624,7 @@ def main(argv=None):
     # log header: sources, environment, hyperparameters
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     logfile = os.path.join(args.log_dir, f"{run_id}.txt")
-    if master:
-        os.makedirs(args.log_dir, exist_ok=True)
-        with open(logfile, "w") as f:
-            f.write(repo_sources() + "\n" + "=" * 100 + "\n")
-
-    def log(line, console=True):
-        if master:
-            with open(logfile, "a") as f:
-                f.write(line + "\n")
-            if console:
-                print(line, flush=True)
-
+    log = open_log(logfile, master)
     log(environment_report(device, world), console=False)
     why = "given with --preset" if args.preset else f"default {'with' if preset == 'speedrun' else 'without'} CUDA"
     log(f"preset: {preset} ({why})")
@@ -581,56 +639,18 @@ def main(argv=None):
     windows = {w: torch.tensor(w, device=device) for w in sorted({window_blocks(s, hp)
                                                                   for s in range(start_step, hp.steps + 1)})}
 
-    # untimed warm-up of the compiled training step and validation forward, for every window the run uses; then back
-    # to the initial state
     if hp.compile:
-        initial = copy.deepcopy((model.state_dict(), [opt.state_dict() for opt in optimizers]))
-        gen = torch.Generator().manual_seed(hp.seed)
-        t0 = time.perf_counter()
-        for window in windows.values():
-            seq = torch.randint(0, hp.model.vocab_size, (1, hp.seq_len + 1), generator=gen).to(device)
-            forward(seq[:, :-1], seq[:, 1:], window=window, reduction="sum").backward()
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
-            seq = torch.randint(0, hp.model.vocab_size, (hp.val_seq_len + 1,), generator=gen).numpy()
-            evaluate(model, forward, seq, hp.val_seq_len, window, 0, 1, device)
-        synchronize(device)
-        model.load_state_dict(initial[0])
-        for opt, state in zip(optimizers, initial[1]):
-            opt.load_state_dict(state)
-        log(f"warm-up of {len(windows)} windows {list(windows)} (blocks): {time.perf_counter() - t0:.1f}s "
-            f"(not timed)")
+        seconds = warm_up(hp, model, forward, optimizers, windows, device)
+        log(f"warm-up of {len(windows)} windows {list(windows)} (blocks): {seconds:.1f}s (not timed)")
 
     # resume: model, optimizers, data position, time so far, RNG
     loader_state = {"shard": 0, "pos": 0}
     train_time_ms = 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        muon.load_state_dict(ckpt["muon"][rank])
-        adam.load_state_dict(ckpt["adam"][rank])
-        loader_state, train_time_ms = ckpt["loader"], ckpt["train_time_ms"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        loader_state, train_time_ms = restore(ckpt, model, optimizers, rank, device)
         log(f"resumed from {args.resume} at step {start_step}")
     loader = TrainLoader(train_files, hp.seq_len, hp.seqs_per_step, rank, world, hp.model.eos_token_id,
                          hp.model.vocab_size, device, **loader_state)
-
-    def save_checkpoint(step, loader_state):
-        path = os.path.join(args.checkpoint_dir, f"step_{step:06d}.pt")
-        states = [rank_states(opt) for opt in optimizers]
-        if master:
-            os.makedirs(args.checkpoint_dir, exist_ok=True)
-            ckpt = {"model": model.state_dict(), "config": dataclasses.asdict(hp.model), "muon": states[0],
-                    "adam": states[1], "step": step, "loader": loader_state, "train_time_ms": train_time_ms,
-                    "world_size": world, "run_id": run_id, "hyperparameters": repr(hp),
-                    "rng": {"cpu": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-            torch.save(ckpt, path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-            log(f"saved {path}")
-        return path
 
     # the training loop; the timer runs only while training (not validating or checkpointing)
     tokens_per_step = hp.seqs_per_step * hp.seq_len
@@ -681,7 +701,10 @@ def main(argv=None):
                 log(f"step:{step}/{hp.steps} val_loss:{val_loss:.4f} train_time:{train_time_ms:.0f}ms "
                     f"step_avg:{train_time_ms / max(step, 1):.2f}ms")
             if save:
-                last_checkpoint = save_checkpoint(step, batch_state)
+                last_checkpoint = os.path.join(args.checkpoint_dir, f"step_{step:06d}.pt")
+                save_checkpoint(last_checkpoint, hp, model, optimizers, step, batch_state, train_time_ms, world,
+                                run_id, device)
+                log(f"saved {last_checkpoint}")
             synchronize(device)
             t0 = step_done = time.perf_counter()
         if last:

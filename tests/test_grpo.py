@@ -11,12 +11,15 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_model
 
+import engine
+import hf_model
+import tokenizer
 import policy
 import tasks
 import train_grpo
 from conftest import assert_usage_errors
 from test_policy import TEXTS, hf_reference, train_bpe
-from train_grpo import group_advantages, policy_loss
+from grpo import group_advantages, policy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; it also keeps the demo's trajectory the same everywhere
 
@@ -409,7 +412,7 @@ SMALL = ["--sft-steps", "80", "--sft-target", "1", "--sft-check-every", "80", "-
 def test_rl_update_does_not_depend_on_micro_batch_tokens(loss_type):
     model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
     prompts = [tok.encode(p) for p in ["12+34=", "7-1=", "99+99="]]
-    rollout = policy.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
+    rollout = engine.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
     advantages = torch.randn(12, generator=torch.Generator().manual_seed(2))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     deltas = []
@@ -450,7 +453,7 @@ def tiny_hf_float64(seed=0):
     cfg = dict(model_type="qwen3", vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
     torch.manual_seed(seed)
-    model = policy.HFDecoder(policy.hf_config(cfg)).double()
+    model = hf_model.HFDecoder(hf_model.hf_config(cfg)).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
@@ -467,7 +470,7 @@ def test_shared_prompts_update_equals_every_row_alone(flags, monkeypatch):
     _, tok = policy.tiny_policy()
     model = tiny_hf_float64()
     prompts = [tok.encode(p) for p in ["12+34=", "7-1=", "99+99=", "5+5="]]
-    rollout = policy.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
+    rollout = engine.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
     rollout.logprobs = rollout.logprobs.double()
     advantages = torch.randn(16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -504,7 +507,7 @@ def test_no_reward_spread_skips_the_update(beta, monkeypatch):
     # every advantage 0: without a KL term nothing is computed and no optimizer step is taken; with one, the KL
     # still pulls toward the reference, so the update runs
     model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
-    rollout = policy.generate(model, [tok.encode("1+2=")], n=4, max_new_tokens=4, eos=tok.eos_id, seed=1,
+    rollout = engine.generate(model, [tok.encode("1+2=")], n=4, max_new_tokens=4, eos=tok.eos_id, seed=1,
                               pad_id=tok.pad_id)
     args = train_grpo.parse_args(["--beta", str(beta)])
     forwards = []
@@ -641,17 +644,17 @@ def write_tiny_hf_folder(folder):
               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
               "rope_theta": 10000.0, "tie_word_embeddings": False}
     (folder / "config.json").write_text(json.dumps(config))
-    vocab = {char: byte for char, byte in policy.byte_level_alphabet().items()}
+    vocab = {char: byte for char, byte in tokenizer.byte_level_alphabet().items()}
     eos = {"id": 256, "content": "<|endoftext|>", "single_word": False, "lstrip": False, "rstrip": False,
            "normalized": False, "special": True}
-    tokenizer = {"model": {"type": "BPE", "vocab": {**vocab, "<|endoftext|>": 256}, "merges": []},
-                 "normalizer": None,
-                 "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
-                 "decoder": {"type": "ByteLevel"}, "added_tokens": [eos]}
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tokenizer_json = {"model": {"type": "BPE", "vocab": {**vocab, "<|endoftext|>": 256}, "merges": []},
+                      "normalizer": None,
+                      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+                      "decoder": {"type": "ByteLevel"}, "added_tokens": [eos]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     torch.manual_seed(0)
-    model = policy.HFDecoder(policy.hf_config(config))
+    model = hf_model.HFDecoder(hf_model.hf_config(config))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1) if p.ndim == 2 else torch.nn.init.ones_(p)
     save_model(model, str(folder / "model.safetensors"))
@@ -664,7 +667,7 @@ def test_hf_policy_trains_and_its_checkpoint_loads_with_from_hf(tmp_path):
     train_grpo.main(["--policy", f"hf:{source}", *SMALL, "--sft-steps", "20", "--sft-check-every", "20",
                      "--steps", "1", "--checkpoint-dir", str(tmp_path / "ckpt")])
     step_dir = tmp_path / "ckpt" / "step_000001"
-    model, tok = policy.from_hf(str(step_dir))
+    model, tok = hf_model.from_hf(str(step_dir))
     trained = load_file(step_dir / "model.safetensors")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
     before = load_file(source / "model.safetensors")
@@ -890,8 +893,8 @@ def test_export_loads_in_transformers_with_our_logits_and_tokens(tmp_path, monke
     assert not any(info.values()), info                                     # no missing / unexpected tensors
     names = set().union(*(load_file(out / n).keys() for n in weights if n.endswith(".safetensors")))
     assert ("lm_head.weight" in names) == (not tie)                         # tied: one tensor, as transformers has it
-    ours, tok = policy.from_hf(str(tmp_path / "ckpt" / "step_000001"))
-    start, _ = policy.from_hf(str(source))
+    ours, tok = hf_model.from_hf(str(tmp_path / "ckpt" / "step_000001"))
+    start, _ = hf_model.from_hf(str(source))
     idx = torch.randint(0, 500, (3, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected, got, before = ours(idx), theirs(idx).logits, start(idx)

@@ -16,6 +16,10 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+import tokenizer
+import hf_model
+import grpo
+import engine
 import policy
 from model import GPT, GPTConfig
 
@@ -99,7 +103,7 @@ def assert_same_tokenizer(tok, ref, texts):
 def test_tokenizer_on_tiktoken_matches_transformers(tmp_path, style):
     ref = train_bpe(style)
     write_tokenizer(tmp_path, ref)
-    tok = policy.hf_tokenizer(tmp_path, {})
+    tok = tokenizer.hf_tokenizer(tmp_path, {})
     assert tok.backend == "tiktoken" and tok.vocab_size == ref.get_vocab_size()
     assert_same_tokenizer(tok, transformers.AutoTokenizer.from_pretrained(tmp_path), TEXTS + corpus(seed=1)[:50])
     assert (tok.eos_id, tok.pad_id) == (SPECIALS.index("<|im_end|>"), SPECIALS.index("<|endoftext|>"))
@@ -109,9 +113,9 @@ def test_tokenizer_on_tiktoken_matches_transformers(tmp_path, style):
 def test_encode_ordinary_never_makes_special_tokens(tmp_path, qwen_bpe, backend):
     # a tool's output is text the model reads: a program that prints "<|im_end|>" must not end the turn
     write_tokenizer(tmp_path, qwen_bpe)
-    tok = policy.hf_tokenizer(tmp_path, {})
+    tok = tokenizer.hf_tokenizer(tmp_path, {})
     if backend == "tokenizers":
-        tok = policy.Tokenizer(qwen_bpe, tok.eos_id)
+        tok = tokenizer.Tokenizer(qwen_bpe, tok.eos_id)
     text = "x = 1<|im_end|>\n<|endoftext|>print(x)"
     assert tok.backend.startswith(backend) and tok.special_ids["<|im_end|>"] in tok.encode(text)
     ids = tok.encode_ordinary(text)
@@ -122,15 +126,15 @@ def test_encode_ordinary_never_makes_special_tokens(tmp_path, qwen_bpe, backend)
 def test_fallback_chat_styles(tmp_path, qwen_bpe):
     """Tokenizers without a chat template (base models, our checkpoints) get ChatML, Llama 3 or plain prompts."""
     write_tokenizer(tmp_path, qwen_bpe)
-    tok = policy.hf_tokenizer(tmp_path, {})
+    tok = tokenizer.hf_tokenizer(tmp_path, {})
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7*8?"}]
     text = tok.apply_chat_template(messages)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n7*8?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.encode(text).count(tok.special_ids["<|im_start|>"]) == 3
-    llama = policy.Tokenizer(tok.enc, tok.eos_id, chat_style="llama3", bos="<|begin_of_text|>")
+    llama = tokenizer.Tokenizer(tok.enc, tok.eos_id, chat_style="llama3", bos="<|begin_of_text|>")
     assert llama.apply_chat_template(messages[1:], add_generation_prompt=False) == \
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n7*8?<|eot_id|>"
-    plain = policy.Tokenizer(tok.enc, tok.eos_id)
+    plain = tokenizer.Tokenizer(tok.enc, tok.eos_id)
     assert plain.apply_chat_template(messages) == "Be brief.\n\n7*8?"
 
 
@@ -160,7 +164,7 @@ def merge_from_another_split(data):
 
 def drop_byte_tokens(data):
     """SmolLM2's case: 21 single-byte tokens (control bytes no training text had) are not in the vocab."""
-    alphabet = {b: c for c, b in policy.byte_level_alphabet().items()}
+    alphabet = {b: c for c, b in tokenizer.byte_level_alphabet().items()}
     for b in range(21):
         del data["model"]["vocab"][alphabet[b]]
 
@@ -227,7 +231,7 @@ def test_tokenizer_falls_back_to_tokenizers_and_matches_transformers(tmp_path, m
     write_tokenizer(tmp_path, ref)
     if edit is not None:
         edit_tokenizer_json(tmp_path, ref, edit)
-    tok = policy.hf_tokenizer(tmp_path, {})
+    tok = tokenizer.hf_tokenizer(tmp_path, {})
     assert tok.backend.startswith("tokenizers") and reason in tok.backend, tok.backend
     assert_same_tokenizer(tok, transformers.AutoTokenizer.from_pretrained(tmp_path), TEXTS + corpus(seed=1)[:50])
     assert tok.eos_id == ref.token_to_id("<|im_end|>") and tok.encode("<|im_end|>") == [tok.eos_id]
@@ -307,7 +311,7 @@ def test_chat_template_matches_transformers(tmp_path, qwen_bpe, template, in_fil
     else:
         config["chat_template"] = source
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    tok = policy.hf_tokenizer(tmp_path, {})
+    tok = tokenizer.hf_tokenizer(tmp_path, {})
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
     tools = [{"type": "function", "function": {"name": "add", "description": "a + b, exactly",
                                                 "parameters": {"a": "int", "b": "int"}}}]
@@ -333,11 +337,11 @@ def test_chat_template_is_sandboxed(tmp_path, qwen_bpe):
     escape = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": escape}))
     with pytest.raises(jinja2.exceptions.SecurityError):
-        policy.hf_tokenizer(tmp_path, {}).apply_chat_template(CONVERSATIONS[0])
+        tokenizer.hf_tokenizer(tmp_path, {}).apply_chat_template(CONVERSATIONS[0])
     namespace = "{% set ns = namespace(_x=1) %}{{ ns }}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": namespace}))
     with pytest.raises(jinja2.exceptions.SecurityError):
-        policy.hf_tokenizer(tmp_path, {}).apply_chat_template(CONVERSATIONS[0])
+        tokenizer.hf_tokenizer(tmp_path, {}).apply_chat_template(CONVERSATIONS[0])
 
 
 # -----------------------------------------------------------------------------
@@ -382,7 +386,7 @@ def test_hf_logits_match_transformers(tmp_path, qwen_bpe, case):
     save_hf(tmp_path, ref, qwen_bpe, shard="100KB" if "sharded" in case else None)
     if "sharded" in case:
         assert (tmp_path / "model.safetensors.index.json").exists()
-    model, tok = policy.from_hf(str(tmp_path))
+    model, tok = hf_model.from_hf(str(tmp_path))
     assert (model.lm_head is None) == ref.config.tie_word_embeddings
     idx = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -396,13 +400,13 @@ def test_hf_logits_match_transformers(tmp_path, qwen_bpe, case):
 def test_from_hf_bfloat16(tmp_path, qwen_bpe):
     ref = hf_reference("qwen3", head_dim=16)
     save_hf(tmp_path, ref, qwen_bpe)
-    model, _ = policy.from_hf(str(tmp_path), dtype=torch.bfloat16)
+    model, _ = hf_model.from_hf(str(tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.inv_freq.dtype == torch.float32
     idx = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected, got = ref(idx).logits, model(idx)
     assert got.dtype == torch.float32 and (got - expected).abs().max() < 0.05 * expected.abs().max()
-    rollout = policy.generate(model, idx.tolist(), n=2, max_new_tokens=4, seed=0)
+    rollout = engine.generate(model, idx.tolist(), n=2, max_new_tokens=4, seed=0)
     assert model.init_cache(1, 4).k.dtype == torch.bfloat16 and rollout.completion_mask.sum() == 16
 
 
@@ -411,8 +415,8 @@ def test_hf_config_reads_older_config_files():
                num_attention_heads=2, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0})
     old = {**new, "rope_theta": 500.0, "rope_scaling": {"type": "linear", "factor": 2.0}}
     del old["rope_parameters"]
-    assert policy.hf_config(old) == policy.hf_config(new)
-    assert policy.hf_config(new).rope_theta == 500.0 and policy.hf_config(new).num_kv_heads == 2
+    assert hf_model.hf_config(old) == hf_model.hf_config(new)
+    assert hf_model.hf_config(new).rope_theta == 500.0 and hf_model.hf_config(new).num_kv_heads == 2
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -425,7 +429,7 @@ def test_hf_config_rejects_unsupported(edit, message):
     cfg = dict(model_type="qwen2", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                num_attention_heads=2)
     with pytest.raises(ValueError, match=message):
-        policy.hf_config({**cfg, **edit})
+        hf_model.hf_config({**cfg, **edit})
 
 
 def test_from_hf_downloads_only_the_needed_files(tmp_path, qwen_bpe, monkeypatch):
@@ -436,8 +440,8 @@ def test_from_hf_downloads_only_the_needed_files(tmp_path, qwen_bpe, monkeypatch
         calls.append((repo_id, allow_patterns))
         return str(tmp_path)
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    policy.from_hf("someone/tiny-qwen")
-    assert calls == [("someone/tiny-qwen", policy.HF_FILES)]
+    hf_model.from_hf("someone/tiny-qwen")
+    assert calls == [("someone/tiny-qwen", hf_model.HF_FILES)]
 
 
 # -----------------------------------------------------------------------------
@@ -514,7 +518,7 @@ def policy_model(request, tmp_path_factory, qwen_bpe):
     if request.param == "hf":
         folder = tmp_path_factory.mktemp("qwen")
         save_hf(folder, hf_reference("qwen2", vocab_size=96), qwen_bpe)
-        return policy.from_hf(str(folder))[0]
+        return hf_model.from_hf(str(folder))[0]
     return randomize_gpt(GPT(tiny_gpt_config(vocab_size=96, eos_token_id=95))).eval()
 
 
@@ -537,9 +541,9 @@ def full_logprobs(model, rollout, temperature):
                          ids=["mixed-lengths", "one-prompt-per-prefill", "no-prefill"])
 def test_greedy_equals_full_forward_argmax(policy_model, monkeypatch, prompts, prefill_tokens, device):
     """On CUDA the engine's decode step is compiled and replayed as a CUDA graph, the full forward runs eagerly."""
-    monkeypatch.setattr(policy, "PREFILL_TOKENS", prefill_tokens)  # 6: prefill one prompt per forward
+    monkeypatch.setattr(engine, "PREFILL_TOKENS", prefill_tokens)  # 6: prefill one prompt per forward
     model = copy.deepcopy(policy_model).to(device)
-    rollout = policy.generate(model, prompts, n=2, max_new_tokens=9, temperature=0.0, eos=EOS)
+    rollout = engine.generate(model, prompts, n=2, max_new_tokens=9, temperature=0.0, eos=EOS)
     for i, prompt in enumerate(prompts):
         seq = list(prompt)
         with torch.no_grad():
@@ -552,16 +556,16 @@ def test_greedy_equals_full_forward_argmax(policy_model, monkeypatch, prompts, p
 
 def test_prefill_makes_no_logits(policy_model, monkeypatch):
     """The prefill only writes K/V: every logits tensor generate makes is one decode step's, (N, 1, V)."""
-    name = "head" if isinstance(policy_model, policy.HFDecoder) else "_logits"
+    name = "head" if isinstance(policy_model, hf_model.HFDecoder) else "_logits"
     shapes, original = [], getattr(policy_model, name)
     monkeypatch.setattr(policy_model, name, lambda x: shapes.append(tuple(x.shape[:-1])) or original(x))
-    policy.generate(policy_model, PROMPTS, n=2, max_new_tokens=4, eos=EOS, seed=0)
+    engine.generate(policy_model, PROMPTS, n=2, max_new_tokens=4, eos=EOS, seed=0)
     assert len(shapes) >= 3 and set(shapes) == {(6, 1)}
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
 def test_logprobs_match_full_forward(policy_model, temperature, top_k, top_p):
-    rollout = policy.generate(policy_model, PROMPTS, n=3, max_new_tokens=12, temperature=temperature, top_k=top_k,
+    rollout = engine.generate(policy_model, PROMPTS, n=3, max_new_tokens=12, temperature=temperature, top_k=top_k,
                               top_p=top_p, eos=EOS, seed=1)
     with torch.no_grad():
         expected = full_logprobs(policy_model, rollout, temperature)
@@ -582,7 +586,7 @@ def test_sample_draws_from_the_filtered_distribution(temperature, top_k, top_p):
         keep &= mass_before < top_p
     expected = probs * keep / (probs * keep).sum()
     u = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
-    tokens, logp = policy.sample(logits.expand(40_000, 6), temperature, top_k, top_p, u)
+    tokens, logp = engine.sample(logits.expand(40_000, 6), temperature, top_k, top_p, u)
     freq = torch.bincount(tokens, minlength=6) / 40_000
     assert (freq - expected).abs().max() < 0.01 and (freq[~keep] == 0).all()
     assert torch.allclose(logp, torch.log(probs)[tokens])
@@ -592,12 +596,12 @@ def test_sample_is_the_inverse_cdf_of_the_kept_tokens():
     logits = torch.tensor([-1.0, 3.0, 0.5, 2.0, -4.0, 1.0]).expand(4, 6)
     kept = torch.softmax(logits[0], dim=0) * torch.tensor([0, 1, 0, 1, 0, 0])  # top-2: tokens 1 and 3
     u = torch.tensor([0.0, 1 - 2 ** -24, 0.999 * kept[1] / kept.sum(), 1.001 * kept[1] / kept.sum()])
-    tokens, _ = policy.sample(logits, 1.0, 2, 1.0, u)
+    tokens, _ = engine.sample(logits, 1.0, 2, 1.0, u)
     assert tokens.tolist() == [1, 3, 1, 3]  # vocabulary order; u near 1 never reaches a token top-k dropped
 
 
 def test_top_k_samples_only_the_k_most_likely(policy_model):
-    rollout = policy.generate(policy_model, PROMPTS, n=4, max_new_tokens=6, temperature=1.5, top_k=3, eos=EOS,
+    rollout = engine.generate(policy_model, PROMPTS, n=4, max_new_tokens=6, temperature=1.5, top_k=3, eos=EOS,
                               seed=2)
     for r in range(rollout.tokens.size(0)):
         end = int(rollout.prompt_lens[r] + rollout.completion_lens[r])
@@ -610,9 +614,9 @@ def test_top_k_samples_only_the_k_most_likely(policy_model):
 
 
 def test_first_tokens_differ_across_samples_and_seeds_reproduce(policy_model):
-    a = policy.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=5)
-    b = policy.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=5)
-    c = policy.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=6)
+    a = engine.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=5)
+    b = engine.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=5)
+    c = engine.generate(policy_model, [[7, 8]], n=16, max_new_tokens=4, temperature=3.0, seed=6)
     first = a.tokens[:, 2]
     assert len(set(first.tolist())) > 4
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
@@ -621,7 +625,7 @@ def test_first_tokens_differ_across_samples_and_seeds_reproduce(policy_model):
 
 def test_eos_and_budget_masks(policy_model):
     eos = list(range(0, 96, 8)) + [EOS]  # an eighth of the vocabulary ends a completion: many rows stop early
-    rollout = policy.generate(policy_model, PROMPTS, n=8, max_new_tokens=10, temperature=3.0, eos=eos, seed=3,
+    rollout = engine.generate(policy_model, PROMPTS, n=8, max_new_tokens=10, temperature=3.0, eos=eos, seed=3,
                               pad_id=77)
     N, L = rollout.tokens.shape
     assert N == 24 and L == int((rollout.prompt_lens + rollout.completion_lens).max())
@@ -643,7 +647,7 @@ def test_eos_and_budget_masks(policy_model):
 
 
 # -----------------------------------------------------------------------------
-# log-probs with flat memory (policy.token_logprobs) against the unchunked computation
+# log-probs with flat memory (grpo.token_logprobs) against the unchunked computation
 
 V = 128  # the log-prob tests' vocabulary: a multiple of 128, so that the GPT's padded logits are (..., V) too
 
@@ -655,7 +659,7 @@ def logprob_model(family: str):
         cfg = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=family == "hf-tied")
         torch.manual_seed(0)
-        model = policy.HFDecoder(policy.hf_config(cfg)).double()
+        model = hf_model.HFDecoder(hf_model.hf_config(cfg)).double()
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
@@ -693,7 +697,7 @@ def test_token_logprobs_match_unchunked(family, temperature, chunk):
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     expected, expected_entropy = unchunked_logprobs(model, tokens, temperature, mask)
     expected_grads = torch.autograd.grad((expected * weights).sum(), list(model.parameters()))
-    logp, entropy = policy.token_logprobs(model, tokens, temperature, mask, with_entropy=True, chunk_tokens=chunk)
+    logp, entropy = grpo.token_logprobs(model, tokens, temperature, mask, with_entropy=True, chunk_tokens=chunk)
     grads = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
     tol = 2e-5 if family == "gpt" else 1e-12  # the GPT's logits are fp32
     assert logp.dtype == (torch.float32 if family == "gpt" else torch.float64)
@@ -702,7 +706,7 @@ def test_token_logprobs_match_unchunked(family, temperature, chunk):
     torch.testing.assert_close(entropy.double(), expected_entropy, rtol=0, atol=tol)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
-    no_grad, _ = policy.token_logprobs(model, tokens, temperature, chunk_tokens=chunk)  # every target, no autograd
+    no_grad, _ = grpo.token_logprobs(model, tokens, temperature, chunk_tokens=chunk)  # every target, no autograd
     torch.testing.assert_close(no_grad[mask], logp.detach()[mask], rtol=0, atol=tol)
 
 
@@ -731,17 +735,17 @@ def test_shared_prompt_logprobs_equal_every_row_alone(kind, device):
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=kind == "qwen2")
     dtype, tol = (torch.float64, 1e-12) if device.type == "cpu" else (torch.float32, 1e-4)
     torch.manual_seed(0)
-    model = policy.HFDecoder(policy.hf_config(cfg)).to(device, dtype)
+    model = hf_model.HFDecoder(hf_model.hf_config(cfg)).to(device, dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
     tokens, prompt_lens, mask = (t.to(device) for t in grouped_batch())
-    prompts, group = policy.prompt_groups(tokens, prompt_lens)
+    prompts, group = grpo.prompt_groups(tokens, prompt_lens)
     assert len(prompts) == 3 and len(set(group.tolist())) == 3
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
     results = []
     for lens in (None, prompt_lens):
-        logp, entropy = policy.token_logprobs(model, tokens, 0.7, mask, with_entropy=True, chunk_tokens=5,
+        logp, entropy = grpo.token_logprobs(model, tokens, 0.7, mask, with_entropy=True, chunk_tokens=5,
                                               prompt_lens=lens)
         results.append((logp, entropy, torch.autograd.grad((logp * weights).sum(), list(model.parameters()))))
     (logp, entropy, grads), (shared, shared_entropy, shared_grads) = results
@@ -751,7 +755,7 @@ def test_shared_prompt_logprobs_equal_every_row_alone(kind, device):
     for got, want in zip(shared_grads, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=100 * tol, atol=tol)
     with pytest.raises(ValueError, match="only targets after the prompt"):
-        policy.token_logprobs(model, tokens, 1.0, torch.ones_like(mask), prompt_lens=prompt_lens)
+        grpo.token_logprobs(model, tokens, 1.0, torch.ones_like(mask), prompt_lens=prompt_lens)
 
 
 class TensorLog(torch.utils._python_dispatch.TorchDispatchMode):
@@ -786,7 +790,7 @@ def test_token_logprobs_memory_is_flat(family):
     for rows, temperature in ((8, 1.0), (32, 1.0), (8, 0.7)):
         tokens, mask = ragged_batch(B=rows, L=30)
         with TensorLog(V) as log:
-            logp, _ = policy.token_logprobs(model, tokens, temperature, with_entropy=True, chunk_tokens=16)
+            logp, _ = grpo.token_logprobs(model, tokens, temperature, with_entropy=True, chunk_tokens=16)
             logp.sum().backward()
         assert 0 < log.largest <= 16 * V
         peaks[rows, temperature] = log.peak

@@ -7,7 +7,9 @@ import tokenizers
 import torch
 import transformers
 
-import policy
+import hf_model
+import grpo
+import engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -25,7 +27,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def ours(smollm2):
     torch.manual_seed(0)
-    return policy.from_hf(str(smollm2))
+    return hf_model.from_hf(str(smollm2))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_chat_template_matches_transformers(ours, theirs):
 def test_greedy_generate_matches_transformers(ours, theirs):
     (model, tok), (ref, _) = ours, theirs
     prompts = [tok.encode(tok.apply_chat_template(chat)) for chat in CHATS]
-    rollout = policy.generate(model, prompts, n=1, max_new_tokens=12, temperature=0.0, eos=tok.eos_id,
+    rollout = engine.generate(model, prompts, n=1, max_new_tokens=12, temperature=0.0, eos=tok.eos_id,
                               pad_id=tok.pad_id)
     for r, prompt in enumerate(prompts):
         with torch.no_grad():
@@ -102,10 +104,10 @@ def test_cached_decoding_matches_full_forward(ours):
     """The sampler's log-probs (KV cache, one token at a time) equal token_logprobs' (one full forward)."""
     model, tok = ours
     prompts = [tok.encode(tok.apply_chat_template(chat)) for chat in CHATS[:2]]
-    rollout = policy.generate(model, prompts, n=2, max_new_tokens=10, temperature=0.8, eos=tok.eos_id, seed=0,
+    rollout = engine.generate(model, prompts, n=2, max_new_tokens=10, temperature=0.8, eos=tok.eos_id, seed=0,
                               pad_id=tok.pad_id)
     mask = rollout.completion_mask[:, 1:]
     with torch.no_grad():
-        logp, _ = policy.token_logprobs(model, rollout.tokens, 0.8, mask)
+        logp, _ = grpo.token_logprobs(model, rollout.tokens, 0.8, mask)
     assert mask.sum() > 20
     assert (logp - rollout.logprobs[:, 1:]).abs().max() < 1e-4

@@ -1,4 +1,4 @@
-"""Tool calls in the rollout engine and the trainer: policy.generate with tools against a slow row-by-row reference,
+"""Tool calls in the rollout engine and the trainer: engine.generate with tools against a slow row-by-row reference,
 the masks (tool outputs get no gradient), the log-probs after a tool call, hostile programs inside a training step,
 and GRPO with tools under torchrun."""
 import itertools
@@ -14,11 +14,14 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
+import tokenizer
+import hf_model
+import engine
 import policy
 import sandbox
 import tasks
 import train_grpo
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 258
@@ -29,10 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")                # conftest.py
 
 def tool_tokenizer():
     """Bytes, plus one token for the opening fence and one for the closing fence, plus <|endoftext|>."""
-    ranks = {**policy.BYTE_RANKS, b"```python\n": 256, b"\n```": 257}
+    ranks = {**tokenizer.BYTE_RANKS, b"```python\n": 256, b"\n```": 257}
     enc = tiktoken.Encoding("tool-test", pat_str=policy.GPT2_PATTERN, mergeable_ranks=ranks,
                             special_tokens={"<|endoftext|>": EOS})
-    return policy.Tokenizer(enc, EOS)
+    return tokenizer.Tokenizer(enc, EOS)
 
 
 class Biased(torch.nn.Module):
@@ -97,7 +100,7 @@ def reference(model, tok, prompts, n, M, temperature, top_k, top_p, seed, tool, 
         while len(completion) < M:
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + completion]))[0, -1:]
-            token, logp = policy.sample(logits, temperature, top_k, top_p, U[r, len(completion)][None])
+            token, logp = engine.sample(logits, temperature, top_k, top_p, U[r, len(completion)][None])
             completion.append(int(token))
             sampled.append(True)
             logps.append(float(logp))
@@ -126,7 +129,7 @@ PROMPTS = ["hi", "12+3=", "a"]
 def test_tool_rollout_equals_row_by_row_reference(temperature, top_k, top_p, seed):
     model, tok = Biased().eval(), tool_tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
-    rollout = policy.generate(model, prompts, n=4, max_new_tokens=64, temperature=temperature, top_k=top_k,
+    rollout = engine.generate(model, prompts, n=4, max_new_tokens=64, temperature=temperature, top_k=top_k,
                               top_p=top_p, eos=EOS, seed=seed, pad_id=EOS, tool=fake_tool, tokenizer=tok,
                               max_tool_calls=2, tool_workers=3)
     expected = reference(model, tok, prompts, 4, 64, temperature, top_k, top_p, seed, fake_tool, max_calls=2)
@@ -155,7 +158,7 @@ def test_tool_rollout_equals_row_by_row_reference(temperature, top_k, top_p, see
 
 def test_logprobs_after_tool_calls_equal_a_full_forward():
     model, tok = Biased(seed=1).eval(), tool_tokenizer()
-    rollout = policy.generate(model, [tok.encode(p) for p in PROMPTS], n=4, max_new_tokens=48, eos=EOS, seed=4,
+    rollout = engine.generate(model, [tok.encode(p) for p in PROMPTS], n=4, max_new_tokens=48, eos=EOS, seed=4,
                               pad_id=EOS, tool=fake_tool, tokenizer=tok, max_tool_calls=3)
     with torch.no_grad():
         logp = F.log_softmax(model(rollout.tokens[:, :-1]), dim=-1).gather(-1, rollout.tokens[:, 1:, None])[..., 0]
@@ -172,7 +175,7 @@ def test_tool_outputs_get_no_loss_ratio_or_kl():
     # log-probs, ratios), must come out finite and equal to the clean update: no loss, ratio or KL reads them.
     # Poisoning the positions of sampled tokens instead must break it.
     tok = tool_tokenizer()
-    rollout = policy.generate(Biased(seed=2).eval(), [tok.encode(p) for p in PROMPTS], n=4, max_new_tokens=48,
+    rollout = engine.generate(Biased(seed=2).eval(), [tok.encode(p) for p in PROMPTS], n=4, max_new_tokens=48,
                               eos=EOS, seed=5, pad_id=EOS, tool=fake_tool, tokenizer=tok, max_tool_calls=2)
     predicts_tool = rollout.tool_mask[:, 1:]                        # (N, L-1): logits at t predict token t + 1
     assert predicts_tool.sum() > 20
@@ -198,11 +201,11 @@ def test_tool_outputs_get_no_loss_ratio_or_kl():
 
 def test_without_tools_nothing_is_tool_output():
     model, tok = Biased().eval(), tool_tokenizer()
-    rollout = policy.generate(model, [tok.encode(p) for p in PROMPTS], n=2, max_new_tokens=24, eos=EOS, seed=0)
+    rollout = engine.generate(model, [tok.encode(p) for p in PROMPTS], n=2, max_new_tokens=24, eos=EOS, seed=0)
     assert not rollout.tool_mask.any() and (rollout.tool_calls == 0).all()
     assert ((rollout.completion_mask.sum(dim=1)) == rollout.completion_lens).all()
     with pytest.raises(ValueError, match="tokenizer"):
-        policy.generate(model, [[1]], n=1, max_new_tokens=4, tool=fake_tool)
+        engine.generate(model, [[1]], n=1, max_new_tokens=4, tool=fake_tool)
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +220,7 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.scripts = scripts
         self.bias = torch.nn.Parameter(torch.zeros(257))
-        self.config = policy.HFConfig(257, 257, 0, 0, 0, 0, 0, 0.0, 0.0, "default", {}, True, False, False, False,
+        self.config = hf_model.HFConfig(257, 257, 0, 0, 0, 0, 0, 0.0, 0.0, "default", {}, True, False, False, False,
                                       False)
 
     def next_token(self, history):
@@ -242,7 +245,7 @@ class Scripted(torch.nn.Module):
         return self.head(self.hidden(idx))
 
     def init_cache(self, batch_size, max_len):
-        return policy.KVCache(torch.zeros(1, batch_size, max_len, 1, 1), torch.zeros(1, batch_size, max_len, 1, 1))
+        return KVCache(torch.zeros(1, batch_size, max_len, 1, 1), torch.zeros(1, batch_size, max_len, 1, 1))
 
     def forward_cached(self, idx, pos, cache):
         B, t = idx.shape
