@@ -83,6 +83,13 @@ def folder(text):
     return text
 
 
+def run_id(text):
+    if not text or os.sep in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"must be a file name (no {os.sep}), got {text!r}: the record is "
+                                         f"<--log-dir>/<run id>.txt")
+    return text
+
+
 parser = argparse.ArgumentParser(
     prog="train_grpo.py", description="GRPO fine-tuning with verifiable rewards",
     usage="%(prog)s [flags]  |  %(prog)s bench [flags]  |  %(prog)s export CKPT DIR [--dtype D] [--max-shard-size S]   "
@@ -196,6 +203,10 @@ parser.add_argument("--save-every", type=number(int, 0), default=0,
 parser.add_argument("--resume", type=checkpoint.step_dir, default=None, help="a step_* checkpoint directory (or the "
                                                                    "--checkpoint-dir: its latest step)")
 parser.add_argument("--log-file", type=new_file, default=None, help="JSON lines: one per step and per evaluation")
+parser.add_argument("--log-dir", type=folder, default="logs", help="rank 0 writes the run's record, "
+                                                                   "<log-dir>/<run id>.txt (records/compare.py)")
+parser.add_argument("--run-id", type=run_id, default=None, help="the record's file name (default: date + random "
+                                                                "suffix)")
 
 
 # Flags whose default depends on the policy: (tiny, pretrained). A random tiny model needs a large learning rate

@@ -46,8 +46,8 @@ import speedrun_kernels
 from data.shards import find_shards, read_shard
 from model import GPT, GPTConfig
 from muon import DistAdam, Muon
+from run_log import hardware_line, open_log
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 # dense bf16 tensor-core peak per GPU (FLOP/s), for MFU; GPUs not listed (and CPUs) print mfu:n/a
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -380,31 +380,13 @@ def environment_report(device, world):
     """Versions, hardware and GPU info: the lines after the sources in the log."""
     lines = [f"python {platform.python_version()} | torch {torch.__version__} | "
              f"triton {getattr(sys.modules.get('triton'), '__version__', 'not loaded')} | numpy {np.__version__}"]
-    if device.type == "cuda":
-        lines.append(f"hardware: {world}x {torch.cuda.get_device_name(device)}")
-    else:
-        lines.append(f"hardware: {world}x cpu ({platform.machine()}, {torch.get_num_threads()} threads per rank)")
+    lines.append(hardware_line(device, world))
     switch = os.environ.get("NANOGPT_KERNELS", "auto")
     lines.append(f"kernels: {'on' if speedrun_kernels.enabled(torch.empty(0, device=device)) else 'off'} "
                  f"(NANOGPT_KERNELS={switch})")
     if shutil.which("nvidia-smi"):
         lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout.rstrip())
     return "\n".join(lines)
-
-
-def repo_sources():
-    """'==> path <==' + source of every module of this repo that is loaded (train_gpt.py first)."""
-    paths = {os.path.abspath(sys.modules["__main__"].__file__)}
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)  # some modules carry a bare name here (torch._classes)
-        if path and os.path.isabs(path) and path.endswith(".py") and path.startswith(REPO + os.sep):
-            paths.add(path)
-    main = os.path.abspath(sys.modules["__main__"].__file__)
-    texts = []
-    for path in sorted(paths, key=lambda p: (p != main, p)):
-        with open(path) as f:
-            texts.append(f"==> {os.path.relpath(path, REPO)} <==\n{f.read()}")
-    return "\n".join(texts)
 
 
 def mfu_text(flops_per_s, device, world):
@@ -540,22 +522,6 @@ def setup_distributed(hp):
     return rank, world, device
 
 
-def open_log(logfile, master):
-    """Start the run's log with the sources that run -> log(line, console=True), which appends a line (rank 0)."""
-    if master:
-        os.makedirs(os.path.dirname(logfile) or ".", exist_ok=True)
-        with open(logfile, "w") as f:
-            f.write(repo_sources() + "\n" + "=" * 100 + "\n")
-
-    def log(line, console=True):
-        if master:
-            with open(logfile, "a") as f:
-                f.write(line + "\n")
-            if console:
-                print(line, flush=True)
-    return log
-
-
 def warm_up(hp, model, forward, optimizers, windows, device):
     """Compile the training step and the validation forward for every window the run uses, untimed, then put the
     model and optimizers back in their initial state -> seconds taken."""
@@ -624,7 +590,7 @@ def main(argv=None):
     # log header: sources, environment, hyperparameters
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     logfile = os.path.join(args.log_dir, f"{run_id}.txt")
-    log = open_log(logfile, master)
+    log = open_log(logfile, master, __file__)
     log(environment_report(device, world), console=False)
     why = "given with --preset" if args.preset else f"default {'with' if preset == 'speedrun' else 'without'} CUDA"
     log(f"preset: {preset} ({why})")

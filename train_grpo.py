@@ -23,10 +23,15 @@ import json
 import math
 import os
 import random
+import platform
+import shlex
 import statistics
 import sys
 import time
+import uuid
 
+import tiktoken
+import tokenizers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,6 +41,7 @@ import engine
 import grpo
 import muon
 import policy
+import run_log
 import sandbox
 import tasks
 from grpo_flags import parse_args, parser
@@ -482,6 +488,37 @@ def format_eval(name, result):
             + (f" | {errors} failed verifications (counted as wrong)" if errors else ""))
 
 
+def open_record(args, rank, world, device):
+    # the run's record, <--log-dir>/<run id>.txt (run_log.py): the sources that ran, versions, hardware, the command
+    # and every flag; then one line per step and per evaluation -> log(line, console=True)
+    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    path = os.path.join(args.log_dir, f"{run_id}.txt")
+    log = run_log.open_log(path, rank == 0, __file__)
+    log(f"python {platform.python_version()} | torch {torch.__version__} | "
+        f"tokenizers {tokenizers.__version__} | tiktoken {tiktoken.__version__}", console=False)
+    log(run_log.hardware_line(device, world), console=False)
+    log(f"command: {shlex.join(sys.argv)}", console=False)
+    log(f"flags: {json.dumps(vars(args), sort_keys=True)}", console=False)
+    print0(f"record: {path}")
+    return log
+
+
+def step_line(record, steps, train_s):
+    # the record's line of a step (records/compare.py reads train_time)
+    return (f"step:{record['step']}/{steps} reward:{record['reward']:.4f} loss:{record['loss']:.6g} "
+            f"kl:{record['kl']:.6g} entropy:{record['entropy']:.4f} completion_len:{record['completion_len']:.2f} "
+            f"truncated:{record['truncated']:.4f} kept_groups:{record['kept_groups']} "
+            f"train_time:{1000 * train_s:.0f}ms")
+
+
+def eval_line(name, step, steps, result, train_s, eval_s):
+    # the record's line of an evaluation: train_time excludes every evaluation's time (as the speedrun's excludes
+    # validation); eval_time is this one's
+    scores = " ".join(f"{k}:{v:.4f}" for k, v in result.items() if k != "verify_errors")
+    return (f"eval:{name} step:{step}/{steps} {scores} verify_errors:{result.get('verify_errors', 0)} "
+            f"train_time:{1000 * train_s:.0f}ms eval_time:{1000 * eval_s:.0f}ms")
+
+
 def fail(error):
     # a file that is missing, damaged or does not fit, a failed download: one line, no traceback, exit status 1
     sys.exit(f"error: {' '.join(str(error).split())}")
@@ -558,6 +595,20 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
     rank, world, device, model, tok, hf_files, sample, test = start(args)
+    log = open_record(args, rank, world, device)
+    clock, eval_s = t_start, 0.0                    # the record's clock: everything but the evaluations counts
+
+    def evaluation(name, key, step):
+        # evaluate the held-out set: console, --log-file and the record; its time is left out of train_time
+        nonlocal eval_s
+        t0 = time.perf_counter()
+        result = evaluate(model, tok, test, args, rank, world, device)
+        train_s = t0 - clock - eval_s
+        eval_s += time.perf_counter() - t0
+        print0(format_eval(name, result))
+        log_json(args, {"eval": key, **result})
+        log(eval_line(key, step, args.steps, result, train_s, time.perf_counter() - t0), console=False)
+        return result
 
     if args.resume is None and args.sft_steps > 0:
         sft(model, tok, sample, args, rank, world, device)
@@ -569,16 +620,16 @@ def main(argv=None):
         except (OSError, ValueError) as error:
             fail(error)
         print0(f"resumed from {args.resume} at step {state['step']}")
+        clock -= state.get("train_s", 0.0)                                  # the record's clock goes on
     else:
-        state = {"step": 0, "before_rl": evaluate(model, tok, test, args, rank, world, device), "flags": vars(args)}
-        print0(format_eval("before RL", state["before_rl"]))
-        log_json(args, {"eval": "before_rl", **state["before_rl"]})
+        state = {"step": 0, "before_rl": evaluation("before RL", "before_rl", 0), "flags": vars(args)}
 
     for step in range(state["step"], args.steps):
         rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
         t1 = time.perf_counter()
         sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device)
         t2 = time.perf_counter()
+        state["train_s"] = t2 - clock - eval_s
         record = step_record(step + 1, stats, sums, t2 - t1, world, device, state.get("num_tokens", 0))
         record.update(lr=args.lr * lr_schedule(step, args),
                       **({"muon_lr": args.muon_lr * lr_schedule(step, args)} if args.optimizer == "muon" else {}))
@@ -602,12 +653,11 @@ def main(argv=None):
                    f"unequal rewards after {args.max_refills} refill round(s); training on fewer "
                    f"(raise --max-refills, or the task is too easy or too hard for the policy)")
         log_json(args, record)
+        log(step_line(record, args.steps, state["train_s"]), console=False)
         state["step"] = step + 1
         state["skipped_steps"] = state.get("skipped_steps", 0) + record["skipped"]
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            result = evaluate(model, tok, test, args, rank, world, device)
-            print0(format_eval(f"step {step + 1}", result))
-            log_json(args, {"eval": step + 1, **result})
+            evaluation(f"step {step + 1}", step + 1, step + 1)
         if args.checkpoint_dir and args.save_every and (step + 1) % args.save_every == 0:
             checkpoint.save_checkpoint(args.checkpoint_dir, step + 1, model, ref_model, optimizers, state, rank,
                                        hf_files)
@@ -615,10 +665,9 @@ def main(argv=None):
     if state["step"] == 0:                                                  # no RL step: the policy evaluated before
         after = state["before_rl"]
         print0("after RL: no RL step was taken (--steps 0); the evaluation before RL stands")
+        log_json(args, {"eval": "after_rl", **after})
     else:
-        after = evaluate(model, tok, test, args, rank, world, device)
-        print0(format_eval("after RL", after))
-    log_json(args, {"eval": "after_rl", **after})
+        after = evaluation("after RL", "after_rl", state["step"])
     if args.checkpoint_dir:
         checkpoint.save_checkpoint(args.checkpoint_dir, state["step"], model, ref_model, optimizers, state, rank,
                                    hf_files)

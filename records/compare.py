@@ -1,16 +1,23 @@
-"""Compare train_gpt.py runs from their logs: a table, and the significance tests a record needs.
+"""Compare runs from their logs, the records of both halves: a table per kind, and the tests a record needs.
 
     python records/compare.py logs/run1.txt logs/run2.txt records/gpt2-small-3.28/2026-01-01_name/
-    python records/compare.py --baseline records/<track>/<old record>/ --candidate logs/ --plot val.png
+    python records/compare.py --baseline records/<track>/<old record>/ --candidate logs/ --plot curves.png
 
-Prints a markdown table (run, hardware, steps, final val loss, train time, tokens/s as the median over steps).
-Given two or more runs in a group: a one-sided t-test that the group's mean final val loss is below --target
-(H0: mean >= target). Given --baseline and --candidate: Welch's t-test on the train time of the two groups.
---plot draws val loss against train time (needs matplotlib). Only numpy is required: the Student t distribution
-is computed here from the regularized incomplete beta function.
+Reads train_gpt.py logs (speedrun: validation loss) and train_grpo.py logs (GRPO: held-out pass@1), told apart by
+the script whose source opens the log. A GRPO run belongs to the track in TRACKS whose flags it ran with.
+Speedrun: a table (run, hardware, steps, final val loss, train time, tokens/s as the median over steps) and, given
+two or more runs in a group, a one-sided t-test that the group's mean final val loss is below --target (H0: mean >=
+target). GRPO: a table (run, track, hardware, steps, final pass@1, time to target: the train_time of the first
+evaluation at or above the target) and a one-sided t-test that the mean final pass@1 is above the target (H0: mean
+<= target). Given --baseline and --candidate: Welch's t-test on time (speedrun: train time; GRPO: time to target of
+the runs that reached it). A log that stops early, never reaches its target or is of neither kind is listed as
+unfinished (DNF) with the reason, never a traceback. --plot draws val loss and pass@1 against train time, one line
+per run, the target as a line (needs matplotlib). Only numpy is required: the Student t distribution is computed
+here from the regularized incomplete beta function.
 """
 import argparse
 import glob
+import json
 import math
 import os
 import re
@@ -18,10 +25,26 @@ import sys
 
 import numpy as np
 
-SOURCES_END = "=" * 100  # train_gpt.py logs start with the sources, closed by this line
+SOURCES_END = "=" * 100  # logs start with the sources that ran, closed by this line (run_log.py)
 STEP = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:\S+ms tok/s:(\d+) mfu:(\S+)$", re.M)
 VAL = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:\S+ms$", re.M)
 HARDWARE = re.compile(r"^hardware: (.*)$", re.M)
+FLAGS = re.compile(r"^flags: (\{.*\})$", re.M)
+EVAL = re.compile(r"^eval:(\S+) step:(\d+)/(\d+) (.*) train_time:(\d+)ms eval_time:(\d+)ms$", re.M)
+GRPO_STEP = re.compile(r"^step:(\d+)/(\d+) reward:\S+ .* train_time:(\d+)ms$", re.M)
+
+# The tracks: a fixed command (for GRPO, the flags that define it: a run matches when it ran with every one of them;
+# its seed is free) and the target its metric must reach. records/README.md's table shows the same.
+TRACKS = {
+    "gpt2-small-3.28": {"kind": "speedrun", "metric": "val_loss", "target": 3.28,
+                        "command": "torchrun --standalone --nproc_per_node=8 train_gpt.py", "flags": {}},
+    "grpo-gsm8k-qwen2.5-0.5b": {
+        "kind": "grpo", "metric": "pass@1", "target": 0.50,
+        "command": "torchrun --standalone --nproc_per_node=8 train_grpo.py --policy hf:Qwen/Qwen2.5-0.5B-Instruct "
+                   "--task gsm8k --test-size 1319 --max-new-tokens 512 --eval-every 10 --eval-k 0",
+        "flags": {"policy": "hf:Qwen/Qwen2.5-0.5B-Instruct", "task": "gsm8k", "test_size": 1319,
+                  "max_new_tokens": 512, "eval_every": 10, "eval_k": 0}},
+}
 
 # -----------------------------------------------------------------------------
 # Student's t distribution
@@ -93,52 +116,186 @@ def log_paths(items):
     return sorted(paths)
 
 
-def parse_log(path):
-    """A train_gpt.py log -> dict(run, hardware, step, steps, val_loss, train_time_s, tok_per_s, curve), where
-    curve lists (train_time_s, val_loss) of every validation. The sources at the top of the log are skipped."""
+def parse_log(path, target=None):
+    """A log -> dict(run, path, kind, hardware, dnf, ...): kind "speedrun", "grpo" or "unknown"; dnf is None for a
+    finished run, else why it is not. target: overrides the track's (or 3.28 for speedrun logs)."""
     with open(path, errors="replace") as f:
         text = f.read()
-    if SOURCES_END + "\n" in text:
-        text = text.split(SOURCES_END + "\n", 1)[1]
-    vals = VAL.findall(text)
+    sources, _, lines = text.partition(SOURCES_END + "\n")
+    run = {"run": os.path.splitext(os.path.basename(path))[0], "path": path, "kind": "unknown", "track": "-",
+           "hardware": "?", "dnf": None, "curve": []}
+    if not lines:
+        return {**run, "dnf": "not a train_gpt.py or train_grpo.py log (no sources section)"}
+    hardware = HARDWARE.search(lines)
+    run["hardware"] = hardware.group(1) if hardware else "?"
+    if sources.startswith("==> train_gpt.py <=="):
+        return parse_speedrun(run, lines, 3.28 if target is None else target)
+    if sources.startswith("==> train_grpo.py <=="):
+        return parse_grpo(run, lines, target)
+    return {**run, "dnf": "not a train_gpt.py or train_grpo.py log (its sources start with another script)"}
+
+
+def parse_speedrun(run, lines, target):
+    # final val loss, train time, median tok/s; curve: (train_time_s, val_loss) of every validation
+    vals = VAL.findall(lines)
+    tok_per_s = [int(m[4]) for m in STEP.findall(lines)]
+    run.update(kind="speedrun", track="gpt2-small-3.28" if run["hardware"].startswith("8x") else "-", target=target,
+               tok_per_s=float(np.median(tok_per_s)) if tok_per_s else float("nan"),
+               curve=[(int(v[3]) / 1000, float(v[2])) for v in vals])
     if not vals:
-        sys.exit(f"error: {path} has no validation line (step:N/T val_loss:...): not a finished train_gpt.py log?")
-    hardware = HARDWARE.search(text)
+        return {**run, "step": 0, "steps": 0, "dnf": "no validation line (stopped before its first validation)"}
     step, steps, val_loss, train_ms = vals[-1]
-    tok_per_s = [int(m[4]) for m in STEP.findall(text)]
-    return {"run": os.path.splitext(os.path.basename(path))[0], "path": path,
-            "hardware": hardware.group(1) if hardware else "?", "step": int(step), "steps": int(steps),
-            "val_loss": float(val_loss), "train_time_s": int(train_ms) / 1000,
-            "tok_per_s": float(np.median(tok_per_s)) if tok_per_s else float("nan"),
-            "curve": [(int(v[3]) / 1000, float(v[2])) for v in vals]}
+    run.update(step=int(step), steps=int(steps), val_loss=float(val_loss), train_time_s=int(train_ms) / 1000)
+    if int(step) < int(steps):
+        run["dnf"] = f"stopped at step {step} of {steps}"
+    return run
 
 
-def table(groups):
+def track_of(flags):
+    # the GRPO track whose flags this run ran with, or None
+    for name, track in TRACKS.items():
+        if track["kind"] == "grpo" and all(flags.get(k) == v for k, v in track["flags"].items()):
+            return name
+    return None
+
+
+def parse_grpo(run, lines, target):
+    # final pass@1 (the after-RL evaluation), time to target: the train_time of the first evaluation whose pass@1
+    # reaches the target; curve: (train_time_s, pass@1) of every evaluation
+    flags = FLAGS.search(lines)
+    try:
+        flags = json.loads(flags.group(1)) if flags else {}
+    except json.JSONDecodeError:
+        flags = {}
+    track = track_of(flags)
+    target = TRACKS[track]["target"] if target is None and track else target
+    evals = [(name, int(step), int(steps), scores(rest), int(ms) / 1000) for name, step, steps, rest, ms, _
+             in EVAL.findall(lines)]
+    steps_done = [int(m[0]) for m in GRPO_STEP.findall(lines)]
+    run.update(kind="grpo", track=track or "-", target=target, steps=flags.get("steps", 0),
+               step=max(steps_done, default=0), curve=[(t, s.get("pass@1", float("nan"))) for *_, s, t in evals])
+    final = [e for e in evals if e[0] == "after_rl"]
+    if not final:
+        return {**run, "dnf": f"no after-RL evaluation (stopped at step {run['step']} of {run['steps']})"}
+    run["pass@1"] = final[-1][3].get("pass@1", float("nan"))
+    if target is None:
+        return {**run, "dnf": "no target: not a track's command (give --target)"}
+    reached = [t for t, acc in run["curve"] if acc >= target]
+    if not reached:
+        return {**run, "dnf": f"never reached pass@1 {target:.3f}"}
+    run["time_to_target_s"] = reached[0]
+    return run
+
+
+def scores(text):
+    # "pass@1:0.4200 pass@8:0.7100 verify_errors:0" -> {"pass@1": 0.42, "pass@8": 0.71, "verify_errors": 0.0}
+    out = {}
+    for item in text.split():
+        key, _, value = item.partition(":")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Tables, tests and the plot
+
+
+def speedrun_table(groups):
     lines = ["| group | run | hardware | steps | val loss | train time (s) | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, runs in groups.items():
         for r in runs:
-            lines.append(f"| {name} | {r['run']} | {r['hardware']} | {r['step']}/{r['steps']} | {r['val_loss']:.4f} "
+            if r["dnf"] and "val_loss" not in r:
+                lines.append(f"| {name} | {r['run']} | {r['hardware']} | - | DNF: {r['dnf']} | - | - |")
+                continue
+            loss = f"{r['val_loss']:.4f}" + (f" (DNF: {r['dnf']})" if r["dnf"] else "")
+            lines.append(f"| {name} | {r['run']} | {r['hardware']} | {r['step']}/{r['steps']} | {loss} "
                          f"| {r['train_time_s']:.1f} | {r['tok_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
-def plot(groups, target, out):
+def grpo_table(groups):
+    lines = ["| group | run | track | hardware | steps | final pass@1 | time to target (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in groups.items():
+        for r in runs:
+            final = f"{r['pass@1']:.4f}" if "pass@1" in r else "-"
+            time_to_target = f"{r['time_to_target_s']:.1f}" if r["dnf"] is None else f"DNF: {r['dnf']}"
+            lines.append(f"| {name} | {r['run']} | {r['track']} | {r['hardware']} | {r['step']}/{r['steps']} "
+                         f"| {final} | {time_to_target} |")
+    return "\n".join(lines)
+
+
+def unknown_table(groups):
+    return "\n".join(f"{r['path']}: DNF: {r['dnf']}" for runs in groups.values() for r in runs)
+
+
+def speedrun_summary(name, runs, target):
+    done = [r for r in runs if "val_loss" in r]
+    losses, times = [r["val_loss"] for r in done], [r["train_time_s"] for r in done]
+    if len(done) < 2:
+        return f"{name}: {len(done)} run(s) with a final val loss (a t-test needs 2 or more)"
+    t, df, p = one_sided_below(losses, target)
+    return (f"{name}: n={len(done)} val loss mean {np.mean(losses):.4f} sd {np.std(losses, ddof=1):.4f}; "
+            f"one-sided t-test mean < {target}: t={t:.3f} df={df} p={p:.4g}; "
+            f"train time mean {np.mean(times):.1f}s sd {np.std(times, ddof=1):.1f}s")
+
+
+def grpo_summary(name, track, runs):
+    # runs of one track (or of one --target): the final pass@1 of every run that has one, the time of those that
+    # reached the target
+    done = [r for r in runs if "pass@1" in r and r["target"] is not None]
+    if len(done) < 2:
+        return f"{name} / {track}: {len(done)} run(s) with a final pass@1 and a target (a t-test needs 2 or more)"
+    target = done[0]["target"]
+    acc = [r["pass@1"] for r in done]
+    t, df, p_below = one_sided_below(acc, target)
+    times = [r["time_to_target_s"] for r in runs if r["dnf"] is None]
+    time_text = (f"time to target mean {np.mean(times):.1f}s over {len(times)} of {len(runs)} runs"
+                 if times else "no run reached the target")
+    return (f"{name} / {track}: n={len(done)} final pass@1 mean {np.mean(acc):.4f} sd {np.std(acc, ddof=1):.4f}; "
+            f"one-sided t-test mean > {target}: t={t:.3f} df={df} p={1 - p_below:.4g}; {time_text}")
+
+
+def welch_line(kind, baseline, candidate):
+    key = "train_time_s" if kind == "speedrun" else "time_to_target_s"
+    base = [r[key] for r in baseline if key in r and r["dnf"] is None]
+    cand = [r[key] for r in candidate if key in r and r["dnf"] is None]
+    what = "train time" if kind == "speedrun" else "time to target"
+    if len(base) < 2 or len(cand) < 2:
+        return f"{what}: Welch's test needs 2 or more finished runs in each group ({len(base)} and {len(cand)})"
+    t, df, p2, p_faster = welch(cand, base)
+    return (f"{what} candidate - baseline: {np.mean(cand) - np.mean(base):+.2f}s; Welch t={t:.3f} "
+            f"df={df:.2f} p(two-sided)={p2:.4g} p(candidate faster)={p_faster:.4g}")
+
+
+def plot(by_kind, out):
     try:
         import matplotlib
     except ImportError:
         sys.exit("error: --plot needs matplotlib, which is not installed (pip install matplotlib)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (name, runs), color in zip(groups.items(), ("C0", "C1", "C2")):
-        for i, r in enumerate(runs):
-            times, losses = zip(*r["curve"])
-            ax.plot(times, losses, color=color, alpha=0.7, label=name if i == 0 else None)
-    ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target}")
-    ax.set_xlabel("train time (s)")
-    ax.set_ylabel("val loss")
-    ax.legend()
+    kinds = [k for k in ("speedrun", "grpo") if any(by_kind[k].values())]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(8 * len(kinds), 5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        targets = set()
+        for (name, runs), color in zip(by_kind[kind].items(), ("C0", "C1", "C2")):
+            for i, r in enumerate(runs):
+                if r["curve"]:
+                    times, values = zip(*r["curve"])
+                    ax.plot(times, values, color=color, alpha=0.7, marker=".", label=name if i == 0 else None)
+                if r.get("target") is not None:
+                    targets.add(r["target"])
+        for target in sorted(targets):
+            ax.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target}")
+        ax.set_xlabel("train time (s)")
+        ax.set_ylabel("val loss" if kind == "speedrun" else "held-out pass@1 (greedy)")
+        ax.set_title("train_gpt.py" if kind == "speedrun" else "train_grpo.py")
+        ax.legend()
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"wrote {out}")
 
@@ -148,35 +305,36 @@ def main(argv=None):
     parser.add_argument("logs", nargs="*", help="log files or folders of logs")
     parser.add_argument("--baseline", nargs="+", default=[], help="log files or folders: the reference group")
     parser.add_argument("--candidate", nargs="+", default=[], help="log files or folders: the new group")
-    parser.add_argument("--target", type=float, default=3.28, help="val loss the runs must beat (default 3.28)")
-    parser.add_argument("--plot", default=None, help="write a val loss vs train time plot here (needs matplotlib)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="the target every run must reach (default: its track's; 3.28 for speedrun logs)")
+    parser.add_argument("--plot", default=None, help="write val loss / pass@1 vs train time here (needs matplotlib)")
     args = parser.parse_args(argv)
     if bool(args.baseline) != bool(args.candidate):
         parser.error("--baseline and --candidate go together")
     named = {"runs": args.logs, "baseline": args.baseline, "candidate": args.candidate}
-    groups = {name: [parse_log(p) for p in log_paths(items)] for name, items in named.items() if items}
+    groups = {name: [parse_log(p, args.target) for p in log_paths(items)] for name, items in named.items() if items}
     if not any(groups.values()):
         parser.error("no logs given")
-    print(table(groups))
-    print()
-    for name, runs in groups.items():
-        losses = [r["val_loss"] for r in runs]
-        if len(runs) < 2:
-            print(f"{name}: 1 run, val loss {losses[0]:.4f} (a t-test needs 2 or more runs)")
-            continue
-        t, df, p = one_sided_below(losses, args.target)
-        times = [r["train_time_s"] for r in runs]
-        print(f"{name}: n={len(runs)} val loss mean {np.mean(losses):.4f} sd {np.std(losses, ddof=1):.4f}; "
-              f"one-sided t-test mean < {args.target}: t={t:.3f} df={df} p={p:.4g}; "
-              f"train time mean {np.mean(times):.1f}s sd {np.std(times, ddof=1):.1f}s")
-    if args.baseline and len(groups["baseline"]) >= 2 and len(groups["candidate"]) >= 2:
-        cand = [r["train_time_s"] for r in groups["candidate"]]
-        base = [r["train_time_s"] for r in groups["baseline"]]
-        t, df, p2, p_faster = welch(cand, base)
-        print(f"train time candidate - baseline: {np.mean(cand) - np.mean(base):+.2f}s; Welch t={t:.3f} "
-              f"df={df:.2f} p(two-sided)={p2:.4g} p(candidate faster)={p_faster:.4g}")
+    by_kind = {kind: {name: [r for r in runs if r["kind"] == kind] for name, runs in groups.items()}
+               for kind in ("speedrun", "grpo", "unknown")}
+    if any(by_kind["speedrun"].values()):
+        print(speedrun_table(by_kind["speedrun"]) + "\n")
+        for name, runs in by_kind["speedrun"].items():
+            if runs:
+                print(speedrun_summary(name, runs, 3.28 if args.target is None else args.target))
+    if any(by_kind["grpo"].values()):
+        print(grpo_table(by_kind["grpo"]) + "\n")
+        for name, runs in by_kind["grpo"].items():
+            for track in sorted({r["track"] for r in runs}):
+                print(grpo_summary(name, track, [r for r in runs if r["track"] == track]))
+    if any(by_kind["unknown"].values()):
+        print(unknown_table(by_kind["unknown"]))
+    if args.baseline:
+        for kind in ("speedrun", "grpo"):
+            if by_kind[kind]["baseline"] or by_kind[kind]["candidate"]:
+                print(welch_line(kind, by_kind[kind]["baseline"], by_kind[kind]["candidate"]))
     if args.plot:
-        plot(groups, args.target, args.plot)
+        plot(by_kind, args.plot)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """records/compare.py: the t distribution against closed forms (and scipy when installed), log parsing and the
 table, the one-sided and Welch tests on logs the test writes."""
 import importlib.util
+import json
 import math
 import os
 import re
@@ -128,7 +129,128 @@ def test_plot_or_clear_message(tmp_path):
         assert proc.returncode == 0 and (tmp_path / "val.png").stat().st_size > 0
 
 
-def test_log_without_validation_is_an_error(tmp_path):
-    (tmp_path / "broken.txt").write_text("hardware: 1x cpu\nstep:1/4 train_loss:5.0\n")
-    proc = run_compare(tmp_path / "broken.txt")
-    assert proc.returncode == 1 and "broken.txt has no validation line" in proc.stderr
+def test_unfinished_and_foreign_logs_are_listed_not_fatal(tmp_path):
+    # a speedrun log cut before its first validation, one cut before its last, a file that is no log at all: each a
+    # DNF row with its reason, exit status 0, no traceback
+    write_log(tmp_path / "full.txt", "1x cpu", [(0, 5.5, 0), (4, 2.0, 4000)], 4, [1000] * 4)
+    text = (tmp_path / "full.txt").read_text()
+    (tmp_path / "early.txt").write_text(text[:text.index("step:0/4 val_loss")])
+    (tmp_path / "cut.txt").write_text(text[:text.index("step:4/4 val_loss")])
+    (tmp_path / "notes.txt").write_text("hardware: 1x cpu\nstep:1/4 train_loss:5.0\n")
+    proc = run_compare(tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {line.split(" | ")[1]: line for line in proc.stdout.splitlines() if line.startswith("| runs |")}
+    assert "DNF: no validation line" in rows["early"] and "DNF: stopped at step 0 of 4" in rows["cut"]
+    assert "DNF" not in rows["full"]
+    assert "notes.txt: DNF: not a train_gpt.py or train_grpo.py log" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# GRPO records: train_grpo.py writes them, compare.py reads them
+
+TRACK = compare.TRACKS["grpo-gsm8k-qwen2.5-0.5b"]
+
+
+def write_grpo_log(path, evals, steps, flags=None):
+    """A log in train_grpo.py's format. evals: [(name, step, pass@1, train_time_ms)]."""
+    flags = {**TRACK["flags"], "steps": steps, "seed": 0} if flags is None else flags
+    lines = ["==> train_grpo.py <==", "eval:after_rl step:9/9 pass@1:1.0000 train_time:1ms eval_time:1ms", "=" * 100,
+             "python 3.11.7 | torch 2.13.0", "hardware: 8x NVIDIA H100 80GB HBM3", f"flags: {json.dumps(flags)}"]
+    for name, step, acc, ms in evals:
+        if step > 0:
+            lines.append(f"step:{step}/{steps} reward:0.5000 loss:0.01 kl:0 entropy:0.5000 completion_len:10.00 "
+                         f"truncated:0.0000 kept_groups:16 train_time:{ms}ms")
+        lines.append(f"eval:{name} step:{step}/{steps} pass@1:{acc:.4f} verify_errors:0 train_time:{ms}ms "
+                     f"eval_time:500ms")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_grpo_track_table_time_to_target_and_t_test(tmp_path):
+    target = TRACK["target"]
+    runs = {"a": [("before_rl", 0, 0.30, 1000), (10, 10, 0.45, 61_000), (20, 20, target + 0.02, 121_000),
+                  ("after_rl", 30, target + 0.05, 181_000)],
+            "b": [("before_rl", 0, 0.31, 1100), (10, 10, target, 60_000), ("after_rl", 30, target + 0.08, 180_000)],
+            "c": [("before_rl", 0, 0.29, 900), (10, 10, 0.40, 62_000), ("after_rl", 30, target - 0.01, 182_000)]}
+    for name, evals in runs.items():
+        write_grpo_log(tmp_path / f"{name}.txt", [(str(n), s, a, ms) for n, s, a, ms in evals], 30)
+    proc = run_compare(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[1]: r for r in (line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| runs |"))}
+    assert all(r[2] == "grpo-gsm8k-qwen2.5-0.5b" and r[4] == "30/30" for r in rows.values())
+    assert float(rows["a"][6].strip(" |")) == 121.0          # the first evaluation at or above the target
+    assert float(rows["b"][6].strip(" |")) == 60.0           # reaching it exactly counts
+    assert f"DNF: never reached pass@1 {target:.3f}" in rows["c"][6]
+    finals = np.array([target + 0.05, target + 0.08, target - 0.01])
+    t = (finals.mean() - target) / (finals.std(ddof=1) / math.sqrt(3))
+    m = re.search(r"final pass@1 mean (\S+) sd \S+; one-sided t-test mean > (\S+): t=(\S+) df=2 p=(\S+); time to "
+                  r"target mean (\S+)s over 2 of 3 runs", proc.stdout)
+    assert float(m[1]) == pytest.approx(finals.mean(), abs=1e-4) and float(m[2]) == target
+    assert float(m[3]) == pytest.approx(t, abs=1e-3) and float(m[4]) == pytest.approx(1 - cdf_df2(t), rel=1e-3)
+    assert float(m[5]) == pytest.approx(90.5)
+
+
+def test_grpo_welch_on_time_to_target(tmp_path):
+    target = TRACK["target"]
+    times = {"base": [185.0, 187.0], "cand": [181.0, 183.0]}
+    for group, ts in times.items():
+        (tmp_path / group).mkdir()
+        for i, sec in enumerate(ts):
+            write_grpo_log(tmp_path / group / f"{group}{i}.txt",
+                           [("before_rl", 0, 0.3, 1000), ("5", 5, target + 0.01, int(sec * 1000)),
+                            ("after_rl", 10, target + 0.02, int(sec * 1000) + 5000)], 10)
+    proc = run_compare("--baseline", tmp_path / "base", "--candidate", tmp_path / "cand")
+    assert proc.returncode == 0, proc.stderr
+    t = (np.mean(times["cand"]) - np.mean(times["base"])) / math.sqrt(2 / 2 + 2 / 2)
+    m = re.search(r"time to target candidate - baseline: (\S+)s; Welch t=(\S+) df=(\S+) ", proc.stdout)
+    assert float(m[1]) == pytest.approx(-4.0) and float(m[2]) == pytest.approx(t, abs=1e-3)
+    assert float(m[3]) == pytest.approx(2.0)
+
+
+def test_grpo_truncated_and_trackless_logs_are_dnf(tmp_path):
+    write_grpo_log(tmp_path / "full.txt", [("before_rl", 0, 0.3, 1000), ("after_rl", 4, 0.9, 9000)], 4)
+    text = (tmp_path / "full.txt").read_text()
+    (tmp_path / "cut.txt").write_text(text[:text.index("eval:after_rl step:4")])
+    (tmp_path / "sources_only.txt").write_text(text[:text.index("=" * 100)])
+    write_grpo_log(tmp_path / "other.txt", [("before_rl", 0, 0.3, 1000), ("after_rl", 4, 0.9, 9000)], 4,
+                   flags={"policy": "tiny", "steps": 4})
+    proc = run_compare(tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "| runs | cut | grpo-gsm8k-qwen2.5-0.5b |" in proc.stdout
+    assert "DNF: no after-RL evaluation (stopped at step 4 of 4)" in proc.stdout
+    assert "| runs | other | - |" in proc.stdout and "DNF: no target: not a track's command" in proc.stdout
+    assert "sources_only.txt: DNF: not a train_gpt.py or train_grpo.py log (no sources section)" in proc.stdout
+    proc = run_compare(tmp_path / "other.txt", "--target", 0.5)   # --target gives a trackless run one
+    assert "| runs | other | - |" in proc.stdout and "| 0.9000 | 9.0 |" in proc.stdout
+
+
+def test_train_grpo_writes_a_record_compare_reads(tmp_path, monkeypatch):
+    import train_grpo
+    monkeypatch.setattr(sys, "argv", ["train_grpo.py"])
+    train_grpo.main(["--steps", "3", "--sft-steps", "20", "--test-size", "12", "--prompts-per-step", "4",
+                     "--eval-every", "1", "--eval-k", "0", "--log-dir", str(tmp_path), "--run-id", "r1"])
+    text = (tmp_path / "r1.txt").read_text()
+    sources, _, lines = text.partition("=" * 100 + "\n")
+    assert sources.startswith("==> train_grpo.py <==")
+    for module in ("engine.py", "grpo.py", "policy.py", "tokenizer.py", "run_log.py", "tasks.py"):
+        assert f"==> {module} <==" in sources
+    flags = json.loads(re.search(r"^flags: (.*)$", lines, re.M)[1])
+    assert flags["steps"] == 3 and flags["run_id"] == "r1"
+    run = compare.parse_log(str(tmp_path / "r1.txt"), target=0.0)
+    assert run["kind"] == "grpo" and run["step"] == 3 and run["dnf"] is None
+    times = [t for t, _ in run["curve"]]
+    assert len(times) == 4 and times == sorted(times)   # before RL, after steps 1 and 2, after RL (step 3's)
+    steps_ms = [int(m) for m in re.findall(r"^step:\d+/3 .* train_time:(\d+)ms$", lines, re.M)]
+    assert len(steps_ms) == 3 and steps_ms == sorted(steps_ms)
+
+
+def test_plot_draws_both_kinds_or_says_why_not(tmp_path):
+    write_log(tmp_path / "gpt.txt", "1x cpu", [(0, 5.5, 0), (4, 2.0, 4000)], 4, [1000] * 4)
+    write_grpo_log(tmp_path / "grpo.txt", [("before_rl", 0, 0.3, 1000), ("after_rl", 4, 0.6, 9000)], 4)
+    proc = run_compare(tmp_path, "--plot", tmp_path / "curves.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        assert proc.returncode == 1 and proc.stderr.strip() == ("error: --plot needs matplotlib, which is not "
+                                                                "installed (pip install matplotlib)")
+    else:
+        assert proc.returncode == 0, proc.stderr
+        png = (tmp_path / "curves.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
