@@ -1,0 +1,132 @@
+"""
+train_grpo.py --fsdp: the policy (and the KL reference) sharded across ranks with torch's own FSDP2, so that models
+larger than one GPU's memory train: each rank keeps 1/world of the parameters, gradients and AdamW moments.
+
+    shard(model, device)             each decoder block an FSDP unit, then the root (embeddings, final norm, head);
+                                     on CUDA bf16 compute with fp32 master weights and fp32 gradient reduction
+    sampler_copy(model, device)      a plain model of the same architecture for the rollout engine (made before
+                                     shard), refreshed with refresh(sampler, model) before each rollout phase
+    padded(batches, device)          the micro-batches of this rank, padded with None to the most any rank has:
+                                     every forward of a sharded model is a collective, so all ranks run as many
+    dummy_pass(model, device, grad)  what a rank runs for a None: a forward (and backward) that changes nothing
+    save(path, model, optimizers)    a sharded checkpoint (torch.distributed.checkpoint): each rank writes its shards
+    load(path, model, optimizers)    ... read back at the world size that wrote it, or another (DCP reshards)
+    full_state(path, model)          one process, no process group: a sharded checkpoint -> the whole model's tensors
+
+Rollouts never run on sharded weights: generating token by token on them would all-gather every layer for every
+token. refresh() all-gathers each parameter once per rollout phase into the sampler copy, which the engine (KV cache,
+CUDA graphs) uses as it uses any model. Memory per rank, Qwen2.5-7B (7.6e9 parameters) on 8 GPUs, by arithmetic (not
+measured here, no GPU): sharded state 16 bytes a parameter / 8 = 15.2 GB (fp32 weights 3.8, fp32 gradients 3.8,
+AdamW moments 7.6); the sampler copy in bf16, 15.2 GB; its KV cache 56 KiB a token (28 layers x 4 KV heads x 128 x
+K and V x 2 bytes), 3.8 GB for 64 rows of 1,024 tokens; the update's activations on top. The replicated path needs
+121.6 GB of state per rank: it does not fit. Gathering costs one all-gather of the bf16 weights per rollout phase
+(15.2 GB a rank receives), a fraction of a second on NVLink against the minutes a phase of sampling takes.
+"""
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+# the methods besides forward() through which train_grpo.py runs a policy's trunk (grpo.token_logprobs): FSDP runs
+# its unshard / reshard hooks around them as it does around forward()
+FORWARD_METHODS = ("hidden", "hidden_shared")
+
+
+def blocks(model):
+    """The model's decoder blocks (HFDecoder.layers, our GPT's blocks), or a one-line error naming the model."""
+    for name in ("layers", "blocks"):
+        if isinstance(getattr(model, name, None), torch.nn.ModuleList):
+            return getattr(model, name)
+    raise ValueError(f"--fsdp: {type(model).__name__} has no .layers or .blocks list of decoder blocks to shard; "
+                     f"use --fsdp only with hf: policies and our GPTs")
+
+
+def shard(model, device):
+    """model -> the same module, sharded in place over every rank (world 1: a mesh of one, which runs the same
+    code). On CUDA the units compute in bf16 from fp32 master weights and reduce gradients in fp32."""
+    units = blocks(model)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mesh = init_device_mesh(device.type, (world,))
+    bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()                                     # the parameters' own dtype throughout
+    for block in units:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+def sampler_copy(model, device):
+    """A plain copy of the (not yet sharded) model for the rollout engine: bf16 on CUDA, as the sharded model
+    computes; refresh() fills it."""
+    sampler = copy.deepcopy(model).requires_grad_(False)
+    return sampler.to(torch.bfloat16) if device.type == "cuda" else sampler
+
+
+@torch.no_grad()
+def refresh(sampler, model):
+    """Copy the sharded model's current weights into the sampler copy: one all-gather per parameter, on every rank
+    (a collective: all ranks call it together)."""
+    for (name, p), q in zip(model.named_parameters(), sampler.parameters()):
+        q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+
+def padded(batches, device):
+    """A rank's micro-batches (a list) -> the same list with None appended up to the most any rank has."""
+    count = torch.tensor([len(batches)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return batches + [None] * (int(count) - len(batches))
+
+
+def dummy_pass(model, device, grad):
+    """The forward (and, with grad, backward) a rank runs where another runs a micro-batch: two tokens, no target
+    scored, so nothing changes but every unit's all-gather (and reduce-scatter of zeros) takes place."""
+    idx = torch.zeros(1, 2, dtype=torch.long, device=device)
+    with torch.set_grad_enabled(grad):
+        h = model.hidden(idx)
+        if grad:
+            (h.sum() * 0).backward()
+
+
+def save(path, model, optimizers):
+    """A sharded checkpoint in folder path: the model's and the optimizers' states, each rank writing its shards
+    (a collective)."""
+    model_state, optim_state = get_state_dict(model, optimizers)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+
+
+def load(path, model, optimizers):
+    """Read a sharded checkpoint into the sharded model and its optimizers, at any world size (a collective)."""
+    model_state, optim_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_state(path, model):
+    """A sharded checkpoint -> {name: tensor} of the whole model (an unsharded model of the same config gives the
+    names and shapes), in one process without a process group (python train_grpo.py export)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+    return state
+
+
+def local_bytes(model, optimizers):
+    """Bytes of parameters and optimizer state this rank holds (its shards, for a sharded model)."""
+    def size(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+    total = sum(size(p) for p in model.parameters())
+    for opt in optimizers:
+        total += sum(size(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
+    return total
