@@ -120,7 +120,8 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
 #     model.safetensors                 transformers' tensor names; a tied lm_head stored once (as embed_tokens);
 #                                       above --max-shard-size, model-0000k-of-0000n.safetensors + an index
 #     config.json                       the source's, its dtype set to the weights' (architectures added if absent)
-#     generation_config.json            the source's; without one, config.json's bos/pad ids and the tokenizer's eos
+#     generation_config.json            the source's; without one, config.json's bos/pad ids and the stop ids the
+#                                       run sampled with (Tokenizer.eos_ids)
 #     tokenizer files, chat template    the source's, unchanged (HF_TOKENIZER_FILES)
 #   our GPTs -> model.safetensors + config.json (GPTConfig's fields) + README.md: only this repo loads them
 
@@ -153,7 +154,8 @@ def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
         if not os.path.isfile(os.path.join(step, "generation_config.json")):   # eos: where the run's samples ended
             ids = {k: config[k] for k in ("bos_token_id", "pad_token_id") if config.get(k) is not None}
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({"pad_token_id": tok.pad_id, **ids, "eos_token_id": tok.eos_id}, f, indent=2)
+                eos = tok.eos_ids[0] if len(tok.eos_ids) == 1 else list(tok.eos_ids)
+                json.dump({"pad_token_id": tok.pad_id, **ids, "eos_token_id": eos}, f, indent=2)
         for name in ["generation_config.json", *HF_TOKENIZER_FILES]:
             if os.path.isfile(os.path.join(step, name)):
                 shutil.copy(os.path.join(step, name), tmp)

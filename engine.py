@@ -6,7 +6,8 @@ The rollout engine: n samples per prompt from a policy through a static KV cache
 
 The model is any policy (policy.py): init_cache(batch_size, max_len) and forward_cached(idx, pos, cache). The engine
 works on token ids; only the tool loop decodes text, to find a code block and append its output. On CUDA a decode
-step is a CUDA graph; the prefill runs in chunks of PREFILL_TOKENS and computes no logits it does not use.
+step is a CUDA graph; the prefill runs in chunks of PREFILL_TOKENS and computes no logits it does not use. Ids the
+tokenizer cannot decode (a padded vocabulary's rows) are never sampled: their logits are -inf before sampling.
 """
 import concurrent.futures
 import itertools
@@ -30,7 +31,8 @@ class Rollout:
     completion right after it, then pad_id. With tools, a completion interleaves sampled text and tool outputs."""
     tokens: Tensor           # (N, L) int64
     logprobs: Tensor         # (N, L) fp32: log-prob of tokens[:, t] under log_softmax(logits / temperature) (before
-                             # top-k / top-p; temperature 0: log_softmax(logits)) at sampled positions, 0 elsewhere
+                             # top-k / top-p; temperature 0: log_softmax(logits); undecodable ids' logits -inf) at
+                             # sampled positions, 0 elsewhere
     prompt_mask: Tensor      # (N, L) bool
     completion_mask: Tensor  # (N, L) bool: the sampled tokens up to and including the first eos
     tool_mask: Tensor        # (N, L) bool: tool-output tokens in the completion: fed to the model, not sampled
@@ -95,10 +97,13 @@ CHECK_EVERY = 8        # decode steps between checks that every row has ended (a
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos=None, seed: int = 0, pad_id: int = 0, tool=None, tokenizer: Tokenizer = None,
-             max_tool_calls: int = 0, tool_workers: int = 4) -> Rollout:
+             top_p: float = 1.0, eos=None, seed: int = 0, pad_id: int = 0, undecodable: Tensor | None = None,
+             tool=None, tokenizer: Tokenizer = None, max_tool_calls: int = 0, tool_workers: int = 4) -> Rollout:
     """Sample n completions of each prompt (a list of token ids). eos: a token id or a list of ids that end a
-    completion (None: only the budget does). Deterministic given seed (and the device).
+    completion (None: only the budget does); a row ends at the first of them it samples, as transformers' generate
+    does. undecodable (k,) int64: ids never sampled (Tokenizer.undecodable_ids: padded vocabulary rows), their logits
+    set to -inf before sampling; the log-probs are of that distribution, which grpo.token_logprobs computes given the
+    same ids. Deterministic given seed (and the device).
 
     Tools: given tool (code -> (output text, error), e.g. sandbox.run), the tokenizer and max_tool_calls > 0, a
     completion may write up to max_tool_calls ```python blocks (sandbox.py's syntax). When a row samples the token
@@ -150,6 +155,7 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
     else:
         step = lambda idx, p: model.forward_cached(idx, p, cache)
     U = torch.rand(N, M, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    undecodable = None if undecodable is None else undecodable.to(device)
     eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long,
                            device=device)
     out = torch.full((N, M), pad_id, device=device)  # completion tokens, sampled or tool output
@@ -167,6 +173,8 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
         if tools is not None and tools.resume(forced, forced_at, forced_end, waiting):  # all rows ended
             break
         logits = step(cur[:, None], pos.clamp(max=S - 1)[:, None])[:, 0]  # (N, V)
+        if undecodable is not None:  # in place: a CUDA graph's output is rewritten whole by its next replay
+            logits.index_fill_(1, undecodable, float("-inf"))
         j = (pos - prompt_lens + 1).clamp(max=M - 1)  # (N,) the completion token each row produces
         token, logp = sample(logits, temperature, top_k, top_p, U[rows, j])
         moving = ~done & ~waiting

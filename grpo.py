@@ -8,7 +8,8 @@ policy-gradient loss (GRPO, Dr. GRPO, DAPO, GSPO, CISPO-style delta clipping) an
 
 token_logprobs never holds more than one chunk of logits (LOGITS_CHUNK): the head runs a chunk of positions at a
 time, forward and backward, so a 152K vocabulary costs the same memory as a small one. With prompt_lens the rows of
-a group run their shared prompt once (the model's hidden_shared).
+a group run their shared prompt once (the model's hidden_shared). Given the ids the rollout engine never samples
+(undecodable), the log-probs and entropies are of the same distribution as the sampler's: those logits are -inf.
 """
 
 import torch
@@ -23,29 +24,35 @@ from torch import Tensor
 LOGITS_CHUNK = 2 ** 26  # logits per head chunk in token_logprobs: 256 MiB in fp32, whatever the vocabulary
 
 
-def chunk_logits(model, h: Tensor, temperature: float) -> Tensor:
-    """h (c, C) final hidden states -> logits / temperature (c, V) fp32 (temperature 0 or 1: no division). The head
-    on the 2-D h: its backward through a (1, c, C) view took ~1.4x as long (SmolLM2's head, one CPU thread)."""
+def chunk_logits(model, h: Tensor, temperature: float, undecodable: Tensor | None) -> Tensor:
+    """h (c, C) final hidden states -> logits / temperature (c, V) fp32 (temperature 0 or 1: no division), -inf at
+    the undecodable ids (in place: no second (c, V) tensor). The head on the 2-D h: its backward through a (1, c, C)
+    view took ~1.4x as long (SmolLM2's head, one CPU thread)."""
     logits = model.head(h)
-    return logits if temperature in (0.0, 1.0) else logits / temperature
+    logits = logits if temperature in (0.0, 1.0) else logits / temperature
+    return logits if undecodable is None else logits.index_fill_(-1, undecodable, float("-inf"))
 
 
-def chunk_forward(model, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool):
+def chunk_forward(model, h: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
+                  undecodable: Tensor | None):
     """h (c, C), targets (c,) -> (log-probs (c,), entropies (c,) or None). A function of its own so that this
     chunk's (c, V) tensors are freed on return, before the next chunk's are made."""
-    logp_all = torch.log_softmax(chunk_logits(model, h, temperature), dim=-1)  # (c, V)
-    entropy = -logp_all.exp().mul_(logp_all).sum(dim=-1) if with_entropy else None
+    logp_all = torch.log_softmax(chunk_logits(model, h, temperature, undecodable), dim=-1)  # (c, V)
+    entropy = None
+    if with_entropy:
+        p_logp = logp_all.exp().mul_(logp_all)  # (c, V); 0 * -inf is nan: the undecodable ids' terms are 0
+        entropy = -(p_logp if undecodable is None else p_logp.index_fill_(-1, undecodable, 0.0)).sum(dim=-1)
     return logp_all.gather(1, targets[:, None])[:, 0], entropy
 
 
-def chunk_backward(model, h: Tensor, targets: Tensor, temperature: float, grad_logp: Tensor, params: list,
-                   grad_params: list) -> Tensor:
+def chunk_backward(model, h: Tensor, targets: Tensor, temperature: float, undecodable: Tensor | None,
+                   grad_logp: Tensor, params: list, grad_params: list) -> Tensor:
     """Recompute the chunk's logits z and backpropagate grad_logp (c,) through them: d logp / d z = onehot(target)
-    - softmax(z). Adds the parameters' gradients (the head's; None for the others) into grad_params; -> grad of h
-    (c, C)."""
+    - softmax(z) (0 at the undecodable ids). Adds the parameters' gradients (the head's; None for the others) into
+    grad_params; -> grad of h (c, C)."""
     with torch.enable_grad():
         h = h.detach().requires_grad_()
-        z = chunk_logits(model, h, temperature)  # (c, V)
+        z = chunk_logits(model, h, temperature, undecodable)  # (c, V)
         g = grad_logp[:, None]  # (c, 1)
         grad_z = torch.softmax(z.detach(), dim=-1).mul_(-g).scatter_add_(1, targets[:, None], g)
         grad_h, *grads = torch.autograd.grad(z, [h, *params], grad_z, allow_unused=True)
@@ -61,13 +68,13 @@ class ChunkedLogprobs(torch.autograd.Function):
     recomputes each chunk's logits). params: every parameter of the model, so that the head's get gradients."""
 
     @staticmethod
-    def forward(ctx, h, targets, model, temperature, chunk, with_entropy, *params):
-        parts = [chunk_forward(model, h[i:i + chunk], targets[i:i + chunk], temperature, with_entropy)
+    def forward(ctx, h, targets, model, temperature, chunk, with_entropy, undecodable, *params):
+        parts = [chunk_forward(model, h[i:i + chunk], targets[i:i + chunk], temperature, with_entropy, undecodable)
                  for i in range(0, h.size(0), chunk)]
         logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
         entropy = torch.cat([p[1] for p in parts]) if parts and with_entropy else logp.new_zeros(0)
         ctx.save_for_backward(h, targets, *params)
-        ctx.model, ctx.temperature, ctx.chunk = model, temperature, chunk
+        ctx.model, ctx.temperature, ctx.chunk, ctx.undecodable = model, temperature, chunk, undecodable
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -77,8 +84,9 @@ class ChunkedLogprobs(torch.autograd.Function):
         grad_h, grad_params = torch.zeros_like(h), [None] * len(params)
         for i in range(0, h.size(0), ctx.chunk):
             grad_h[i:i + ctx.chunk] = chunk_backward(ctx.model, h[i:i + ctx.chunk], targets[i:i + ctx.chunk],
-                                                     ctx.temperature, grad_logp[i:i + ctx.chunk], params, grad_params)
-        return grad_h, None, None, None, None, None, *grad_params
+                                                     ctx.temperature, ctx.undecodable, grad_logp[i:i + ctx.chunk],
+                                                     params, grad_params)
+        return grad_h, None, None, None, None, None, None, *grad_params
 
 
 def prompt_groups(tokens: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,13 +116,14 @@ def shared_hidden(model, tokens: Tensor, prompt_lens: Tensor, mask: Tensor) -> T
 
 
 def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor | None = None,
-                   with_entropy: bool = False, chunk_tokens: int | None = None,
-                   prompt_lens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                   with_entropy: bool = False, chunk_tokens: int | None = None, prompt_lens: Tensor | None = None,
+                   undecodable: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """tokens (B, L) -> (logp (B, L-1): the log-prob of tokens[:, 1:] under softmax(logits / temperature), the
     sampler's distribution (temperature 0 or 1: softmax(logits), no division); entropy (B, L-1) of that distribution
     (no grad) or None). mask (B, L-1) bool: score only those targets (0 elsewhere); the head never sees the others.
     prompt_lens (B,): rows whose first prompt_lens tokens are equal share one trunk pass over them (models with
-    hidden_shared; GRPO's groups); the mask must then score only targets after the prompt.
+    hidden_shared; GRPO's groups); the mask must then score only targets after the prompt. undecodable (k,) int64: ids
+    whose logits are -inf, as engine.generate's sampler has them (a padded vocabulary's rows).
 
     Flat memory: the trunk runs once (model.hidden), then the head runs on chunk_tokens positions at a time (default:
     LOGITS_CHUNK logits' worth) and each chunk keeps only its targets' log-probs and entropies; backward recomputes
@@ -128,8 +137,9 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
     else:
         h = model.hidden(tokens[:, :-1])[mask]  # (n, C): the scored positions only
     chunk = chunk_tokens or max(1, LOGITS_CHUNK // model.config.vocab_size)
+    undecodable = None if undecodable is None else undecodable.to(tokens.device)
     logp, entropy = ChunkedLogprobs.apply(h, tokens[:, 1:][mask], model, temperature, chunk, with_entropy,
-                                          *model.parameters())
+                                          undecodable, *model.parameters())
 
     def place(values):  # (n,) -> (B, L-1), 0 off the mask
         out = torch.zeros(B, L - 1, dtype=values.dtype, device=tokens.device)

@@ -9,6 +9,12 @@ Tokenizers run on tiktoken where it reproduces a HF tokenizer.json exactly (byte
 rank order, a known pre-tokenizer, no normalizer but NFC), and on Hugging Face's tokenizers library otherwise. Chat
 prompts come from the model's own jinja chat template, rendered as transformers renders it. Nothing here knows
 about models: the engine (engine.py) works on token ids only.
+
+A tokenizer decodes the ids below vocab_size but its holes; a model's vocabulary may be larger (embedding rows padded
+to a round number: Qwen2.5's 151,936 rows for 151,665 tokens). undecodable_ids(rows) names the ids a policy must
+never sample, and decode() reads any of them as nothing, as transformers does. A completion ends at any of eos_ids,
+the checkpoint's stop ids (generation_config.json's, where transformers' generate stops); SFT targets end with
+end_of_turn_id, the one the chat template closes an assistant turn with.
 """
 import base64
 import json
@@ -22,6 +28,7 @@ import jinja2.ext
 import jinja2.sandbox
 import tiktoken
 import tokenizers
+import torch
 from torch import Tensor
 
 
@@ -45,8 +52,10 @@ class Tokenizer:
 
     encode(text) finds special tokens written in the text and adds nothing else: it equals transformers'
     encode(text, add_special_tokens=False). A beginning-of-text token, where the model wants one, is part of
-    apply_chat_template's output. decode(ids) keeps special tokens (transformers' decode). nfc (tiktoken): NFC-normalise
-    the text between special tokens first (Qwen2's tokenizer.json asks for it).
+    apply_chat_template's output. decode(ids) keeps special tokens (transformers' decode) and reads the ids it has no
+    token for (at or above vocab_size, or in holes) as nothing. nfc (tiktoken): NFC-normalise the text between special
+    tokens first (Qwen2's tokenizer.json asks for it).
+    eos_ids: the ids that end a completion (default: eos_id alone); eos_id is also pad_id's default.
     Chat prompts: chat_template, the model's own jinja template, rendered as transformers renders it, with
     special_tokens (tokenizer_config.json's bos_token, eos_token, ...) in scope. Without one (our own checkpoints, base
     models) chat_style: "chatml" (<|im_start|> tokens), "llama3" (header tokens) or "plain" (bos, then the message
@@ -54,11 +63,13 @@ class Tokenizer:
 
     def __init__(self, enc: tiktoken.Encoding | tokenizers.Tokenizer, eos_id: int, pad_id: int | None = None,
                  chat_style: str = "plain", bos: str = "", nfc: bool = False, chat_template: str | None = None,
-                 special_tokens: dict[str, str] | None = None, backend: str | None = None):
+                 special_tokens: dict[str, str] | None = None, backend: str | None = None,
+                 eos_ids: tuple[int, ...] | None = None):
         if chat_style not in ("plain", "chatml", "llama3"):
             raise ValueError(f"Tokenizer chat_style={chat_style!r}: use 'plain', 'chatml' or 'llama3'")
         self.enc = enc
         self.eos_id = eos_id
+        self.eos_ids = tuple(eos_ids) if eos_ids else (eos_id,)
         self.pad_id = eos_id if pad_id is None else pad_id
         self.chat_style = chat_style
         self.bos = bos
@@ -68,14 +79,19 @@ class Tokenizer:
         self._ordinary = None  # tokenizers backend: encode_ordinary's tokenizer, made on first use
         if isinstance(enc, tiktoken.Encoding):
             self.backend = backend or "tiktoken"
-            self.vocab_size = enc.n_vocab
             self.special_ids = {s: enc.encode_single_token(s) for s in enc.special_tokens_set}
             by_length = sorted(self.special_ids, key=len, reverse=True)
             self._special_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+            ranks = enc.token_byte_values()  # as many tokens as n_vocab: every id below it has one
+            ids = (range(enc.n_vocab) if len(ranks) + len(self.special_ids) == enc.n_vocab else
+                   {*map(enc.encode_single_token, ranks), *self.special_ids.values()})
         else:
             self.backend = backend or "tokenizers"
-            self.vocab_size = enc.get_vocab_size(with_added_tokens=True)
             self.special_ids = {t.content: i for i, t in enc.get_added_tokens_decoder().items()}
+            ids = set(enc.get_vocab(with_added_tokens=True).values())
+        self.vocab_size = max(ids) + 1  # one past the largest id with a token
+        self.holes = frozenset(range(self.vocab_size)).difference(ids)  # the ids below it without one
+        self.end_of_turn_id = self._end_of_turn()
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(self.enc, tiktoken.Encoding):
@@ -98,9 +114,26 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        if ids and (max(ids) >= self.vocab_size or self.holes):  # ids without a token decode as nothing
+            ids = [i for i in ids if i < self.vocab_size and i not in self.holes]
         if isinstance(self.enc, tiktoken.Encoding):
             return self.enc.decode(ids)
         return self.enc.decode(ids, skip_special_tokens=False)
+
+    def undecodable_ids(self, rows: int) -> Tensor | None:
+        """rows: a model's vocabulary size (its logits' last dimension) -> the ids below it that this tokenizer has no
+        token for (its holes, then vocab_size .. rows - 1: padded embedding rows), sorted, int64; None when there are
+        none. The rollout engine never samples them (engine.generate's undecodable)."""
+        ids = sorted(i for i in self.holes if i < rows) + list(range(self.vocab_size, rows))
+        return torch.tensor(ids, dtype=torch.long) if ids else None
+
+    def _end_of_turn(self) -> int:
+        # the first stop id that the chat template writes after the assistant's text of a finished exchange (ChatML's
+        # <|im_end|>, Llama 3's <|eot_id|>); without one, eos_id if it is a stop id, else the first stop id
+        exchange = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "Two"}]
+        text = self.apply_chat_template(exchange, add_generation_prompt=False)
+        closing = self.encode(text[text.rindex("Two") + len("Two"):])
+        return next((i for i in (*closing, self.eos_id) if i in self.eos_ids), self.eos_ids[0])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. kwargs: more variables for the
@@ -293,7 +326,9 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 def hf_tokenizer(folder: Path, config: dict) -> Tokenizer:
     """tokenizer.json + tokenizer_config.json (special tokens, chat template) + chat_template.jinja if present ->
     Tokenizer. The backend is decided here, deterministically: tiktoken when tiktoken_encoding reproduces the
-    tokenizer exactly, else tokenizers; Tokenizer.backend says which, and why."""
+    tokenizer exactly, else tokenizers; Tokenizer.backend says which, and why. The stop ids (eos_ids) are the
+    checkpoint's, as transformers' generate reads them: generation_config.json's eos_token_id (an id or a list), else
+    config.json's, else the tokenizer's eos_token."""
     path = folder / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: from_hf needs the model's tokenizer.json")
@@ -321,12 +356,22 @@ def hf_tokenizer(folder: Path, config: dict) -> Tokenizer:
             raise ValueError(f"{tcfg_path}: {name} {tok!r} is not a token of {path}")
         return i
 
+    # the stop ids: generation_config.json's eos_token_id, else config.json's (an id or a list of ids)
+    generation_path = folder / "generation_config.json"
+    generation = read_json(generation_path) if generation_path.exists() else {}
+    for where, source in ((generation_path, generation), (folder / "config.json", config)):
+        eos = source.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else eos or []
+        if not isinstance(eos_ids, list) or not all(isinstance(i, int) for i in eos_ids):
+            raise ValueError(f"{where}: eos_token_id {eos!r} is not a token id or a list of them")
+        if eos_ids:
+            break
     eos_id = token_id("eos_token")
+    if eos_id is None and eos_ids:
+        eos_id = eos_ids[0]
     if eos_id is None:
-        eos = config.get("eos_token_id")
-        eos_id = eos[0] if isinstance(eos, list) else eos
-    if eos_id is None:
-        raise ValueError(f"{folder}: no eos token in tokenizer_config.json (eos_token) or config.json (eos_token_id)")
+        raise ValueError(f"{folder}: no eos token in tokenizer_config.json (eos_token), generation_config.json or "
+                         f"config.json (eos_token_id)")
 
     # the chat template: chat_template.jinja wins over tokenizer_config.json's, a list of named ones gives "default"
     template = tcfg.get("chat_template")
@@ -341,7 +386,7 @@ def hf_tokenizer(folder: Path, config: dict) -> Tokenizer:
     else:
         style, bos = "plain", ""
     return Tokenizer(enc, eos_id, token_id("pad_token"), chat_style=style, bos=bos, nfc=nfc, chat_template=template,
-                     special_tokens=named, backend=backend)
+                     special_tokens=named, backend=backend, eos_ids=tuple(eos_ids))
 
 
 def gpt2_tokenizer(tiktoken_file: str | None = None) -> Tokenizer:

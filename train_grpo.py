@@ -103,12 +103,20 @@ def encode_prompt(tok, problem, system_prompt):
     return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
-def tool_kwargs(args, tok):
-    # engine.generate's tool arguments: none without --tools
-    if args.tools == "none":
-        return {}
-    return dict(tool=functools.partial(sandbox.run, timeout=args.tool_timeout), tokenizer=tok,
-                max_tool_calls=args.max_tool_calls, tool_workers=args.tool_workers)
+def undecodable_ids(model, tok):
+    # the ids of the policy's vocabulary that its tokenizer has no token for (padded embedding rows; None: none):
+    # never sampled, and left out of every log-prob's distribution, so that every sample decodes and the trainer's
+    # log-probs are the sampler's
+    return tok.undecodable_ids(model.config.vocab_size)
+
+
+def generate_kwargs(model, tok, args):
+    # engine.generate's token arguments: every stop id of the checkpoint, the pad id, the ids never sampled; and the
+    # tool's (none without --tools)
+    tools = {} if args.tools == "none" else dict(
+        tool=functools.partial(sandbox.run, timeout=args.tool_timeout), tokenizer=tok,
+        max_tool_calls=args.max_tool_calls, tool_workers=args.tool_workers)
+    return dict(eos=tok.eos_ids, pad_id=tok.pad_id, undecodable=undecodable_ids(model, tok), **tools)
 
 
 def completion_texts(tok, rollout):
@@ -116,7 +124,7 @@ def completion_texts(tok, rollout):
     texts = []
     for row, start, n in zip(rollout.tokens.tolist(), rollout.prompt_lens.tolist(), rollout.completion_lens.tolist()):
         ids = row[start:start + n]
-        texts.append(tok.decode(ids[:-1] if ids and ids[-1] == tok.eos_id else ids))
+        texts.append(tok.decode(ids[:-1] if ids and ids[-1] in tok.eos_ids else ids))
     return texts
 
 
@@ -171,7 +179,7 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
         batch = mine[start:start + chunk]
         prompts = [encode_prompt(tok, p, args.system_prompt) for p in batch]
         greedy = engine.generate(model, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                 eos=tok.eos_id, seed=args.seed, pad_id=tok.pad_id, **tool_kwargs(args, tok))
+                                 seed=args.seed, **generate_kwargs(model, tok, args))
         correct, failures = tasks.rewards(batch, completion_texts(tok, greedy))    # None (failed) counts as wrong
         counts[0] += sum(c or 0.0 for c in correct)
         counts[4] += len(failures)
@@ -179,7 +187,7 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
             continue
         sampled = engine.generate(model, prompts, n=k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  eos=tok.eos_id, seed=args.seed + 1, pad_id=tok.pad_id, **tool_kwargs(args, tok))
+                                  seed=args.seed + 1, **generate_kwargs(model, tok, args))
         texts = completion_texts(tok, sampled)
         for i, problem in enumerate(batch):
             mine_texts = texts[i * k:(i + 1) * k]
@@ -199,10 +207,11 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
 # on training problems reaches --sft-target: RL then starts from a policy that is right some of the time
 
 def solution_tokens(tok, problem, tools):
-    # the worked solution + eos -> (ids, trained). With tools, the solution that calls the python tool: its output
-    # blocks are encoded as engine.generate feeds them and left out of the loss (the model reads them, never writes)
+    # the worked solution + the chat template's end of turn (a stop id) -> (ids, trained). With tools, the solution
+    # that calls the python tool: its output blocks are encoded as engine.generate feeds them and left out of the
+    # loss (the model reads them, never writes)
     if not tools:
-        ids = tok.encode(problem.solution) + [tok.eos_id]
+        ids = tok.encode(problem.solution) + [tok.end_of_turn_id]
         return ids, [True] * len(ids)
     if not problem.tool_solution:
         raise ValueError(f"--tools with an SFT cold start: {problem.kind} problems have no worked solution that calls "
@@ -212,7 +221,7 @@ def solution_tokens(tok, problem, tools):
         piece_ids = tok.encode_ordinary(piece) if is_output else tok.encode(piece)
         ids += piece_ids
         trained += [not is_output] * len(piece_ids)
-    return ids + [tok.eos_id], trained + [True]
+    return ids + [tok.end_of_turn_id], trained + [True]
 
 
 def sft(model, tok, sample, args, rank, world, device):
@@ -220,6 +229,7 @@ def sft(model, tok, sample, args, rank, world, device):
     opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
     check_rng = random.Random(f"sft-check/{args.seed}")
     check = [sample(check_rng) for _ in range(args.sft_check_size)]       # training problems, not the test set
+    undecodable = undecodable_ids(model, tok)                              # the sampler's distribution: without them
     model.train()
     for step in range(args.sft_steps):
         rng = random.Random(f"sft/{args.seed}/{step}/{rank}")
@@ -235,7 +245,7 @@ def sft(model, tok, sample, args, rank, world, device):
         lengths = torch.tensor([len(r) for r in rows], device=device)
         loss = 0.0                                                 # mean cross-entropy over the completion tokens
         for r, Lr in micro_batches(torch.arange(len(rows), device=device), lengths, args.micro_batch_tokens):
-            logp, _ = grpo.token_logprobs(model, idx[r, :Lr], mask=scored[r, :Lr - 1])
+            logp, _ = grpo.token_logprobs(model, idx[r, :Lr], mask=scored[r, :Lr - 1], undecodable=undecodable)
             part = -logp.sum() / scored.sum()
             part.backward()
             loss += part.item()
@@ -277,8 +287,8 @@ def collect(model, tok, sample, args, step, rank):
         t0 = time.perf_counter()
         rollout = engine.generate(model, [encode_prompt(tok, p, args.system_prompt) for p in problems], n=G,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, eos=tok.eos_id, seed=rng.getrandbits(31),
-                                  pad_id=tok.pad_id, **tool_kwargs(args, tok))
+                                  top_k=args.top_k, top_p=args.top_p, seed=rng.getrandbits(31),
+                                  **generate_kwargs(model, tok, args))
         t1 = time.perf_counter()
         rows = [p for p in problems for _ in range(G)]
         rewards, failures = tasks.rewards(rows, completion_texts(tok, rollout), args.correct_weight,
@@ -358,8 +368,10 @@ def lr_schedule(step, args):
     return min(1.0, (step + 1) / max(1, args.warmup_steps))
 
 
-def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device):
-    # -> sums of metrics over this rank's tokens (the caller all-reduces them)
+def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device,
+              undecodable=None):
+    # -> sums of metrics over this rank's tokens (the caller all-reduces them). undecodable: the ids the rollout was
+    # sampled without (undecodable_ids(model, tok)); every log-prob here is of that distribution
     tokens = rollout.tokens                                                 # (N, L)
     mask = rollout.completion_mask[:, 1:].clone()                           # (N, L-1): targets that were sampled
     if args.mask_truncated:
@@ -379,7 +391,8 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
 
     def logprobs(model, rows, L, mask, with_entropy=False):
         return grpo.token_logprobs(model, tokens[rows, :L], args.temperature, mask, with_entropy=with_entropy,
-                                     prompt_lens=rollout.prompt_lens[rows] if share_prompts else None)
+                                     prompt_lens=rollout.prompt_lens[rows] if share_prompts else None,
+                                     undecodable=undecodable)
 
     # Several optimizer steps per rollout need the log-probs of the policy that sampled it. We take them from one
     # no-grad forward of the trainer rather than from the sampler's Rollout.logprobs, so that the ratio measures
@@ -571,7 +584,8 @@ def bench_main(argv):
     for step in range(args.steps):
         rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
         t1 = time.perf_counter()
-        sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device)
+        sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device,
+                         undecodable_ids(model, tok))
         split.append((stats["gen_s"], stats["reward_s"], time.perf_counter() - t1))
         print0(f"step {step + 1}/{args.steps} | {sum(split[-1]):.2f}s: gen {split[-1][0]:.2f}s reward "
                f"{split[-1][1]:.2f}s train {split[-1][2]:.2f}s | {rollout.tokens.shape[0]} rows, "
@@ -627,7 +641,8 @@ def main(argv=None):
     for step in range(state["step"], args.steps):
         rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
         t1 = time.perf_counter()
-        sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device)
+        sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device,
+                         undecodable_ids(model, tok))
         t2 = time.perf_counter()
         state["train_s"] = t2 - clock - eval_s
         record = step_record(step + 1, stats, sums, t2 - t1, world, device, state.get("num_tokens", 0))

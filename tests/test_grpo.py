@@ -722,6 +722,7 @@ def bad_flag_cases(tmp_path):
         (["--resume", str(tmp_path / "nowhere")], "no such directory"),
         (["--resume", str(tmp_path / "empty")], "no model.safetensors"),
         (["--log-file", str(tmp_path / "nowhere" / "log.jsonl")], "no such directory"),
+        (["--log-dir", str(a_file)], "not a directory"), (["--run-id", "a/b"], "must be a file name"),
         # a held-out set that takes every problem of the task (it used to hang the training sampler)
         (["--digits", "1", "--test-size", "100"], "only 100 distinct problems"),
         (["--task", "countdown", "--countdown-numbers", "1", "--countdown-max-number", "5", "--test-size", "5"],

@@ -87,8 +87,11 @@ def test_chat_template_matches_transformers(ours, theirs):
 
 def test_greedy_generate_matches_transformers(ours, theirs):
     (model, tok), (ref, _) = ours, theirs
+    # one stop id, <|im_end|>, which also ends SFT targets, and no padded rows: the demo's paths are the plain ones
+    assert tok.eos_ids == (tok.eos_id,) == (tok.end_of_turn_id,)
+    assert tok.undecodable_ids(model.config.vocab_size) is None
     prompts = [tok.encode(tok.apply_chat_template(chat)) for chat in CHATS]
-    rollout = engine.generate(model, prompts, n=1, max_new_tokens=12, temperature=0.0, eos=tok.eos_id,
+    rollout = engine.generate(model, prompts, n=1, max_new_tokens=12, temperature=0.0, eos=tok.eos_ids,
                               pad_id=tok.pad_id)
     for r, prompt in enumerate(prompts):
         with torch.no_grad():
