@@ -21,8 +21,13 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from hf_model import HF_TOKENIZER_FILES, check_state, from_hf, read_safetensors
-from tokenizer import read_json
+import fsdp
+from hf_model import HF_TOKENIZER_FILES, HFDecoder, check_state, from_hf, hf_config, read_safetensors
+from model import GPT
+from policy import gpt_config
+from tokenizer import hf_tokenizer, read_json
+
+SHARDED = "sharded"  # a --fsdp run's checkpoint: torch.distributed.checkpoint's folder, each rank's shards
 
 
 # -----------------------------------------------------------------------------
@@ -33,6 +38,9 @@ from tokenizer import read_json
 #   train_state.json                   step, evaluation before RL, the flags
 #   reference.safetensors              the frozen reference (beta > 0)
 #   optimizer_rank{r}.pt               each rank's optimizer state (Muon's is sharded over ranks)
+#   sharded/                           --fsdp: instead of the three above, one torch.distributed.checkpoint folder
+#                                      of every rank's shards (policy, AdamW state, reference); resumes at any world
+#                                      size, and export gathers it into the files other tools load
 # A checkpoint resumes a run; `python train_grpo.py export` turns one into weights that other tools load (below).
 
 def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, hf_files):
@@ -43,10 +51,14 @@ def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, 
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
+    sharded = fsdp.is_sharded(model)
+    if sharded:                                        # --fsdp: every rank writes its shards (a collective)
+        fsdp.save(os.path.join(tmp, SHARDED), model, optimizers, ref_model)
     if rank == 0:
-        safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
-        if ref_model is not None:
-            safetensors.torch.save_model(ref_model, os.path.join(tmp, "reference.safetensors"))
+        if not sharded:
+            safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
+            if ref_model is not None:
+                safetensors.torch.save_model(ref_model, os.path.join(tmp, "reference.safetensors"))
         for path in hf_files:
             shutil.copy(path, tmp)
         if not hf_files:
@@ -54,7 +66,8 @@ def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, 
                 json.dump(dataclasses.asdict(model.config), f, indent=1)
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({**state, "step": step}, f, indent=1)
-    torch.save([opt.state_dict() for opt in optimizers], os.path.join(tmp, f"optimizer_rank{rank}.pt"))
+    if not sharded:
+        torch.save([opt.state_dict() for opt in optimizers], os.path.join(tmp, f"optimizer_rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -78,9 +91,10 @@ def step_directory(path):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such directory, though the checkpoint directory's 'latest' names it; "
                                     f"pass a step_* directory")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(f"{path}: no model.safetensors; pass a step_* checkpoint directory (or the "
-                                f"--checkpoint-dir that holds them)")
+    if not (os.path.isfile(os.path.join(path, "model.safetensors")) or
+            os.path.isfile(os.path.join(path, SHARDED, ".metadata"))):
+        raise FileNotFoundError(f"{path}: no model.safetensors (nor a sharded {SHARDED}/); pass a step_* checkpoint "
+                                f"directory (or the --checkpoint-dir that holds them)")
     return path
 
 
@@ -88,6 +102,17 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
     # path: a step_* directory -> the saved train state. A missing or damaged file, or one that does not fit this run's
     # model or optimizer, is an error naming the file and the fix.
     fix = "resume with the flags of the run that wrote it (its train_state.json lists them)"
+    sharded = os.path.isdir(os.path.join(path, SHARDED))
+    if sharded != fsdp.is_sharded(model):
+        raise ValueError(f"{path}: a {'sharded' if sharded else 'replicated'} checkpoint; resume it "
+                         f"{'with' if sharded else 'without'} --fsdp")
+    if sharded:                                        # any world size: DCP reshards
+        try:
+            fsdp.load(os.path.join(path, SHARDED), model, optimizers, ref_model)
+        except Exception as error:                     # DCP names the first key that is missing or does not fit
+            raise ValueError(f"{path}/{SHARDED}: does not fit this run's model, optimizer or reference "
+                             f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); {fix}") from None
+        return read_json(Path(path) / "train_state.json")
     if ref_model is not None and not os.path.isfile(os.path.join(path, "reference.safetensors")):
         raise FileNotFoundError(f"{path}: no reference.safetensors: that run had no KL reference; resume with --beta 0")
     for name, m in [("model.safetensors", model), ("reference.safetensors", ref_model)]:
@@ -141,9 +166,15 @@ def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
     tmp = os.path.normpath(out) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    sharded = os.path.isdir(os.path.join(step, SHARDED))
     if "model_type" in config:                                              # a hf: policy
-        model, tok = from_hf(step, dtype=dtype)
-        state = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in model.state_dict().items()}
+        if sharded:
+            weights = sharded_weights(step, HFDecoder(hf_config(config, str(Path(step) / "config.json"))), dtype)
+            tok = hf_tokenizer(Path(step), config)
+        else:
+            model, tok = from_hf(step, dtype=dtype)
+            weights = model.state_dict()
+        state = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in weights.items()}
         huggingface_hub.save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
         # torch_dtype, not transformers 5's "dtype", unless the source has that: both versions read torch_dtype
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
@@ -163,7 +194,10 @@ def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
         what = (f"{len(state)} tensors in {shards} safetensors file(s); load it with transformers' "
                 f"AutoModelForCausalLM / AutoTokenizer.from_pretrained, vLLM or TRL")
     else:                                                                   # our GPT
-        state = read_safetensors(os.path.join(step, "model.safetensors"))
+        if sharded:
+            state = sharded_weights(step, GPT(gpt_config(config)), dtype)
+        else:
+            state = read_safetensors(os.path.join(step, "model.safetensors"))
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         safetensors.torch.save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         shutil.copy(os.path.join(step, "config.json"), tmp)
@@ -175,6 +209,12 @@ def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
         os.rmdir(out)                                                       # empty: export_main checked
     os.replace(tmp, out)
     return f"exported {step} to {out} ({str(dtype).removeprefix('torch.')}): {what}"
+
+
+def sharded_weights(step, model, dtype):
+    # a sharded (--fsdp) checkpoint's weights, gathered in this process into an unsharded model's -> {name: tensor}
+    state = fsdp.full_state(os.path.join(step, SHARDED), model)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def step_dir(text):

@@ -11,6 +11,7 @@ larger than one GPU's memory train: each rank keeps 1/world of the parameters, g
     dummy_pass(model, device, grad)  what a rank runs for a None: a forward (and backward) that changes nothing
     save(path, model, optimizers)    a sharded checkpoint (torch.distributed.checkpoint): each rank writes its shards
     load(path, model, optimizers)    ... read back at the world size that wrote it, or another (DCP reshards)
+    is_sharded(model)                whether a model's parameters are FSDP's shards
     full_state(path, model)          one process, no process group: a sharded checkpoint -> the whole model's tensors
 
 Rollouts never run on sharded weights: generating token by token on them would all-gather every layer for every
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
@@ -51,8 +52,10 @@ def shard(model, device):
     """model -> the same module, sharded in place over every rank (world 1: a mesh of one, which runs the same
     code). On CUDA the units compute in bf16 from fp32 master weights and reduce gradients in fp32."""
     units = blocks(model)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    mesh = init_device_mesh(device.type, (world,))
+    if not dist.is_initialized():                  # one process without torchrun: a process group of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()                                     # the parameters' own dtype throughout
@@ -98,19 +101,27 @@ def dummy_pass(model, device, grad):
             (h.sum() * 0).backward()
 
 
-def save(path, model, optimizers):
-    """A sharded checkpoint in folder path: the model's and the optimizers' states, each rank writing its shards
-    (a collective)."""
-    model_state, optim_state = get_state_dict(model, optimizers)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
-
-
-def load(path, model, optimizers):
-    """Read a sharded checkpoint into the sharded model and its optimizers, at any world size (a collective)."""
+def save(path, model, optimizers, reference=None):
+    """A sharded checkpoint in folder path: the model's and the optimizers' states (and the frozen reference's
+    weights), each rank writing its shards (a collective; on several nodes path must be on a shared filesystem)."""
     model_state, optim_state = get_state_dict(model, optimizers)
     state = {"model": model_state, "optim": optim_state}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
+    dcp.save(state, checkpoint_id=path)
+
+
+def load(path, model, optimizers, reference=None):
+    """Read a sharded checkpoint into the sharded model, its optimizers (and the reference), at any world size (a
+    collective)."""
+    model_state, optim_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, "optim": optim_state}
+    if reference is not None:
+        state["reference"] = get_model_state_dict(reference)
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"])
 
 
 def full_state(path, model):
@@ -130,3 +141,7 @@ def local_bytes(model, optimizers):
     for opt in optimizers:
         total += sum(size(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
     return total
+
+
+def is_sharded(model):
+    return any(isinstance(p, DTensor) for p in model.parameters())

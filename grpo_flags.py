@@ -11,6 +11,7 @@ import os
 import torch
 
 import checkpoint
+import code_tasks
 import tasks
 
 
@@ -92,8 +93,9 @@ def run_id(text):
 
 parser = argparse.ArgumentParser(
     prog="train_grpo.py", description="GRPO fine-tuning with verifiable rewards",
-    usage="%(prog)s [flags]  |  %(prog)s bench [flags]  |  %(prog)s export CKPT DIR [--dtype D] [--max-shard-size S]   "
-          "(--help lists the flags; bench: the seconds of a step, no evaluation)")
+    usage="%(prog)s [flags]  |  %(prog)s bench [flags]  |  %(prog)s export CKPT DIR [--dtype D] [--max-shard-size S]"
+          "  |  %(prog)s score --task humaneval --samples FILE.jsonl   (--help lists the flags; bench: the seconds of "
+          "a step, no evaluation; score: pass@k of any model's samples, run in the sandbox)")
 # policy and task
 parser.add_argument("--policy", type=policy_spec, default="tiny",
                     help="tiny | hf:<repo id or path> | ckpt:<train_gpt.py .pt file or train_grpo.py step_* directory>")
@@ -101,7 +103,12 @@ parser.add_argument("--tiny-layers", type=number(int, 1), default=4, help="--pol
 parser.add_argument("--tiny-dim", type=tiny_dim, default=64, help="--policy tiny: width (2 heads), a multiple of 8")
 parser.add_argument("--tiktoken-file", type=existing_file, default=None, help="tokenizer ranks for --policy ckpt:")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights of hf:/ckpt: policies")
-parser.add_argument("--task", default="arithmetic", choices=["arithmetic", "countdown", "gsm8k"])
+parser.add_argument("--task", default="arithmetic",
+                    choices=["arithmetic", "countdown", "gsm8k", "code", "humaneval", "mbpp"],
+                    help="code: procedural one-line functions, checked by hidden tests in the sandbox; mbpp: trains on "
+                         "MBPP's train split, evaluates on its test split; humaneval: evaluates on HumanEval's 164 "
+                         "problems and, with --steps > 0, trains on those same problems, which measures fitting, not "
+                         "generalisation (train on mbpp and `score` HumanEval samples for that)")
 parser.add_argument("--digits", type=number(int, 1), default=2, help="arithmetic: digits per operand")
 parser.add_argument("--ops", type=arithmetic_ops, default="+", help="arithmetic: operations to draw from, e.g. +-*")
 parser.add_argument("--countdown-numbers", type=number(int, 1), default=3, help="countdown: how many numbers are given")
@@ -129,6 +136,9 @@ parser.add_argument("--tool-workers", type=number(int, 1), default=4, help="tool
 # rewards
 parser.add_argument("--correct-weight", type=number(float, 0), default=1.0)
 parser.add_argument("--format-weight", type=number(float, 0), default=0.0)
+parser.add_argument("--reward-workers", type=number(int, 1), default=None,
+                    help="rewards computed at once on each rank (threads: code rewards wait on sandbox processes); "
+                         "default: the CPU count for code tasks, 1 for the others (pure Python: threads gain nothing)")
 # GRPO
 parser.add_argument("--steps", type=number(int, 0), default=120, help="RL steps (0: evaluate the policy only)")
 parser.add_argument("--loss-type", default=None, choices=["grpo", "dr_grpo", "dapo"],
@@ -194,6 +204,10 @@ parser.add_argument("--eval-k", type=number(int, 0), default=8, help="k of pass@
 # run
 parser.add_argument("--seed", type=number(int, 0, 2 ** 32 - 1), default=0)
 parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+parser.add_argument("--fsdp", action="store_true",
+                    help="shard the policy's (and reference's) parameters, gradients and AdamW state across ranks with "
+                         "torch's FSDP2: for models whose fp32 weights and AdamW state (16 bytes a parameter) do not "
+                         "fit one GPU; rollouts run on a gathered copy (fsdp.py)")
 parser.add_argument("--threads", type=number(int, 0), default=0, help="torch CPU threads (0: torch's default; on a "
                                                                        "busy machine fewer threads than cores can be "
                                                                        "several times faster)")
@@ -213,6 +227,7 @@ parser.add_argument("--run-id", type=run_id, default=None, help="the record's fi
 # and a long SFT; a pretrained one (hf:, ckpt:) a small learning rate, and a few SFT steps teach it the answer
 # format (SmolLM2-135M-Instruct, 1-digit addition: 5 steps at 1e-4 take greedy pass@1 to ~48%; 3e-4 overshoots).
 POLICY_DEFAULTS = {"lr": (3e-4, 5e-6), "sft_lr": (3e-3, 1e-4), "sft_steps": (1500, 5), "sft_target": (0.4, 1.0)}
+CODE_TASKS = ("code", "humaneval", "mbpp")                    # rewarded by unit tests in the sandbox (code_tasks.py)
 
 
 def parse_args(argv=None):
@@ -227,6 +242,13 @@ def parse_args(argv=None):
             setattr(args, name, tiny if args.policy == "tiny" else pretrained)
     if args.sft_check_every is None:
         args.sft_check_every = min(25, max(1, args.sft_steps // 4))
+    code = args.task in CODE_TASKS
+    if args.reward_workers is None:
+        args.reward_workers = (os.cpu_count() or 1) if code else 1
+    if code and args.tools != "none":
+        parser.error(f"--tools {args.tools} with --task {args.task}: the reward already runs the completion's code "
+                     f"against the tests, and the tool would run every ```python block as it is written; use --tools "
+                     f"none")
     if args.delta is not None and not args.delta > 1 + args.eps_high:
         parser.error(f"--delta {args.delta}: must exceed 1 + --eps-high = {1 + args.eps_high} (INTELLECT-2 uses 4)")
     if args.correct_weight == 0 and args.format_weight == 0:
@@ -236,13 +258,18 @@ def parse_args(argv=None):
                      f"of a step (--prompts-per-step x --group-size); use at most that")
     if args.save_every and not args.checkpoint_dir:
         parser.error("--save-every needs --checkpoint-dir (where the checkpoints go)")
+    if args.fsdp and args.optimizer == "muon":
+        parser.error("--fsdp with --optimizer muon: Muon orthogonalises whole matrices, FSDP keeps slices of them; "
+                     "use --optimizer adamw with --fsdp")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device; use --device cpu (or auto)")
-    if args.task in ("arithmetic", "countdown"):
+    if args.task in ("arithmetic", "countdown", "code"):
         # the held-out set must leave problems to train on: a task with too few would hang the training sampler
         if args.task == "arithmetic":
             count = tasks.arithmetic_count(args.digits, args.ops)
             task, knobs = f"--task arithmetic --digits {args.digits} --ops {args.ops}", "--digits, --ops"
+        elif args.task == "code":
+            count, task, knobs = code_tasks.code_count(), "--task code", None
         else:
             count = tasks.countdown_count(args.countdown_numbers, args.countdown_max_number, limit=args.test_size + 1)
             task = (f"--task countdown --countdown-numbers {args.countdown_numbers} --countdown-max-number "
@@ -251,5 +278,6 @@ def parse_args(argv=None):
         if count <= args.test_size:
             parser.error(f"--test-size {args.test_size}: {task} has only {count} distinct problems, so the held-out "
                          f"set would take all of them and leave none to train on; use a --test-size below {count} "
-                         f"(a quarter or less leaves most for training) or a larger task ({knobs})")
+                         f"(a quarter or less leaves most for training)" +
+                         (f" or a larger task ({knobs})" if knobs else ""))
     return args

@@ -30,7 +30,10 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     if os.path.isdir(path):
         weights, config_file = os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")
         if not (os.path.exists(weights) and os.path.exists(config_file)):
-            raise ValueError(f"{path}: not a train_grpo.py checkpoint (model.safetensors + config.json)")
+            sharded = os.path.isdir(os.path.join(path, "sharded"))
+            raise ValueError(f"{path}: a sharded (--fsdp) checkpoint: gather it first (python train_grpo.py export "
+                             f"{path} OUT, then --policy ckpt:OUT)" if sharded else
+                             f"{path}: not a train_grpo.py checkpoint (model.safetensors + config.json)")
         config_dict = read_json(Path(config_file))
         state = read_safetensors(weights)
     else:
@@ -48,7 +51,7 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     unknown = set(config_dict) - {f.name for f in fields(GPTConfig)}
     if unknown:
         raise ValueError(f"{path}: config fields {sorted(unknown)} are unknown to model.py's GPTConfig")
-    config = GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config_dict.items()})
+    config = gpt_config(config_dict)
     tokenizer = gpt_tokenizer(config, tiktoken_file)
     if tokenizer.eos_id != config.eos_token_id or tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: the model (eos {config.eos_token_id}, vocab {config.vocab_size}) does not match "
@@ -61,6 +64,11 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     check_state(model, state, f"{path}'s weights", "they were not written for its config")
     model.load_state_dict(state, strict=True, assign=True)  # the rotary buffers stay fp32
     return model, tokenizer
+
+
+def gpt_config(config_dict: dict) -> GPTConfig:
+    """GPTConfig from its fields as JSON keeps them (tuples come back as lists)."""
+    return GPTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config_dict.items()})
 
 
 def gpt_tokenizer(config: GPTConfig, tiktoken_file: str | None = None) -> Tokenizer:

@@ -6,6 +6,8 @@ Verifiable tasks for train_grpo.py: problems, worked solutions (for the SFT cold
               with + - * /                                                      checked with `ast`, never executed
   gsm8k       grade-school word problems from the hub (openai/gsm8k)    reward: <answer>…</answer>, else "#### n",
                                                                                 else the completion's last number
+  code, humaneval, mbpp  (code_tasks.py)                                reward: the completion's program passes the
+                                                                                problem's unit tests in the sandbox
 Every problem carries its kind, so the reward needs nothing but the problem and the completion. Model output is
 untrusted text: it is only matched with regular expressions and parsed with `ast` into a tree we walk ourselves.
 A wrong answer scores 0; a verifier that fails scores None (not 0): see rewards(). maj@k votes on answer values.
@@ -16,6 +18,7 @@ value in a ```python block (sandbox.py) for the SFT cold start.
 
 import ast
 import collections
+import concurrent.futures
 import functools
 import itertools
 import math
@@ -24,6 +27,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
+import code_tasks
 import sandbox
 
 
@@ -275,6 +279,9 @@ def answer_key(problem, completion):
     # The completion's answer as the task defines equality: its exact value, or None when it gives no valid answer.
     # countdown: the value of an expression that uses only the given numbers, so "3+4", "4 + 3" and "(4+3)" are one
     # answer; arithmetic and gsm8k: the number ("1,200" == "1200.0"). Right exactly when it equals reference_value.
+    # code: the program's text, stripped (maj@k votes for the program written most often)
+    if problem.kind == "code":
+        return code_tasks.extract_code(problem, completion).strip() or None
     if problem.kind == "countdown":
         answer = extract_answer(completion)
         return countdown_value(answer, problem.numbers) if answer is not None else None
@@ -286,6 +293,8 @@ def answer_key(problem, completion):
 def correctness_reward(problem, completion):
     # 1.0 when the completion's answer is right, 0.0 when it is wrong or missing; raises when the verifier cannot
     # decide (an unknown kind, a reference that is not a number)
+    if problem.kind == "code":
+        return code_tasks.passes(problem, completion)
     reference = reference_value(problem)
     return float(answer_key(problem, completion) == reference)
 
@@ -300,19 +309,25 @@ def describe(error):
     return f"{type(error).__name__}: {error}"
 
 
-def rewards(problems, completions, correct_weight=1.0, format_weight=0.0):
+def rewards(problems, completions, correct_weight=1.0, format_weight=0.0, workers=1):
     # -> (one reward per completion, the verifier's failures as text). A wrong or missing answer scores 0; a reward
     # whose verifier failed (raised, or the problem cannot be verified) is None: it carries no information, so the
     # trainer leaves that row out of its group's statistics and out of the loss. The run goes on either way.
-    out, failures = [], []
-    for problem, completion in zip(problems, completions, strict=True):
+    # workers > 1: that many rewards at once (code rewards wait on the sandbox's processes)
+    def one(problem, completion):
         try:
-            out.append(correct_weight * correctness_reward(problem, completion) +
-                       format_weight * format_reward(completion))
+            return correct_weight * correctness_reward(problem, completion) + \
+                format_weight * format_reward(completion), None
         except Exception as error:
-            out.append(None)
-            failures.append(describe(error))
-    return out, failures
+            return None, describe(error)
+    if len(problems) != len(completions):
+        raise ValueError(f"rewards: {len(problems)} problems but {len(completions)} completions")
+    if workers > 1:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, problems, completions))
+    else:
+        results = list(map(one, problems, completions))
+    return [r for r, _ in results], [f for _, f in results if f is not None]
 
 
 def majority_vote(problem, completions):
@@ -333,6 +348,8 @@ def majority_vote(problem, completions):
     top = max(votes.values())
     winner = next(key for key in keys if key is not None and votes[key] == top)
     try:
+        if problem.kind == "code":                                  # the program voted for, run against the tests
+            return code_tasks.passes(problem, completions[keys.index(winner)]), failures
         return float(winner == reference_value(problem)), failures
     except Exception as error:
         return None, failures + [describe(error)]

@@ -7,6 +7,7 @@ policies policy.py's, the flags grpo_flags.py's, checkpoints and export checkpoi
     torchrun --nproc_per_node=8 train_grpo.py --policy hf:Qwen/Qwen2.5-0.5B-Instruct --task gsm8k ...
     python train_grpo.py export ckpt/step_000120 out/   # weights only: transformers, vLLM and TRL load hf: policies
     python train_grpo.py bench --policy hf:... --steps 5  # seconds per step (gen / reward / train), no evaluation
+    python train_grpo.py score --task humaneval --samples samples.jsonl   # pass@k of any model's code samples
 
 Per step: sample P prompts x G completions, score them with rule-based rewards (tasks.py), turn rewards into
 group-relative advantages, then take clipped policy-gradient steps on the completion tokens.
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import random
+import resource
 import platform
 import shlex
 import statistics
@@ -35,9 +37,12 @@ import tokenizers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 import checkpoint
+import code_tasks
 import engine
+import fsdp
 import grpo
 import muon
 import policy
@@ -86,13 +91,21 @@ def make_task(args):
     if args.task == "gsm8k":
         train, test = tasks.load_gsm8k("train"), tasks.load_gsm8k("test")[:args.test_size]
         return (lambda rng: rng.choice(train)), test
+    if args.task == "mbpp":
+        train, test = code_tasks.load_mbpp("train"), code_tasks.load_mbpp("test")[:args.test_size]
+        return (lambda rng: rng.choice(train)), test
+    if args.task == "humaneval":                        # one set of problems: the test set, and what --steps trains on
+        problems = code_tasks.load_humaneval()
+        return (lambda rng: rng.choice(problems)), problems[:args.test_size]
     if args.task == "arithmetic":
         make = lambda rng: tasks.arithmetic_problem(rng, digits=args.digits, ops=args.ops)
     elif args.task == "countdown":
         make = lambda rng: tasks.countdown_problem(rng, n_numbers=args.countdown_numbers,
                                                    max_number=args.countdown_max_number)
+    elif args.task == "code":
+        make = code_tasks.code_problem
     else:
-        raise ValueError(f"--task {args.task!r}: use arithmetic, countdown or gsm8k")
+        raise ValueError(f"--task {args.task!r}: use arithmetic, countdown, gsm8k, code, humaneval or mbpp")
     test = tasks.held_out_set(make, args.test_size, seed=10_000 + args.seed)
     return tasks.train_sampler(make, test), test
 
@@ -164,6 +177,32 @@ def micro_batches(rows, lengths, max_tokens, groups=None):
         start += count
 
 
+def rank_batches(batches, args, device):
+    # this rank's micro-batches as a list; under --fsdp every forward is a collective, so each rank runs as many as
+    # the rank with the most: None where it has none left (fsdp.padded)
+    batches = list(batches)
+    return fsdp.padded(batches, device) if args.fsdp else batches
+
+
+def reference_model(model, sampler, args, device):
+    # the frozen KL reference (beta > 0): the policy as it starts RL; under --fsdp sharded as the policy is (from the
+    # gathered copy: the compute dtype)
+    if args.beta == 0:
+        return None
+    if not args.fsdp:
+        return copy.deepcopy(model).requires_grad_(False)
+    return fsdp.shard(copy.deepcopy(refreshed(sampler, model)), device).requires_grad_(False)
+
+
+def refreshed(sampler, model):
+    # the model the rollout engine samples from: the policy itself, or under --fsdp its gathered copy, refreshed
+    # with the policy's current weights (one all-gather per parameter, every rank together)
+    if sampler is None or sampler is model:
+        return model
+    fsdp.refresh(sampler, model)
+    return sampler
+
+
 # -----------------------------------------------------------------------------
 # evaluation: greedy pass@1, pass@k and maj@k (majority vote over k sampled answers, on their values)
 
@@ -180,21 +219,20 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
         prompts = [encode_prompt(tok, p, args.system_prompt) for p in batch]
         greedy = engine.generate(model, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
                                  seed=args.seed, **generate_kwargs(model, tok, args))
-        correct, failures = tasks.rewards(batch, completion_texts(tok, greedy))    # None (failed) counts as wrong
-        counts[0] += sum(c or 0.0 for c in correct)
+        correct, failures = tasks.rewards(batch, completion_texts(tok, greedy), workers=args.reward_workers)
+        counts[0] += sum(c or 0.0 for c in correct)                                 # None (failed) counts as wrong
         counts[4] += len(failures)
         if k == 0:
             continue
         sampled = engine.generate(model, prompts, n=k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   seed=args.seed + 1, **generate_kwargs(model, tok, args))
-        texts = completion_texts(tok, sampled)
+        texts = completion_texts(tok, sampled)                                      # (len(batch) * k,)
+        correct, failures = tasks.rewards([p for p in batch for _ in range(k)], texts, workers=args.reward_workers)
+        counts[4] += len(failures)
         for i, problem in enumerate(batch):
-            mine_texts = texts[i * k:(i + 1) * k]
-            correct, failures = tasks.rewards([problem] * k, mine_texts)
-            counts[1] += max(c or 0.0 for c in correct)
-            counts[2] += tasks.majority_vote(problem, mine_texts)[0] or 0.0  # votes on answer values
-            counts[4] += len(failures)
+            counts[1] += max(c or 0.0 for c in correct[i * k:(i + 1) * k])
+            counts[2] += tasks.majority_vote(problem, texts[i * k:(i + 1) * k])[0] or 0.0  # votes on answer values
     pass1, passk, majk, n, errors = grpo.global_sum(counts, device)
     model.train()
     if k == 0:
@@ -224,7 +262,8 @@ def solution_tokens(tok, problem, tools):
     return ids + [tok.end_of_turn_id], trained + [True]
 
 
-def sft(model, tok, sample, args, rank, world, device):
+def sft(model, tok, sample, args, rank, world, device, sampler=None):
+    # sampler: the model the accuracy checks generate with (--fsdp: the policy's gathered copy)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
     check_rng = random.Random(f"sft-check/{args.seed}")
@@ -244,14 +283,20 @@ def sft(model, tok, sample, args, rank, world, device):
         scored = torch.tensor([t + [-100] * (L - len(t)) for t in targets], device=device)[:, 1:] != -100  # (B, L-1)
         lengths = torch.tensor([len(r) for r in rows], device=device)
         loss = 0.0                                                 # mean cross-entropy over the completion tokens
-        for r, Lr in micro_batches(torch.arange(len(rows), device=device), lengths, args.micro_batch_tokens):
+        for batch in rank_batches(micro_batches(torch.arange(len(rows), device=device), lengths,
+                                                args.micro_batch_tokens), args, device):
+            if batch is None:                                       # --fsdp: another rank runs one more
+                fsdp.dummy_pass(model, device, grad=True)
+                continue
+            r, Lr = batch
             logp, _ = grpo.token_logprobs(model, idx[r, :Lr], mask=scored[r, :Lr - 1], undecodable=undecodable)
             part = -logp.sum() / scored.sum()
             part.backward()
             loss += part.item()
         if not math.isfinite(loss):
             raise RuntimeError(f"SFT step {step}: loss is {loss}; lower --sft-lr")
-        muon.sync_grads(params)
+        if not args.fsdp:                                          # FSDP's reduce-scatter averaged them already
+            muon.sync_grads(params)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         for group in opt.param_groups:
             group["lr"] = args.sft_lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
@@ -260,7 +305,7 @@ def sft(model, tok, sample, args, rank, world, device):
         if (step + 1) % args.sft_check_every == 0 or step + 1 == args.sft_steps:
             message = f"sft step {step + 1}/{args.sft_steps} loss {loss:.4f}"
             if args.sft_target < 1:
-                accuracy = evaluate(model, tok, check, args, rank, world, device, k=0)["pass@1"]
+                accuracy = evaluate(refreshed(sampler, model), tok, check, args, rank, world, device, k=0)["pass@1"]
                 print0(f"{message} | greedy accuracy on training problems {100 * accuracy:.1f}%")
                 if accuracy >= args.sft_target:
                     return
@@ -292,7 +337,7 @@ def collect(model, tok, sample, args, step, rank):
         t1 = time.perf_counter()
         rows = [p for p in problems for _ in range(G)]
         rewards, failures = tasks.rewards(rows, completion_texts(tok, rollout), args.correct_weight,
-                                          args.format_weight)
+                                          args.format_weight, workers=args.reward_workers)
         if failures:
             print(f"rank {rank} step {step + 1}: {len(failures)} reward(s) failed, left out of their groups; "
                   f"first: {failures[0]}", flush=True)
@@ -352,7 +397,8 @@ def optimizer_step(model, optimizers, synced_params, args, lr_scale):
     for p in model.parameters():                        # every rank takes part in every collective, even with no rows
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-    muon.sync_grads(synced_params)
+    if not args.fsdp:                                  # FSDP's reduce-scatter averaged the gradients already
+        muon.sync_grads(synced_params)
     grad_norm = torch.nn.utils.clip_grad_norm_(synced_params, args.grad_clip)
     for opt in optimizers:
         for group in opt.param_groups:
@@ -360,7 +406,7 @@ def optimizer_step(model, optimizers, synced_params, args, lr_scale):
             group["lr"] = group["base_lr"] * lr_scale
         opt.step()
     model.zero_grad(set_to_none=False)
-    return grad_norm.item()
+    return float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
 
 
 def lr_schedule(step, args):
@@ -402,8 +448,13 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     ref_logp = torch.zeros_like(sampler_logp) if args.beta > 0 else None
     if old_logp is not None or ref_logp is not None:
         with torch.no_grad():
-            for rows, L in micro_batches(torch.arange(N, device=tokens.device), lengths, args.micro_batch_tokens,
-                                         groups):
+            for batch in rank_batches(micro_batches(torch.arange(N, device=tokens.device), lengths,
+                                                    args.micro_batch_tokens, groups), args, device):
+                if batch is None:                                   # --fsdp: another rank runs one more
+                    for m in [model, ref_model] if ref_logp is not None else [model]:
+                        fsdp.dummy_pass(m, device, grad=False)
+                    continue
+                rows, L = batch
                 m = mask[rows, :L - 1]
                 if old_logp is not None:
                     old_logp[rows, :L - 1] = logprobs(model, rows, L, m)[0]
@@ -419,7 +470,11 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
             num_tokens, num_rows = grpo.global_sum([mask[minibatch].sum().item(), len(minibatch)], device)
             if num_tokens == 0:                                             # nothing to learn from on any rank
                 continue
-            for rows, L in micro_batches(minibatch, lengths, args.micro_batch_tokens, groups):
+            for batch in rank_batches(micro_batches(minibatch, lengths, args.micro_batch_tokens, groups), args, device):
+                if batch is None:                                           # --fsdp: another rank runs one more
+                    fsdp.dummy_pass(model, device, grad=True)
+                    continue
+                rows, L = batch
                 m = mask[rows, :L - 1]                                      # (b, L-1)
                 logp, entropy = logprobs(model, rows, L, m, with_entropy=True)
                 loss, metrics = grpo.policy_loss(
@@ -538,8 +593,9 @@ def fail(error):
 
 
 def start(args):
-    # threads, process group, seed, the policy and the task, checked -> (rank, world, device, model, tok, hf_files,
-    # sample, test)
+    # threads, process group, seed, the policy and the task, checked -> (rank, world, device, model, sampler, tok,
+    # hf_files, sample, test); sampler: what the rollout engine runs (the model itself, or under --fsdp a plain copy
+    # that refreshed() fills)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
@@ -548,7 +604,7 @@ def start(args):
         model, tok, hf_files = policy.load(args.policy, device, getattr(torch, args.dtype), args.seed,
                                            args.tiktoken_file, args.tiny_layers, args.tiny_dim)
         sample, test = make_task(args)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         fail(error)
     longest = max(len(encode_prompt(tok, p, args.system_prompt)) for p in test) + args.max_new_tokens
     if longest > getattr(model.config, "max_seq_len", longest):             # our GPTs: rotary tables end there
@@ -558,7 +614,14 @@ def start(args):
            f"world {world} | device {device} | tokenizer on {tok.backend}")
     if args.tools != "none":
         print0(sandbox.check())                                    # raises when the sandbox cannot run here
-    return rank, world, device, model, tok, hf_files, sample, test
+    sampler = model
+    if args.fsdp:                                                  # the engine samples from a gathered copy
+        try:
+            sampler = fsdp.sampler_copy(model, device)
+            fsdp.shard(model, device)
+        except ValueError as error:
+            fail(error)
+    return rank, world, device, model, sampler, tok, hf_files, sample, test
 
 
 def finish():
@@ -573,16 +636,16 @@ def bench_main(argv):
     args = parse_args(["--steps", "5", *argv])                              # a --steps in argv wins
     if args.steps == 0:
         parser.error("bench: --steps 0 times nothing; give at least 1")
-    rank, world, device, model, tok, _, sample, _ = start(args)
+    rank, world, device, model, sampler, tok, _, sample, _ = start(args)
     t0 = time.perf_counter()
     if args.sft_steps > 0:
-        sft(model, tok, sample, args, rank, world, device)
+        sft(model, tok, sample, args, rank, world, device, sampler)
     print0(f"sft: {time.perf_counter() - t0:.1f}s")
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+    ref_model = reference_model(model, sampler, args, device)
     optimizers, synced_params = make_optimizers(model, args)
     split = []                                                              # (gen, reward, train) seconds per step
     for step in range(args.steps):
-        rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
+        rollout, advantages, stats = collect(refreshed(sampler, model), tok, sample, args, step, rank)
         t1 = time.perf_counter()
         sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device,
                          undecodable_ids(model, tok))
@@ -595,7 +658,17 @@ def bench_main(argv):
     total = statistics.median(map(sum, split))
     print0(f"median of {args.steps} steps: {total:.2f} s/step (gen {gen:.2f}s reward {reward:.2f}s train {train:.2f}s) "
            f"| {args.policy} share-prompts {'on' if args.share_prompts else 'off'} threads "
-           f"{torch.get_num_threads()} world {world}")
+           f"{torch.get_num_threads()} world {world}{' fsdp' if args.fsdp else ''}")
+    # per rank: the parameter + optimizer bytes it holds (its shards under --fsdp), and its peak memory
+    held = fsdp.local_bytes(model, optimizers) + (fsdp.local_bytes(ref_model, []) if ref_model is not None else 0)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    lines = [None] * world
+    line = f"rank {rank}: parameters + optimizer state {held / 2 ** 20:.1f} MiB, peak memory {peak / 2 ** 20:.0f} MiB " \
+           f"({'allocated' if device.type == 'cuda' else 'max RSS'})"
+    if dist.is_initialized():
+        dist.all_gather_object(lines, line)
+    print0("\n".join(lines if dist.is_initialized() else [line]))
     finish()
     return split
 
@@ -606,9 +679,11 @@ def main(argv=None):
         return checkpoint.export_main(argv[1:])
     if argv[:1] == ["bench"]:
         return bench_main(argv[1:])
+    if argv[:1] == ["score"]:
+        return code_tasks.score_main(argv[1:])
     args = parse_args(argv)
     t_start = time.perf_counter()
-    rank, world, device, model, tok, hf_files, sample, test = start(args)
+    rank, world, device, model, sampler, tok, hf_files, sample, test = start(args)
     log = open_record(args, rank, world, device)
     clock, eval_s = t_start, 0.0                    # the record's clock: everything but the evaluations counts
 
@@ -616,7 +691,7 @@ def main(argv=None):
         # evaluate the held-out set: console, --log-file and the record; its time is left out of train_time
         nonlocal eval_s
         t0 = time.perf_counter()
-        result = evaluate(model, tok, test, args, rank, world, device)
+        result = evaluate(refreshed(sampler, model), tok, test, args, rank, world, device)
         train_s = t0 - clock - eval_s
         eval_s += time.perf_counter() - t0
         print0(format_eval(name, result))
@@ -625,8 +700,8 @@ def main(argv=None):
         return result
 
     if args.resume is None and args.sft_steps > 0:
-        sft(model, tok, sample, args, rank, world, device)
-    ref_model = copy.deepcopy(model).requires_grad_(False) if args.beta > 0 else None
+        sft(model, tok, sample, args, rank, world, device, sampler)
+    ref_model = reference_model(model, sampler, args, device)
     optimizers, synced_params = make_optimizers(model, args)
     if args.resume is not None:
         try:
@@ -639,7 +714,7 @@ def main(argv=None):
         state = {"step": 0, "before_rl": evaluation("before RL", "before_rl", 0), "flags": vars(args)}
 
     for step in range(state["step"], args.steps):
-        rollout, advantages, stats = collect(model, tok, sample, args, step, rank)
+        rollout, advantages, stats = collect(refreshed(sampler, model), tok, sample, args, step, rank)
         t1 = time.perf_counter()
         sums = rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device,
                          undecodable_ids(model, tok))

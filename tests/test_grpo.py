@@ -699,7 +699,8 @@ def bad_flag_cases(tmp_path):
         (["--tool-timeout", "0"], "number > 0"), (["--tool-workers", "0"], "integer >= 1"),
         (["--top-p", "0"], "in (0, 1]"), (["--top-p", "1.5"], "in (0, 1]"),
         (["--correct-weight", "-1"], "number >= 0"), (["--format-weight", "inf"], "number >= 0"),
-        (["--correct-weight", "0"], "both 0"),
+        (["--correct-weight", "0"], "both 0"), (["--reward-workers", "0"], "integer >= 1"),
+        (["--task", "code", "--tools", "python"], "the reward already runs the completion's code"),
         (["--steps", "-5"], "integer >= 0"), (["--steps", "2.5"], "integer >= 0"), (["--steps", "x"], "integer"),
         (["--loss-type", "ppo"], "invalid choice"), (["--level", "word"], "invalid choice"),
         (["--adv-scale", "std"], "invalid choice"), (["--eps-low", "1"], "in [0, 1)"),
@@ -727,6 +728,7 @@ def bad_flag_cases(tmp_path):
         (["--digits", "1", "--test-size", "100"], "only 100 distinct problems"),
         (["--task", "countdown", "--countdown-numbers", "1", "--countdown-max-number", "5", "--test-size", "5"],
          "only 5 distinct problems"),
+        (["--task", "code", "--test-size", "3172"], "--task code has only 3172 distinct problems"),
     ]
 
 

