@@ -7,17 +7,24 @@ A run's log is its record (modded-nanogpt's rule): train_gpt.py and train_grpo.p
     the run's own lines             environment, flags, one line per step, every evaluation (records/compare.py
                                     reads them)
 
-open_log(path, master, script) writes the sources (script: the trainer's own file, first) and returns
+run_id(given) names the log; open_log(path, master, script) writes the sources (script: the trainer's own file, first) and returns
 log(line, console=True), which appends a line on rank 0.
 """
 import os
 import platform
 import sys
+import time
+import uuid
 
 import torch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SOURCES_END = "=" * 100
+
+
+def run_id(given=None):
+    """The log's name: the one given (--run-id), else the date and a random suffix."""
+    return given or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 def repo_sources(script):

@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -46,7 +45,7 @@ import speedrun_kernels
 from data.shards import find_shards, read_shard
 from model import GPT, GPTConfig
 from muon import DistAdam, Muon
-from run_log import hardware_line, open_log
+from run_log import hardware_line, open_log, run_id as new_run_id
 
 # dense bf16 tensor-core peak per GPU (FLOP/s), for MFU; GPUs not listed (and CPUs) print mfu:n/a
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -588,7 +587,7 @@ def main(argv=None):
         return
 
     # log header: sources, environment, hyperparameters
-    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_id = new_run_id(args.run_id)
     logfile = os.path.join(args.log_dir, f"{run_id}.txt")
     log = open_log(logfile, master, __file__)
     log(environment_report(device, world), console=False)

@@ -30,7 +30,6 @@ import shlex
 import statistics
 import sys
 import time
-import uuid
 
 import tiktoken
 import tokenizers
@@ -559,7 +558,7 @@ def format_eval(name, result):
 def open_record(args, rank, world, device):
     # the run's record, <--log-dir>/<run id>.txt (run_log.py): the sources that ran, versions, hardware, the command
     # and every flag; then one line per step and per evaluation -> log(line, console=True)
-    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_id = run_log.run_id(args.run_id)
     path = os.path.join(args.log_dir, f"{run_id}.txt")
     log = run_log.open_log(path, rank == 0, __file__)
     log(f"python {platform.python_version()} | torch {torch.__version__} | "
