@@ -34,9 +34,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-# the methods besides forward() through which train_grpo.py runs a policy's trunk (grpo.token_logprobs): FSDP runs
-# its unshard / reshard hooks around them as it does around forward()
+# the methods besides forward() through which train_grpo.py runs a policy's trunk (grpo.token_logprobs) and, with
+# --share-prompts, each block (HFDecoder's hidden_shared calls its layers' forward_shared): FSDP runs its unshard /
+# reshard hooks around them as it does around forward()
 FORWARD_METHODS = ("hidden", "hidden_shared")
+BLOCK_FORWARD_METHODS = ("forward_shared",)
 
 
 def blocks(model):
@@ -61,6 +63,9 @@ def shard(model, device):
         MixedPrecisionPolicy()                                     # the parameters' own dtype throughout
     for block in units:
         fully_shard(block, mesh=mesh, mp_policy=policy)
+        for name in BLOCK_FORWARD_METHODS:
+            if hasattr(block, name):
+                register_fsdp_forward_method(block, name)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for name in FORWARD_METHODS:
         if hasattr(model, name):

@@ -102,7 +102,8 @@ parser.add_argument("--policy", type=policy_spec, default="tiny",
 parser.add_argument("--tiny-layers", type=number(int, 1), default=4, help="--policy tiny: layers")
 parser.add_argument("--tiny-dim", type=tiny_dim, default=64, help="--policy tiny: width (2 heads), a multiple of 8")
 parser.add_argument("--tiktoken-file", type=existing_file, default=None, help="tokenizer ranks for --policy ckpt:")
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights of hf:/ckpt: policies")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
+                    help="weights of hf:/ckpt: policies (float64: for comparisons against a reference)")
 parser.add_argument("--task", default="arithmetic",
                     choices=["arithmetic", "countdown", "gsm8k", "code", "humaneval", "mbpp"],
                     help="code: procedural one-line functions, checked by hidden tests in the sandbox; mbpp: trains on "
@@ -115,6 +116,8 @@ parser.add_argument("--countdown-numbers", type=number(int, 1), default=3, help=
 parser.add_argument("--countdown-max-number", type=number(int, 1), default=20, help="countdown: largest given number")
 parser.add_argument("--test-size", type=number(int, 1), default=200,
                     help="held-out problems for evaluation (fewer than the task has: training draws from the others)")
+parser.add_argument("--test-seed", type=number(int, 0, 2 ** 32 - 1), default=10_000,
+                    help="draws the held-out set, apart from --seed: runs of any --seed score on the same problems")
 parser.add_argument("--system-prompt", default="", help="system message for chat policies (e.g. the answer format)")
 # sampling
 parser.add_argument("--prompts-per-step", type=number(int, 1), default=16, help="P: prompts per step per rank")

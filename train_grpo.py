@@ -64,7 +64,7 @@ def setup_distributed(device_arg):
     device = torch.device(f"cuda:{local_rank}" if device_arg == "cuda" else device_arg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
+    if world > 1 and not dist.is_initialized():          # (a caller that runs main several times made it already)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -105,7 +105,7 @@ def make_task(args):
         make = code_tasks.code_problem
     else:
         raise ValueError(f"--task {args.task!r}: use arithmetic, countdown, gsm8k, code, humaneval or mbpp")
-    test = tasks.held_out_set(make, args.test_size, seed=10_000 + args.seed)
+    test = tasks.held_out_set(make, args.test_size, seed=args.test_seed)
     return tasks.train_sampler(make, test), test
 
 
@@ -377,9 +377,11 @@ def collect(model, tok, sample, args, step, rank):
 def make_optimizers(model, args):
     # -> (optimizers, the params whose grads we all-reduce and clip). Muon averages its own gradients over ranks
     # inside its step and orthogonalises its update (its scale is lr's), so only the AdamW side is synced and clipped.
+    # Each param group keeps its base_lr, which lr_schedule scales: a checkpoint (sharded ones too) restores it.
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
-        return [torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)], params
+        return [torch.optim.AdamW([{"params": params, "base_lr": args.lr}], lr=args.lr, betas=(0.9, 0.99),
+                                  weight_decay=args.weight_decay)], params
     if args.optimizer != "muon":
         raise ValueError(f"--optimizer {args.optimizer!r}: use adamw or muon")
     if hasattr(model, "param_groups"):                                      # our GPT names its hidden matrices
@@ -388,8 +390,10 @@ def make_optimizers(model, args):
         hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in params if id(p) not in hidden_ids]
-    return [muon.Muon(hidden, lr=args.muon_lr, momentum=0.95, weight_decay=args.weight_decay),
-            torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)], rest
+    return [muon.Muon([{"params": hidden, "base_lr": args.muon_lr}], lr=args.muon_lr, momentum=0.95,
+                      weight_decay=args.weight_decay),
+            torch.optim.AdamW([{"params": rest, "base_lr": args.lr}], lr=args.lr, betas=(0.9, 0.99),
+                              weight_decay=args.weight_decay)], rest
 
 
 def optimizer_step(model, optimizers, synced_params, args, lr_scale):
@@ -401,7 +405,7 @@ def optimizer_step(model, optimizers, synced_params, args, lr_scale):
     grad_norm = torch.nn.utils.clip_grad_norm_(synced_params, args.grad_clip)
     for opt in optimizers:
         for group in opt.param_groups:
-            group.setdefault("base_lr", group["lr"])
+            group.setdefault("base_lr", group["lr"])             # (make_optimizers sets it; a caller's may not)
             group["lr"] = group["base_lr"] * lr_scale
         opt.step()
     model.zero_grad(set_to_none=False)
@@ -443,8 +447,9 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     # no-grad forward of the trainer rather than from the sampler's Rollout.logprobs, so that the ratio measures
     # only the policy's change and not sampler/trainer numerics (KV cache, bf16); that gap is logged as logp_gap.
     sums = collections.Counter()
-    old_logp = torch.zeros_like(sampler_logp) if not on_policy else None
-    ref_logp = torch.zeros_like(sampler_logp) if args.beta > 0 else None
+    logp_dtype = torch.promote_types(sampler_logp.dtype, next(model.parameters()).dtype)  # fp32 (fp64: --dtype)
+    old_logp = torch.zeros_like(sampler_logp, dtype=logp_dtype) if not on_policy else None
+    ref_logp = torch.zeros_like(sampler_logp, dtype=logp_dtype) if args.beta > 0 else None
     if old_logp is not None or ref_logp is not None:
         with torch.no_grad():
             for batch in rank_batches(micro_batches(torch.arange(N, device=tokens.device), lengths,
@@ -461,6 +466,8 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
                     sums["gap_tokens"] += m.sum().item()
                 if ref_logp is not None:
                     ref_logp[rows, :L - 1] = logprobs(ref_model, rows, L, m)[0]
+        if args.fsdp and ref_logp is not None:     # FSDP leaves the root's parameters (embeddings, final norm) gathered
+            ref_model.reshard()                     # after a forward, for a backward the frozen reference never runs
 
     lr_scale = lr_schedule(step, args)
     for epoch in range(args.updates_per_rollout):
@@ -631,7 +638,8 @@ def finish():
 
 def bench_main(argv):
     # python train_grpo.py bench [flags]: the seconds of a GRPO step on a configuration. The SFT cold start as
-    # configured, then --steps RL steps (default 5 here), no evaluation; each step's split and the medians
+    # configured, then --steps RL steps (default 5 here), no evaluation; prints each step's split, the medians and each
+    # rank's memory -> {"rank", "split": [(gen, reward, train) s per step], "ranks": [{"held_bytes", "peak_bytes"}]}
     args = parse_args(["--steps", "5", *argv])                              # a --steps in argv wins
     if args.steps == 0:
         parser.error("bench: --steps 0 times nothing; give at least 1")
@@ -662,14 +670,16 @@ def bench_main(argv):
     held = fsdp.local_bytes(model, optimizers) + (fsdp.local_bytes(ref_model, []) if ref_model is not None else 0)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    lines = [None] * world
-    line = f"rank {rank}: parameters + optimizer state {held / 2 ** 20:.1f} MiB, peak memory {peak / 2 ** 20:.0f} MiB " \
-           f"({'allocated' if device.type == 'cuda' else 'max RSS'})"
+    ranks = [None] * world
     if dist.is_initialized():
-        dist.all_gather_object(lines, line)
-    print0("\n".join(lines if dist.is_initialized() else [line]))
+        dist.all_gather_object(ranks, {"held_bytes": held, "peak_bytes": peak})
+    else:
+        ranks = [{"held_bytes": held, "peak_bytes": peak}]
+    print0("\n".join(f"rank {r}: parameters + optimizer state {m['held_bytes'] / 2 ** 20:.1f} MiB, peak memory "
+                     f"{m['peak_bytes'] / 2 ** 20:.0f} MiB ({'allocated' if device.type == 'cuda' else 'max RSS'})"
+                     for r, m in enumerate(ranks)))
     finish()
-    return split
+    return {"rank": rank, "split": split, "ranks": ranks}
 
 
 def main(argv=None):

@@ -521,8 +521,10 @@ def test_no_reward_spread_skips_the_update(beta, monkeypatch):
 
 def test_bench_times_steps_without_evaluation(monkeypatch, capsys):
     monkeypatch.setattr(train_grpo, "evaluate", lambda *a, **k: pytest.fail("bench evaluated"))
-    split = train_grpo.main(["bench", "--steps", "2", "--sft-steps", "0", "--prompts-per-step", "2", "--group-size",
-                             "2", "--max-new-tokens", "4", "--tiny-dim", "32"])
+    report = train_grpo.main(["bench", "--steps", "2", "--sft-steps", "0", "--prompts-per-step", "2", "--group-size",
+                              "2", "--max-new-tokens", "4", "--tiny-dim", "32"])
+    split, (rank0,) = report["split"], report["ranks"]
+    assert rank0["held_bytes"] > 0 and rank0["peak_bytes"] > rank0["held_bytes"]
     assert len(split) == 2 and all(len(s) == 3 and min(s) >= 0 for s in split)
     assert "median of 2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -687,7 +689,7 @@ def bad_flag_cases(tmp_path):
         (["--policy", "gpt4"], "use tiny, hf:"), (["--policy", "hf:"], "use tiny, hf:"),
         (["--tiny-layers", "0"], "integer >= 1"), (["--tiny-dim", "12"], "multiple of 8"),
         (["--tiny-dim", "0"], "integer >= 8"), (["--tiktoken-file", str(tmp_path / "no.tiktoken")], "no such file"),
-        (["--dtype", "float64"], "invalid choice"), (["--task", "chess"], "invalid choice"),
+        (["--dtype", "float16"], "invalid choice"), (["--task", "chess"], "invalid choice"),
         (["--digits", "0"], "integer >= 1"), (["--ops", "/"], "one or more of + - *"), (["--ops", ""], "+ - *"),
         (["--countdown-numbers", "0"], ">= 1"), (["--countdown-max-number", "-3"], ">= 1"),
         (["--test-size", "0"], "integer >= 1"),
@@ -717,6 +719,7 @@ def bad_flag_cases(tmp_path):
         (["--sft-target", "1.5"], "in [0, 1]"), (["--sft-check-every", "0"], "integer >= 1"),
         (["--sft-check-size", "0"], "integer >= 1"), (["--eval-every", "-1"], "integer >= 0"),
         (["--eval-k", "-1"], "integer >= 0"), (["--seed", "-1"], "in [0, 4294967295]"),
+        (["--test-seed", "x"], "in [0, 4294967295]"),
         (["--device", "tpu"], "invalid choice"), (["--threads", "-2"], "integer >= 0"),
         (["--checkpoint-dir", str(a_file)], "not a directory"),
         (["--save-every", "-1"], "integer >= 0"), (["--save-every", "5"], "needs --checkpoint-dir"),
