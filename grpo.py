@@ -152,6 +152,14 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
 # -----------------------------------------------------------------------------
 # the algorithm: advantages and the clipped policy-gradient loss
 
+def overlong_penalty(lengths, max_new_tokens, buffer):
+    # DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward: lengths (N,) of completion
+    # tokens -> (N,) 0 up to max_new_tokens - buffer tokens, then falling linearly to -1 at max_new_tokens (a
+    # truncated completion). It teaches a policy to end: a right answer with junk after it scores less than one that
+    # stops.
+    return ((max_new_tokens - buffer - lengths.double()) / buffer).clamp(-1.0, 0.0)
+
+
 def group_statistics(rewards, group_size):
     # rewards (N,) in contiguous groups of group_size, NaN where the verifier failed -> (valid (P, G), centred (P, G):
     # reward minus the mean of its group's valid rewards, 0 at failed rows; count (P, 1) of valid rows, informative (P,):

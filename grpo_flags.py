@@ -139,6 +139,9 @@ parser.add_argument("--tool-workers", type=number(int, 1), default=4, help="tool
 # rewards
 parser.add_argument("--correct-weight", type=number(float, 0), default=1.0)
 parser.add_argument("--format-weight", type=number(float, 0), default=0.0)
+parser.add_argument("--overlong-buffer", type=number(int, 0), default=0,
+                    help="DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): the reward falls linearly from "
+                         "0 to -1 over the last N tokens before --max-new-tokens (0: off; the paper: 4096 of 20480)")
 parser.add_argument("--reward-workers", type=number(int, 1), default=None,
                     help="rewards computed at once on each rank (threads: code rewards wait on sandbox processes); "
                          "default: the CPU count for code tasks, 1 for the others (pure Python: threads gain nothing)")
@@ -254,6 +257,9 @@ def parse_args(argv=None):
                      f"none")
     if args.delta is not None and not args.delta > 1 + args.eps_high:
         parser.error(f"--delta {args.delta}: must exceed 1 + --eps-high = {1 + args.eps_high} (INTELLECT-2 uses 4)")
+    if args.overlong_buffer >= args.max_new_tokens:
+        parser.error(f"--overlong-buffer {args.overlong_buffer}: must be below --max-new-tokens {args.max_new_tokens} "
+                     f"(the penalty starts that many tokens before the limit)")
     if args.correct_weight == 0 and args.format_weight == 0:
         parser.error("--correct-weight and --format-weight are both 0: every reward would be 0; set one above 0")
     if args.minibatches > args.prompts_per_step * args.group_size:

@@ -341,6 +341,8 @@ def collect(model, tok, sample, args, step, rank):
             print(f"rank {rank} step {step + 1}: {len(failures)} reward(s) failed, left out of their groups; "
                   f"first: {failures[0]}", flush=True)
         rewards = torch.tensor([float("nan") if r is None else r for r in rewards])   # (missing * G,)
+        if args.overlong_buffer:
+            rewards += grpo.overlong_penalty(rollout.completion_lens.cpu(), args.max_new_tokens, args.overlong_buffer)
         t2 = time.perf_counter()
         informative = grpo.group_statistics(rewards, G)[3]                       # (missing,)
         keep = informative if args.drop_zero_std else torch.ones_like(informative)

@@ -19,6 +19,7 @@ import tasks
 import train_grpo
 from conftest import assert_usage_errors
 from test_policy import TEXTS, hf_reference, train_bpe
+import grpo
 from grpo import group_advantages, policy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; it also keeps the demo's trajectory the same everywhere
@@ -581,6 +582,41 @@ def test_collect_leaves_failed_verifications_out(monkeypatch):
     torch.testing.assert_close(advantages.double(), expected[keep], rtol=1e-6, atol=1e-6)
 
 
+def test_overlong_penalty_is_dapo_eq_13_as_trl_computes_it():
+    # DAPO (arXiv 2503.14476, eq. 13) as TRL's reward function computes it, on fresh random lengths over the whole
+    # range (short, in the buffer, at the limit)
+    from trl.rewards import get_soft_overlong_punishment
+    gen = torch.Generator().manual_seed(0)
+    for max_new, buffer in [(48, 16), (100, 20), (7, 1), (4096, 4095)]:
+        lengths = torch.randint(1, max_new + 1, (200,), generator=gen)
+        reference = get_soft_overlong_punishment(max_new, buffer)([[1] * n for n in lengths.tolist()])
+        torch.testing.assert_close(grpo.overlong_penalty(lengths, max_new, buffer),
+                                   torch.tensor(reference, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert grpo.overlong_penalty(torch.tensor([max_new]), max_new, buffer).item() == -1.0
+
+
+def test_overlong_buffer_lowers_the_rewards_of_long_completions(monkeypatch):
+    # every completion is right (reward 1): with the buffer each loses its eq. 13 penalty, by its own length. The
+    # untrained policy's eos row points along its mean hidden state, so that completions end at many lengths
+    monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, completion: 1.0)
+    flags = ["--prompts-per-step", "3", "--group-size", "4", "--max-new-tokens", "12"]
+    model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
+    with torch.no_grad():
+        mean = model.hidden(torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0)))[0].mean(0)
+        model.lm_head.weight[tok.eos_ids[0]] = 2 * mean / mean.norm()
+    runs = {}
+    for buffer in (0, 8):
+        args = train_grpo.parse_args(flags + ["--overlong-buffer", str(buffer)])
+        sample, _ = train_grpo.make_task(args)
+        runs[buffer] = train_grpo.collect(model, tok, sample, args, step=0, rank=0)
+    (plain, _, plain_stats), (shaped, _, shaped_stats) = runs[0], runs[8]
+    assert torch.equal(plain.completion_lens, shaped.completion_lens)                  # the same samples
+    penalty = grpo.overlong_penalty(shaped.completion_lens, 12, 8)
+    assert len(set(shaped.completion_lens.tolist())) >= 3 and 0 < -penalty.sum() < 12
+    assert plain_stats["reward_sum"] == 12
+    assert shaped_stats["reward_sum"] == pytest.approx(12 + penalty.sum().item(), abs=1e-5)
+
+
 def test_step_record_reports_unbiased_reward_std_and_cumulative_tokens():
     rewards = [1.0, 0.0, 0.5, 0.25, 1.0]
     stats = {"gen_s": 1.0, "reward_s": 0.1, "samples": 6, "rewards": 5, "reward_sum": sum(rewards),
@@ -702,6 +738,7 @@ def bad_flag_cases(tmp_path):
         (["--top-p", "0"], "in (0, 1]"), (["--top-p", "1.5"], "in (0, 1]"),
         (["--correct-weight", "-1"], "number >= 0"), (["--format-weight", "inf"], "number >= 0"),
         (["--correct-weight", "0"], "both 0"), (["--reward-workers", "0"], "integer >= 1"),
+        (["--overlong-buffer", "-1"], "integer >= 0"), (["--overlong-buffer", "24"], "below --max-new-tokens 24"),
         (["--task", "code", "--tools", "python"], "the reward already runs the completion's code"),
         (["--steps", "-5"], "integer >= 0"), (["--steps", "2.5"], "integer >= 0"), (["--steps", "x"], "integer"),
         (["--loss-type", "ppo"], "invalid choice"), (["--level", "word"], "invalid choice"),
