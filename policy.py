@@ -89,7 +89,7 @@ def bytes_eos_tokenizer() -> Tokenizer:
 
 
 def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_heads: int = 2, head_dim: int = 64,
-                max_seq_len: int = 256) -> tuple[GPT, Tokenizer]:
+                max_seq_len: int = 512) -> tuple[GPT, Tokenizer]:
     """A random tiny GPT (about 1M parameters by default) and a byte-level tokenizer: ids 0-255 are the bytes,
     256 is <|endoftext|> (eos and pad). For tests and the CPU demo."""
     config = GPTConfig(vocab_size=257, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,

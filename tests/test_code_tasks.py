@@ -218,13 +218,15 @@ def test_humaneval_is_its_own_training_set_and_too_long_for_the_tiny_policy(tmp_
     assert test == HUMANEVAL and sample(random.Random(0)) in HUMANEVAL
     with pytest.raises(SystemExit) as exit_info:
         train_grpo.main(["--task", "humaneval", "--log-dir", str(tmp_path)])
-    assert "beyond the policy's max_seq_len 256" in exit_info.value.code and "\n" not in exit_info.value.code
+    assert "beyond the policy's max_seq_len 512" in exit_info.value.code and "\n" not in exit_info.value.code
 
 
-def test_mbpp_trains_on_its_train_split_and_evaluates_on_its_test_split(tmp_path, monkeypatch, one_thread):
+def mbpp_parquet(tmp_path, monkeypatch, splits):
+    # MBPP's parquet files for {split: [function names]}, written where the patched hub download finds them ->
+    # the list of downloads asked for
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    for split, names in [("train", ["add", "sub"]), ("test", ["mul", "neg", "inc"])]:
+    for split, names in splits.items():
         pq.write_table(pa.table({
             "task_id": list(range(len(names))), "text": [f"Write {n}." for n in names],
             "code": [f"def {n}(a):\n    return a" for n in names],
@@ -236,6 +238,11 @@ def test_mbpp_trains_on_its_train_split_and_evaluates_on_its_test_split(tmp_path
         downloads.append((repo_id, filename, repo_type))
         return str(tmp_path / filename.removeprefix("full/"))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return downloads
+
+
+def test_mbpp_trains_on_its_train_split_and_evaluates_on_its_test_split(tmp_path, monkeypatch, one_thread):
+    downloads = mbpp_parquet(tmp_path, monkeypatch, {"train": ["add", "sub"], "test": ["mul", "neg", "inc"]})
     sample, test = train_grpo.make_task(train_grpo.parse_args(["--task", "mbpp", "--test-size", "2"]))
     assert [p.prompt.split(" Your")[0] for p in test] == ["Write mul.", "Write neg."]
     assert {sample(random.Random(i)).prompt.split(" Your")[0] for i in range(20)} == {"Write add.", "Write sub."}
@@ -244,6 +251,14 @@ def test_mbpp_trains_on_its_train_split_and_evaluates_on_its_test_split(tmp_path
     oracle(monkeypatch)
     result = train_grpo.main(["--task", "mbpp", *RUN, "--test-size", "3", "--log-dir", str(tmp_path)])
     assert result["after"]["pass@1"] == 1.0 and result["after"]["maj@3"] == 0.0
+
+
+def test_a_training_prompt_too_long_for_the_policy_is_refused_up_front(tmp_path, monkeypatch):
+    # the held-out prompts fit the tiny policy's 512 positions; one training prompt does not
+    mbpp_parquet(tmp_path, monkeypatch, {"train": ["add", "x" * 400], "test": ["mul"]})
+    with pytest.raises(SystemExit) as exit_info:
+        train_grpo.main(["--task", "mbpp", "--max-new-tokens", "32", "--log-dir", str(tmp_path)])
+    assert "beyond the policy's max_seq_len 512" in exit_info.value.code and "\n" not in exit_info.value.code
 
 
 def test_score_through_the_trainers_command_line(tmp_path, capsys):
