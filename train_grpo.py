@@ -614,12 +614,14 @@ def start(args):
         sample, test = make_task(args)
     except (OSError, ValueError, ImportError) as error:
         fail(error)
-    probe_rng = random.Random("probe")
-    probe = test + [sample(probe_rng) for _ in range(256)]                 # held-out and (a sample of) training prompts
-    longest = max(len(encode_prompt(tok, p, args.system_prompt)) for p in probe) + args.max_new_tokens
-    if longest > getattr(model.config, "max_seq_len", longest):             # our GPTs: rotary tables end there
-        fail(f"--max-new-tokens {args.max_new_tokens}: the longest prompt plus the completion is {longest} tokens, "
-             f"beyond the policy's max_seq_len {model.config.max_seq_len}; lower --max-new-tokens")
+    limit = getattr(model.config, "max_seq_len", None)                      # our GPTs: rotary tables end there
+    if limit is not None:
+        probe_rng = random.Random("probe")
+        probe = test + [sample(probe_rng) for _ in range(256)]             # held-out and (a sample of) training prompts
+        longest = max(len(encode_prompt(tok, p, args.system_prompt)) for p in probe) + args.max_new_tokens
+        if longest > limit:
+            fail(f"--max-new-tokens {args.max_new_tokens}: the longest prompt plus the completion is {longest} tokens, "
+                 f"beyond the policy's max_seq_len {limit}; lower --max-new-tokens")
     print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | task {args.task} | "
            f"world {world} | device {device} | tokenizer on {tok.backend}")
     if args.tools != "none":
