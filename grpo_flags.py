@@ -191,6 +191,9 @@ parser.add_argument("--lr", type=number(float, 0), default=None, help="default: 
 parser.add_argument("--muon-lr", type=number(float, 0), default=0.001)
 parser.add_argument("--weight-decay", type=number(float, 0), default=0.0)
 parser.add_argument("--warmup-steps", type=number(int, 0), default=5)
+parser.add_argument("--cooldown-frac", type=number(float, 0, 1), default=0.0,
+                    help="the learning rates decay linearly to 0 over this last fraction of the RL steps (0: constant; "
+                         "1 with --warmup-steps 0 is TRL's default linear schedule)")
 parser.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0, help="max gradient norm (> 0)")
 # SFT cold start
 parser.add_argument("--sft-steps", type=number(int, 0), default=None,

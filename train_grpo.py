@@ -415,8 +415,11 @@ def optimizer_step(model, optimizers, synced_params, args, lr_scale):
 
 
 def lr_schedule(step, args):
-    # the learning rates' multiplier at RL step `step` (0-based): linear warmup, then constant
-    return min(1.0, (step + 1) / max(1, args.warmup_steps))
+    # the learning rates' multiplier at RL step `step` (0-based): linear warmup, constant, then over the last
+    # --cooldown-frac of the steps linear down to 0 at step --steps (the last step takes 1 / cooldown steps)
+    warmup = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    cooldown = args.cooldown_frac * args.steps
+    return warmup if cooldown == 0 else min(warmup, (args.steps - step) / cooldown)
 
 
 def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, args, step, world, device,

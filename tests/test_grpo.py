@@ -649,6 +649,27 @@ def test_countdown_task_runs_and_logs_what_trl_users_read(tmp_path, capsys):
     assert {"loss", "clip_region", "completion_len_eos", "reward_std", "reward_errors"} <= set(record)
 
 
+def test_cooldown_decays_the_learning_rate_linearly_to_zero_as_trls_default_schedule_does():
+    # --cooldown-frac 1 --warmup-steps 0 is transformers' "linear" schedule, TRL's default (lr * (N - s) / N at step s);
+    # a partial cooldown holds the warmed-up lr, then falls on the same line to 0 after the last step
+    steps = random.Random(0).randint(20, 60)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=1.0)
+    linear = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        linear.step()
+    args = train_grpo.parse_args(["--steps", str(steps), "--warmup-steps", "0", "--cooldown-frac", "1"])
+    assert [train_grpo.lr_schedule(s, args) for s in range(steps)] == pytest.approx(expected, abs=1e-12)
+    args = train_grpo.parse_args(["--steps", "40", "--warmup-steps", "4", "--cooldown-frac", "0.25"])
+    schedule = [train_grpo.lr_schedule(s, args) for s in range(40)]
+    assert schedule[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and schedule[4:30] == [1.0] * 26
+    assert schedule[30:] == pytest.approx([(40 - s) / 10 for s in range(30, 40)])      # 1.0, 0.9, ..., 0.1
+    args = train_grpo.parse_args(["--steps", "40"])                                     # the default: constant
+    assert [train_grpo.lr_schedule(s, args) for s in range(5, 40)] == [1.0] * 35
+
+
 def test_resume_continues_exactly(tmp_path):
     # 3 steps in one go == 2 steps, a checkpoint, then resuming for the third (mu = 2 with minibatches, a KL
     # reference, dynamic sampling and Muon: every piece of state a resume must restore)
@@ -751,6 +772,7 @@ def bad_flag_cases(tmp_path):
         (["--micro-batch-tokens", "0"], "integer >= 1"), (["--optimizer", "sgd"], "invalid choice"),
         (["--lr", "-0.001"], "number >= 0"), (["--muon-lr", "-1"], "number >= 0"),
         (["--weight-decay", "-0.1"], "number >= 0"), (["--warmup-steps", "-1"], "integer >= 0"),
+        (["--cooldown-frac", "1.5"], "number in [0, 1]"),
         (["--grad-clip", "0"], "number > 0"), (["--sft-steps", "-1"], "integer >= 0"),
         (["--sft-batch-size", "0"], "integer >= 1"), (["--sft-lr", "-1"], "number >= 0"),
         (["--sft-target", "1.5"], "in [0, 1]"), (["--sft-check-every", "0"], "integer >= 1"),
