@@ -102,6 +102,12 @@ WORDS = ["cat", "tree", "python", "blue", "ok", "stone", "river", "a", "hello", 
          "strawberry", "caterpillar", "dandelion", "marshmallow", "kangaroo", "xylophone"]
 
 
+# expression ("x + 7") -> (its argument, "int" or "str"; the function), compiled once from our own templates (not
+# model output): every problem drawn tests its function against all the others
+FUNCTIONS = {body.format(k=k): (arg, eval(f"lambda {'s' if arg == 'str' else 'x'}: {body.format(k=k)}"))  # noqa: S307
+             for _, body, arg in TEMPLATES for k in range(1, 10)}
+
+
 def code_problem(rng):
     # "Write a Python function f(x) that returns x plus 7. Example: f(2) == 9." with tests on 5 more inputs that tell
     # the function apart from every other function of the task and from returning x unchanged (a function no inputs
@@ -110,9 +116,8 @@ def code_problem(rng):
         words, body, arg = rng.choice(TEMPLATES)
         k = rng.randint(1, 9)
         expression, name = body.format(k=k), "s" if arg == "str" else "x"
-        fn = eval(f"lambda {name}: {expression}")  # noqa: S307 -- our own template, not model output
-        others = [eval(f"lambda {name}: {b.format(k=j)}")  # noqa: S307
-                  for _, b, a in TEMPLATES for j in range(1, 10) if a == arg and b.format(k=j) != expression]
+        fn = FUNCTIONS[expression][1]
+        others = [g for e, (a, g) in FUNCTIONS.items() if a == arg and e != expression]
         for _ in range(20):
             inputs = rng.sample(WORDS, 6) if arg == "str" else rng.sample(range(-20, 21), 6)
             outputs = [fn(v) for v in inputs]
@@ -128,11 +133,9 @@ def code_count():
     # distinct procedural problems (prompts: a function and its example input); x times 1 and s repeated 1 times are
     # x unchanged, never drawn
     count = 0
-    for _, body, arg in TEMPLATES:
+    for arg, fn in FUNCTIONS.values():
         inputs = WORDS if arg == "str" else range(-20, 21)
-        for k in range(1, 10):
-            fn = eval(f"lambda {'s' if arg == 'str' else 'x'}: {body.format(k=k)}")  # noqa: S307 -- our template
-            count += 0 if all(fn(v) == v for v in inputs) else len(inputs)
+        count += 0 if all(fn(v) == v for v in inputs) else len(inputs)
     return count
 
 
