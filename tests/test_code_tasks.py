@@ -272,7 +272,7 @@ def test_score_through_the_trainers_command_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_tiny_policy_learns_to_write_code_that_passes_hidden_tests(tmp_path, one_thread):
-    # the SFT cold start of the code demo at width 128 (about 4 min on one core): a random policy passes nothing; on
+    # the SFT cold start of the code demo at width 128 (4-7 min on one core): a random policy passes nothing; on
     # worked solutions it learns the block, the operation and, slowly, to copy the constant (47% held out here)
     result = train_grpo.main(["--task", "code", "--max-new-tokens", "48", "--tiny-dim", "128", "--sft-batch-size",
                               "16", "--steps", "0", "--eval-k", "0", "--test-size", "100", "--log-dir", str(tmp_path)])
