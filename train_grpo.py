@@ -617,14 +617,25 @@ def start(args):
         sample, test = make_task(args)
     except (OSError, ValueError, ImportError) as error:
         fail(error)
+    probe_rng = random.Random("probe")
+    training = [sample(probe_rng) for _ in range(256)]                     # a sample of the training problems
+    sft_longest = 0                                                        # prompt + worked solution, in tokens
+    if args.sft_steps > 0 and args.resume is None:
+        tools = args.tools != "none"
+        try:
+            sft_longest = max(len(encode_prompt(tok, p, args.system_prompt)) + len(solution_tokens(tok, p, tools)[0])
+                              for p in training)
+        except ValueError as error:                                        # no worked solution that calls the tool
+            fail(error)
     limit = getattr(model.config, "max_seq_len", None)                      # our GPTs: rotary tables end there
     if limit is not None:
-        probe_rng = random.Random("probe")
-        probe = test + [sample(probe_rng) for _ in range(256)]             # held-out and (a sample of) training prompts
-        longest = max(len(encode_prompt(tok, p, args.system_prompt)) for p in probe) + args.max_new_tokens
+        longest = max(len(encode_prompt(tok, p, args.system_prompt)) for p in test + training) + args.max_new_tokens
         if longest > limit:
             fail(f"--max-new-tokens {args.max_new_tokens}: the longest prompt plus the completion is {longest} tokens, "
                  f"beyond the policy's max_seq_len {limit}; lower --max-new-tokens")
+        if sft_longest > limit:
+            fail(f"the SFT cold start: the longest prompt plus worked solution is {sft_longest} tokens, beyond the "
+                 f"policy's max_seq_len {limit}; pass --sft-steps 0")
     print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | task {args.task} | "
            f"world {world} | device {device} | tokenizer on {tok.backend}")
     if args.tools != "none":

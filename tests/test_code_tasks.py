@@ -221,15 +221,15 @@ def test_humaneval_is_its_own_training_set_and_too_long_for_the_tiny_policy(tmp_
     assert "beyond the policy's max_seq_len 512" in exit_info.value.code and "\n" not in exit_info.value.code
 
 
-def mbpp_parquet(tmp_path, monkeypatch, splits):
-    # MBPP's parquet files for {split: [function names]}, written where the patched hub download finds them ->
-    # the list of downloads asked for
+def mbpp_parquet(tmp_path, monkeypatch, splits, returns="a"):
+    # MBPP's parquet files for {split: [function names]} (each function returns `returns`), written where the
+    # patched hub download finds them -> the list of downloads asked for
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     huggingface_hub = pytest.importorskip("huggingface_hub")
     for split, names in splits.items():
         pq.write_table(pa.table({
             "task_id": list(range(len(names))), "text": [f"Write {n}." for n in names],
-            "code": [f"def {n}(a):\n    return a" for n in names],
+            "code": [f"def {n}(a):\n    return {returns}" for n in names],
             "test_list": [[f"assert {n}(1) == 1"] for n in names], "test_setup_code": [""] * len(names)}),
             tmp_path / f"{split}-00000-of-00001.parquet")
     downloads = []
@@ -259,6 +259,19 @@ def test_a_training_prompt_too_long_for_the_policy_is_refused_up_front(tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         train_grpo.main(["--task", "mbpp", "--max-new-tokens", "32", "--log-dir", str(tmp_path)])
     assert "beyond the policy's max_seq_len 512" in exit_info.value.code and "\n" not in exit_info.value.code
+
+
+def test_a_worked_solution_too_long_for_the_policy_is_refused_before_the_sft(tmp_path, monkeypatch):
+    # every prompt fits with 32 new tokens; the SFT rows (prompt + worked solution) do not: caught before any step,
+    # and RL alone (--sft-steps 0) is let through that check
+    mbpp_parquet(tmp_path, monkeypatch, {"train": ["add"], "test": ["mul"]}, returns="a" + " + 1" * 150)
+    with pytest.raises(SystemExit) as exit_info:
+        train_grpo.main(["--task", "mbpp", "--max-new-tokens", "32", "--log-dir", str(tmp_path)])
+    assert "worked solution is" in exit_info.value.code and "beyond the policy's max_seq_len 512; pass --sft-steps 0" \
+        in exit_info.value.code and "\n" not in exit_info.value.code
+    result = train_grpo.main(["--task", "mbpp", "--max-new-tokens", "32", "--sft-steps", "0", "--steps", "0",
+                              "--eval-k", "0", "--test-size", "1", "--log-dir", str(tmp_path)])
+    assert result["before"]["pass@1"] == 0.0
 
 
 def test_score_through_the_trainers_command_line(tmp_path, capsys):

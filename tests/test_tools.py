@@ -281,7 +281,7 @@ def test_hostile_programs_inside_a_training_step():
 # -----------------------------------------------------------------------------
 # the trainer: SFT targets, GRPO with tools under torchrun
 
-def test_sft_targets_leave_out_tool_outputs():
+def test_sft_targets_leave_out_tool_outputs(tmp_path):
     tok = policy.bytes_eos_tokenizer()                              # one token per character
     problem = tasks.arithmetic_problem(random.Random(0), digits=3, ops="*")
     ids, trained = train_grpo.solution_tokens(tok, problem, tools=True)
@@ -295,6 +295,9 @@ def test_sft_targets_leave_out_tool_outputs():
     assert text.index(code) + len(code) + len("\n```") == start and sandbox.run(code) == (problem.answer, False)
     with pytest.raises(ValueError, match="--sft-steps 0"):
         train_grpo.solution_tokens(tok, tasks.countdown_problem(random.Random(0)), tools=True)
+    with pytest.raises(SystemExit) as exit_info:                   # the trainer says so before it starts, in one line
+        train_grpo.main(["--task", "countdown", "--tools", "python", "--log-dir", str(tmp_path)])
+    assert "pass --sft-steps 0 or use --task arithmetic" in exit_info.value.code and "\n" not in exit_info.value.code
 
 
 def test_grpo_with_tools_under_torchrun(tmp_path):
