@@ -284,9 +284,14 @@ def test_score_through_the_trainers_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_tiny_policy_learns_to_write_code_that_passes_hidden_tests(tmp_path, one_thread):
-    # the SFT cold start of the code demo at width 128 (4-7 min on one core): a random policy passes nothing; on
-    # worked solutions it learns the block, the operation and, slowly, to copy the constant (47% held out here)
-    result = train_grpo.main(["--task", "code", "--max-new-tokens", "48", "--tiny-dim", "128", "--sft-batch-size",
-                              "16", "--steps", "0", "--eval-k", "0", "--test-size", "100", "--log-dir", str(tmp_path)])
-    assert result["before"]["pass@1"] >= 0.3, result
+def test_code_demo_raises_pass_at_1(tmp_path, one_thread):
+    # the code demo, shortened (262 s on one core here): a 2-layer policy, SFT batches of 16 checked every 25 steps
+    # on 100 problems (a random policy passes nothing; it stops once it copies the constants about half the time),
+    # then 120 GRPO steps at twice the demo's lr, 100 held-out problems; fixed seed
+    result = train_grpo.main(["--task", "code", "--tiny-layers", "2", "--max-new-tokens", "64", "--overlong-buffer",
+                              "16", "--sft-target", "0.45", "--sft-batch-size", "16", "--sft-check-every", "25",
+                              "--lr", "2e-3", "--cooldown-frac", "1", "--eval-k", "0", "--test-size", "100",
+                              "--log-dir", str(tmp_path)])
+    before, after = result["before"]["pass@1"], result["after"]["pass@1"]
+    assert 0.3 <= before <= 0.6, before                                  # the SFT stopped at a middling accuracy
+    assert after - before >= 0.10, (before, after)
