@@ -27,15 +27,26 @@ def smollm2():
     return real_model.smollm2_folder()
 
 
-@pytest.fixture
-def one_thread():
-    """torch on one thread: small models gain nothing from more, lose a lot when other processes share the cores,
-    and a fixed thread count keeps float reductions (and so training trajectories) the same on every machine."""
-    import torch
+def pinned_threads(n: int):
+    """torch on n threads for the test, then back: a fixed thread count keeps float reductions (and so training
+    trajectories) the same on every machine."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: small models gain nothing from more and lose a lot when other processes share the
+    cores."""
+    yield from pinned_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads, for the long training runs that pytest runs alone: the CI machine has 2 cores."""
+    yield from pinned_threads(2)
 
 
 def assert_usage_errors(parse_args, prog: str, cases, capsys):
