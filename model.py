@@ -260,7 +260,7 @@ class Linear(nn.Linear):
 
 @dataclass
 class KVCache:
-    """Static KV cache for decoding, shared protocol with hf_model.py's decoder (engine.py decodes both)."""
+    """Static KV cache for decoding, shared protocol with grpo/hf_model.py's decoder (grpo/engine.py decodes both)."""
     k: Tensor  # (n_layers, B, max_len, n_kv_heads, head_dim)
     v: Tensor  # (n_layers, B, max_len, n_kv_heads, head_dim)
 
@@ -423,7 +423,7 @@ class GPT(nn.Module):
         return loss if reduction == "sum" else loss / (targets != -100).sum()
 
     def hidden(self, idx: Tensor, window=None) -> Tensor:
-        """idx (B, T) int64 -> final hidden states (B, T, C): forward without the head (grpo.token_logprobs applies
+        """idx (B, T) int64 -> final hidden states (B, T, C): forward without the head (objective.token_logprobs applies
         head() to a chunk of them at a time). window: as forward's."""
         B, T = idx.shape
         if T > self.config.max_seq_len:
@@ -446,7 +446,7 @@ class GPT(nn.Module):
         """x (..., C) from hidden() -> softcapped logits (..., vocab_size) fp32 (the bf16 head)."""
         return self._logits(x)[..., :self.config.vocab_size]
 
-    # -- cached decoding (the KV-cache protocol of engine.py's rollout engine) -----------------------------------
+    # -- cached decoding (the KV-cache protocol of grpo/engine.py's rollout engine) -----------------------------------
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         if max_len > self.config.max_seq_len:

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 import speedrun_kernels
 from data.shards import find_shards, read_shard
+from flag_types import existing_file, folder, number, run_id
 from model import GPT, GPTConfig
 from muon import DistAdam, Muon
 from run_log import hardware_line, open_log, run_id as new_run_id
@@ -98,41 +99,8 @@ SMALL = dataclasses.replace(
     model=GPTConfig(model_dim=64, num_heads=2, head_dim=32, max_seq_len=256, block_len=4, attn_gate_dim=1))
 PRESETS = {"speedrun": SPEEDRUN, "small": SMALL, "tiny": TINY}
 
-
-# Every flag is checked as it is parsed: a bad value is argparse's usage line and one error line naming what is allowed.
-
-def at_least(low):
-    """argparse type: an integer >= low."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def existing_file(text):
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return text
-
-
-def folder(text):
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
-    return text
-
-
-def file_name(text):
-    if not text or os.sep in text or text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"must be a file name (no {os.sep}), got {text!r}: the log is "
-                                         f"<--log-dir>/<run id>.txt")
-    return text
-
-
+# Every flag is checked as it is parsed (flag_types.py): a bad value is argparse's usage line and one error line
+# naming what is allowed.
 parser = argparse.ArgumentParser(prog="train_gpt.py", usage="%(prog)s [flags]   (--help lists the flags)",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--preset", choices=PRESETS, default=None,
@@ -140,19 +108,19 @@ parser.add_argument("--preset", choices=PRESETS, default=None,
                          "(default without CUDA: byte-level, CPU-sized)")
 parser.add_argument("--train-files", help="glob of training shards (preset default)")
 parser.add_argument("--val-files", help="glob of validation shards (preset default)")
-parser.add_argument("--steps", type=at_least(1), help="optimizer steps (preset default)")
-parser.add_argument("--val-every", type=at_least(0), help="validate every K steps, and at the end; 0: only at the end")
-parser.add_argument("--val-tokens", type=at_least(1), help="validation budget in tokens")
-parser.add_argument("--seq-len", type=at_least(1), help="tokens per sequence (per GPU per micro-step)")
-parser.add_argument("--val-seq-len", type=at_least(1), help="tokens per validation sequence")
-parser.add_argument("--seed", type=at_least(0), help="seed of the model initialisation")
+parser.add_argument("--steps", type=number(int, 1), help="optimizer steps (preset default)")
+parser.add_argument("--val-every", type=number(int, 0), help="validate every K steps, and at the end; 0: only at the end")
+parser.add_argument("--val-tokens", type=number(int, 1), help="validation budget in tokens")
+parser.add_argument("--seq-len", type=number(int, 1), help="tokens per sequence (per GPU per micro-step)")
+parser.add_argument("--val-seq-len", type=number(int, 1), help="tokens per validation sequence")
+parser.add_argument("--seed", type=number(int, 0), help="seed of the model initialisation")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the model (default: on for speedrun, off for small and tiny)")
 parser.add_argument("--checkpoint-dir", type=folder, default=None, help="write checkpoints here (step_NNNNNN.pt)")
-parser.add_argument("--save-every", type=at_least(0), default=0, help="checkpoint every K steps (0: only at the end)")
+parser.add_argument("--save-every", type=number(int, 0), default=0, help="checkpoint every K steps (0: only at the end)")
 parser.add_argument("--resume", type=existing_file, default=None, help="continue from this checkpoint")
 parser.add_argument("--log-dir", type=folder, default="logs", help="rank 0 writes <log-dir>/<run id>.txt")
-parser.add_argument("--run-id", type=file_name, default=None,
+parser.add_argument("--run-id", type=run_id, default=None,
                     help="name of the log file (default: date + random suffix)")
 parser.add_argument("--smoke", action="store_true",
                     help="self-check: 10 optimizer steps of the preset's shapes on random documents (no data "

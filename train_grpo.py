@@ -1,7 +1,8 @@
 """
 Compact GRPO fine-tuner: reinforcement learning with verifiable rewards (the DeepSeek-R1 recipe). This file is the
-loop (SFT cold start, rollouts, rewards, the update, evaluation); the math is grpo.py's, sampling engine.py's, the
-policies policy.py's, the flags grpo_flags.py's, checkpoints and export checkpoint.py's.
+loop (SFT cold start, rollouts, rewards, the update, evaluation); its modules live in grpo/: the math is
+objective.py's, sampling engine.py's, the policies policy.py's, the flags flags.py's, checkpoints and export
+checkpoint.py's.
 
     python train_grpo.py                                    # CPU demo: tiny policy, arithmetic, SFT then GRPO
     torchrun --nproc_per_node=8 train_grpo.py --policy hf:Qwen/Qwen2.5-0.5B-Instruct --task gsm8k ...
@@ -9,10 +10,10 @@ policies policy.py's, the flags grpo_flags.py's, checkpoints and export checkpoi
     python train_grpo.py bench --policy hf:... --steps 5  # seconds per step (gen / reward / train), no evaluation
     python train_grpo.py score --task humaneval --samples samples.jsonl   # pass@k of any model's code samples
 
-Per step: sample P prompts x G completions, score them with rule-based rewards (tasks.py), turn rewards into
+Per step: sample P prompts x G completions, score them with rule-based rewards (grpo/tasks.py), turn rewards into
 group-relative advantages, then take clipped policy-gradient steps on the completion tokens.
 
-With --tools python a completion may run Python (sandbox.py: a ```python block, answered by a ```output block that
+With --tools python a completion may run Python (grpo/sandbox.py: a ```python block, answered by a ```output block that
 the model reads but does not write): tool outputs are in the rollout's context but get no loss, ratio or KL.
 """
 
@@ -38,17 +39,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-import checkpoint
-import code_tasks
-import engine
-import fsdp
-import grpo
 import muon
-import policy
 import run_log
-import sandbox
-import tasks
-from grpo_flags import parse_args, parser
+from grpo import checkpoint, code_tasks, engine, fsdp, objective, policy, sandbox, tasks
+from grpo.flags import parse_args, parser
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +226,7 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
         for i, problem in enumerate(batch):
             counts[1] += max(c or 0.0 for c in correct[i * k:(i + 1) * k])
             counts[2] += tasks.majority_vote(problem, texts[i * k:(i + 1) * k])[0] or 0.0  # votes on answer values
-    pass1, passk, majk, n, errors = grpo.global_sum(counts, device)
+    pass1, passk, majk, n, errors = objective.global_sum(counts, device)
     model.train()
     if k == 0:
         return {"pass@1": pass1 / n, "verify_errors": int(errors)}
@@ -288,7 +282,7 @@ def sft(model, tok, sample, args, rank, world, device, sampler=None):
                 fsdp.dummy_pass(model, device, grad=True)
                 continue
             r, Lr = batch
-            logp, _ = grpo.token_logprobs(model, idx[r, :Lr], mask=scored[r, :Lr - 1], undecodable=undecodable)
+            logp, _ = objective.token_logprobs(model, idx[r, :Lr], mask=scored[r, :Lr - 1], undecodable=undecodable)
             part = -logp.sum() / scored.sum()
             part.backward()
             loss += part.item()
@@ -342,9 +336,10 @@ def collect(model, tok, sample, args, step, rank):
                   f"first: {failures[0]}", flush=True)
         rewards = torch.tensor([float("nan") if r is None else r for r in rewards])   # (missing * G,)
         if args.overlong_buffer:
-            rewards += grpo.overlong_penalty(rollout.completion_lens.cpu(), args.max_new_tokens, args.overlong_buffer)
+            rewards += objective.overlong_penalty(rollout.completion_lens.cpu(), args.max_new_tokens,
+                                                  args.overlong_buffer)
         t2 = time.perf_counter()
-        informative = grpo.group_statistics(rewards, G)[3]                       # (missing,)
+        informative = objective.group_statistics(rewards, G)[3]                       # (missing,)
         keep = informative if args.drop_zero_std else torch.ones_like(informative)
         keep_rows = keep.repeat_interleave(G).nonzero().squeeze(1)
         kept.append(select_rows(rollout, keep_rows.to(rollout.tokens.device)))
@@ -368,7 +363,7 @@ def collect(model, tok, sample, args, step, rank):
     model.train()
     rollout = cat_rollouts(kept, tok.pad_id)
     rewards = torch.cat(kept_rewards).to(rollout.tokens.device)             # (N,) NaN where the verifier failed
-    advantages = grpo.group_advantages(rewards, G, args.adv_scale)               # every rank: "batch" all-reduces
+    advantages = objective.group_advantages(rewards, G, args.adv_scale)               # every rank: "batch" all-reduces
     verified = (~torch.isnan(rewards)).nonzero().squeeze(1)
     return select_rows(rollout, verified), advantages[verified], stats
 
@@ -436,15 +431,15 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     on_policy = args.updates_per_rollout * args.minibatches == 1            # one optimizer step: ratio exactly 1
     # No group with a reward spread: every advantage is 0, and without a KL term so is every gradient. Skip the
     # forwards, backwards and optimizer steps (all ranks together); the step line says so.
-    if args.beta == 0 and grpo.global_sum([(advantages != 0).sum().item()], device)[0] == 0:
+    if args.beta == 0 and objective.global_sum([(advantages != 0).sum().item()], device)[0] == 0:
         return collections.Counter(skipped=1)
 
-    # --share-prompts: the rows of a group run their prompt's trunk once (grpo.token_logprobs with prompt_lens)
+    # --share-prompts: the rows of a group run their prompt's trunk once (objective.token_logprobs with prompt_lens)
     share_prompts = args.share_prompts and hasattr(model, "hidden_shared")
-    groups = grpo.prompt_groups(tokens, rollout.prompt_lens)[1] if share_prompts else None
+    groups = objective.prompt_groups(tokens, rollout.prompt_lens)[1] if share_prompts else None
 
     def logprobs(model, rows, L, mask, with_entropy=False):
-        return grpo.token_logprobs(model, tokens[rows, :L], args.temperature, mask, with_entropy=with_entropy,
+        return objective.token_logprobs(model, tokens[rows, :L], args.temperature, mask, with_entropy=with_entropy,
                                      prompt_lens=rollout.prompt_lens[rows] if share_prompts else None,
                                      undecodable=undecodable)
 
@@ -478,7 +473,7 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
     for epoch in range(args.updates_per_rollout):
         for minibatch in torch.arange(N, device=tokens.device).tensor_split(args.minibatches):
             # dapo normalises by the completion tokens of the whole optimizer step, over micro-batches and ranks
-            num_tokens, num_rows = grpo.global_sum([mask[minibatch].sum().item(), len(minibatch)], device)
+            num_tokens, num_rows = objective.global_sum([mask[minibatch].sum().item(), len(minibatch)], device)
             if num_tokens == 0:                                             # nothing to learn from on any rank
                 continue
             for batch in rank_batches(micro_batches(minibatch, lengths, args.micro_batch_tokens, groups), args, device):
@@ -488,7 +483,7 @@ def rl_update(model, ref_model, optimizers, synced_params, rollout, advantages, 
                 rows, L = batch
                 m = mask[rows, :L - 1]                                      # (b, L-1)
                 logp, entropy = logprobs(model, rows, L, m, with_entropy=True)
-                loss, metrics = grpo.policy_loss(
+                loss, metrics = objective.policy_loss(
                     logp, logp.detach() if on_policy else old_logp[rows, :L - 1], advantages[rows], m,
                     loss_type=args.loss_type, level=args.level, eps_low=args.eps_low, eps_high=args.eps_high,
                     delta=args.delta, ref_logp=ref_logp[rows, :L - 1] if ref_logp is not None else None,
@@ -526,7 +521,7 @@ def step_record(step, stats, sums, train_s, world, device, num_tokens):
     # _max}, completions/mean_terminated_length is completion_len_eos, completions/clipped_ratio is truncated,
     # clip_ratio/{low,high,region}_mean are clip_{low,high,region}, frac_reward_zero_std is zero_std.
     local = {**stats, **sums}
-    total = dict(zip(SUMS, grpo.global_sum([local.get(k, 0.0) for k in SUMS], device)))
+    total = dict(zip(SUMS, objective.global_sum([local.get(k, 0.0) for k in SUMS], device)))
     len_max, neg_len_min = global_max([stats["len_max"], -stats["len_min"]], device)
     samples, tokens, n = max(total["samples"], 1), max(total["tokens"], 1), total["rewards"]
     mean = total["reward_sum"] / max(n, 1)

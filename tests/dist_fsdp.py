@@ -1,7 +1,7 @@
 """Run by tests/test_fsdp.py under torchrun --nproc_per_node=2 (gloo): fsdp.py's pieces against one process.
 
 A random Qwen2-shaped HFDecoder (tied embeddings, qkv bias) in float64 takes AdamW steps on the sum of
-grpo.token_logprobs over a batch: in one process on the whole batch (the reference), and sharded with each rank on
+objective.token_logprobs over a batch: in one process on the whole batch (the reference), and sharded with each rank on
 its half, rank 1's half in fewer micro-batches than rank 0's (fsdp.padded / dummy_pass keep the collectives in step).
 Rank 0 writes <out_dir>/result.pt (the largest differences, the bytes each rank holds) and loaded.pt (the weights
 the sharded checkpoint <out_dir>/ckpt holds, gathered)."""
@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import fsdp
-import grpo
-from hf_model import HFDecoder, hf_config
+from grpo import fsdp, objective
+from grpo.hf_model import HFDecoder, hf_config
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -41,7 +40,7 @@ def step(model, opt, batches, device):
         if rows is None:
             fsdp.dummy_pass(model, device, grad=True)
             continue
-        logp, _ = grpo.token_logprobs(model, tokens[rows])
+        logp, _ = objective.token_logprobs(model, tokens[rows])
         (logp.sum() * (dist.get_world_size() if dist.is_initialized() else 1)).backward()   # FSDP averages
     opt.step()
     opt.zero_grad()

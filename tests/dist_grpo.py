@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from grpo import group_advantages
+from grpo.objective import group_advantages
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

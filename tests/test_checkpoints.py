@@ -21,16 +21,11 @@ import tokenizers
 import torch
 import transformers
 
-import engine
-import grpo
-import hf_model
-import policy
-import tasks
-import tokenizer
 import train_grpo
 from model import GPT
 from test_policy import (CONVERSATIONS, LLAMA3_STYLE_TEMPLATE, QWEN25_STYLE_TEMPLATE, digits_then_byte_level,
                          edit_tokenizer_json, hf_reference, randomize_gpt, tiny_gpt_config, train_bpe, write_ranks)
+from grpo import engine, hf_model, objective, policy, tasks, tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")                # conftest.py
 
@@ -268,8 +263,9 @@ def test_sampler_and_trainer_share_the_masked_distribution(zoo):
     assert rollout.tokens[rollout.completion_mask].max() < tok.vocab_size
 
     mask = rollout.completion_mask[:, 1:]
-    logp, entropy = grpo.token_logprobs(model, rollout.tokens, 1.0, mask, with_entropy=True, undecodable=undecodable)
-    unmasked_logp, _ = grpo.token_logprobs(model, rollout.tokens, 1.0, mask)
+    logp, entropy = objective.token_logprobs(model, rollout.tokens, 1.0, mask, with_entropy=True,
+                                             undecodable=undecodable)
+    unmasked_logp, _ = objective.token_logprobs(model, rollout.tokens, 1.0, mask)
     assert (logp - rollout.logprobs[:, 1:]).abs().max() < 1e-5 and entropy[mask].isfinite().all()
     assert (unmasked_logp - rollout.logprobs[:, 1:])[mask].abs().mean() > 1     # the unmasked one is another
     args = train_grpo.parse_args(["--policy", "hf:zoo", "--max-new-tokens", "8"])
@@ -288,7 +284,7 @@ def test_sampler_and_trainer_share_the_masked_distribution(zoo):
     last = torch.zeros(rows.size(0), rows.size(1) - 1, dtype=torch.bool)
     last[:, -1] = True
     model.zero_grad()
-    logp, entropy = grpo.token_logprobs(model, rows, 0.7, last, with_entropy=True, undecodable=undecodable)
+    logp, entropy = objective.token_logprobs(model, rows, 0.7, last, with_entropy=True, undecodable=undecodable)
     p = logp[:, -1].detach().double().exp()
     assert abs(float(p.sum()) - 1) < 1e-5
     assert abs(float(entropy[0, -1]) + float((p * p.log()).sum())) < 1e-4
@@ -326,7 +322,7 @@ def test_soak_a_padded_vocabulary(zoo, backend):
         assert len(rewards) == len(texts) == 512 and not failures
         mask = rollout.completion_mask[:, 1:]
         with torch.no_grad():
-            logp, _ = grpo.token_logprobs(model, rollout.tokens, 1.0, mask, undecodable=undecodable)
+            logp, _ = objective.token_logprobs(model, rollout.tokens, 1.0, mask, undecodable=undecodable)
         assert (logp - rollout.logprobs[:, 1:]).abs().max() < 1e-4
         sampled, seed = sampled + len(tokens), seed + 1
     with torch.no_grad():                                                   # unmasked, most samples have no token
@@ -367,7 +363,7 @@ def test_train_grpo_on_a_padded_vocabulary(zoo, backend, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)                                             # the run's record goes there
     # a made-up verifier with reward spread, so that the GRPO steps do update
     monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, text: float(sum(map(ord, text)) % 2))
-    rollouts, masks, token_logprobs = recording_generate(monkeypatch), [], grpo.token_logprobs
+    rollouts, masks, token_logprobs = recording_generate(monkeypatch), [], objective.token_logprobs
     monkeypatch.setattr(train_grpo.grpo, "token_logprobs",
                         lambda *a, **k: masks.append(k.get("undecodable")) or token_logprobs(*a, **k))
     log = tmp_path / "log.jsonl"

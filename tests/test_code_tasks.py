@@ -9,10 +9,8 @@ from itertools import combinations
 
 import pytest
 
-import code_tasks
-import policy
-import tasks
 import train_grpo
+from grpo import code_tasks, policy, tasks
 
 HUMANEVAL = code_tasks.load_humaneval()
 

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import fsdp
-import hf_model
+from grpo import checkpoint, fsdp, hf_model
 import transformers
-from hf_model import HFDecoder, hf_config
 from test_checkpoints import write_checkpoint
 from test_policy import train_bpe
+from grpo.hf_model import HFDecoder, hf_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,16 +11,11 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_model
 
-import engine
-import hf_model
-import tokenizer
-import policy
-import tasks
 import train_grpo
 from conftest import assert_usage_errors
 from test_policy import TEXTS, hf_reference, train_bpe
-import grpo
-from grpo import group_advantages, policy_loss
+from grpo import engine, hf_model, objective, policy, tasks, tokenizer
+from grpo.objective import group_advantages, policy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; it also keeps the demo's trajectory the same everywhere
 
@@ -590,9 +585,9 @@ def test_overlong_penalty_is_dapo_eq_13_as_trl_computes_it():
     for max_new, buffer in [(48, 16), (100, 20), (7, 1), (4096, 4095)]:
         lengths = torch.randint(1, max_new + 1, (200,), generator=gen)
         reference = get_soft_overlong_punishment(max_new, buffer)([[1] * n for n in lengths.tolist()])
-        torch.testing.assert_close(grpo.overlong_penalty(lengths, max_new, buffer),
+        torch.testing.assert_close(objective.overlong_penalty(lengths, max_new, buffer),
                                    torch.tensor(reference, dtype=torch.float64), rtol=0, atol=1e-12)
-        assert grpo.overlong_penalty(torch.tensor([max_new]), max_new, buffer).item() == -1.0
+        assert objective.overlong_penalty(torch.tensor([max_new]), max_new, buffer).item() == -1.0
 
 
 def test_overlong_buffer_lowers_the_rewards_of_long_completions(monkeypatch):
@@ -611,7 +606,7 @@ def test_overlong_buffer_lowers_the_rewards_of_long_completions(monkeypatch):
         runs[buffer] = train_grpo.collect(model, tok, sample, args, step=0, rank=0)
     (plain, _, plain_stats), (shaped, _, shaped_stats) = runs[0], runs[8]
     assert torch.equal(plain.completion_lens, shaped.completion_lens)                  # the same samples
-    penalty = grpo.overlong_penalty(shaped.completion_lens, 12, 8)
+    penalty = objective.overlong_penalty(shaped.completion_lens, 12, 8)
     assert len(set(shaped.completion_lens.tolist())) >= 3 and 0 < -penalty.sum() < 12
     assert plain_stats["reward_sum"] == 12
     assert shaped_stats["reward_sum"] == pytest.approx(12 + penalty.sum().item(), abs=1e-5)

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import speedrun_kernels
 import muon
+import speedrun_kernels
 from speedrun_kernels import gram, relu2_matmul, softcap_ce
 
 ROOT = Path(__file__).resolve().parent.parent

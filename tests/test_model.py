@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-import speedrun_kernels
 import model as model_module
+import speedrun_kernels
 from model import GPT, GPTConfig, attend, block_mask, dense_mask, document_ids, fp8_mm
 
 EOS = 0

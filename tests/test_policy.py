@@ -16,12 +16,8 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
-import tokenizer
-import hf_model
-import grpo
-import engine
-import policy
 from model import GPT, GPTConfig
+from grpo import engine, hf_model, objective, policy, tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -647,7 +643,7 @@ def test_eos_and_budget_masks(policy_model):
 
 
 # -----------------------------------------------------------------------------
-# log-probs with flat memory (grpo.token_logprobs) against the unchunked computation
+# log-probs with flat memory (objective.token_logprobs) against the unchunked computation
 
 V = 128  # the log-prob tests' vocabulary: a multiple of 128, so that the GPT's padded logits are (..., V) too
 
@@ -697,7 +693,7 @@ def test_token_logprobs_match_unchunked(family, temperature, chunk):
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     expected, expected_entropy = unchunked_logprobs(model, tokens, temperature, mask)
     expected_grads = torch.autograd.grad((expected * weights).sum(), list(model.parameters()))
-    logp, entropy = grpo.token_logprobs(model, tokens, temperature, mask, with_entropy=True, chunk_tokens=chunk)
+    logp, entropy = objective.token_logprobs(model, tokens, temperature, mask, with_entropy=True, chunk_tokens=chunk)
     grads = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
     tol = 2e-5 if family == "gpt" else 1e-12  # the GPT's logits are fp32
     assert logp.dtype == (torch.float32 if family == "gpt" else torch.float64)
@@ -706,7 +702,7 @@ def test_token_logprobs_match_unchunked(family, temperature, chunk):
     torch.testing.assert_close(entropy.double(), expected_entropy, rtol=0, atol=tol)
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
-    no_grad, _ = grpo.token_logprobs(model, tokens, temperature, chunk_tokens=chunk)  # every target, no autograd
+    no_grad, _ = objective.token_logprobs(model, tokens, temperature, chunk_tokens=chunk)  # every target, no autograd
     torch.testing.assert_close(no_grad[mask], logp.detach()[mask], rtol=0, atol=tol)
 
 
@@ -740,12 +736,12 @@ def test_shared_prompt_logprobs_equal_every_row_alone(kind, device):
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
     tokens, prompt_lens, mask = (t.to(device) for t in grouped_batch())
-    prompts, group = grpo.prompt_groups(tokens, prompt_lens)
+    prompts, group = objective.prompt_groups(tokens, prompt_lens)
     assert len(prompts) == 3 and len(set(group.tolist())) == 3
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
     results = []
     for lens in (None, prompt_lens):
-        logp, entropy = grpo.token_logprobs(model, tokens, 0.7, mask, with_entropy=True, chunk_tokens=5,
+        logp, entropy = objective.token_logprobs(model, tokens, 0.7, mask, with_entropy=True, chunk_tokens=5,
                                               prompt_lens=lens)
         results.append((logp, entropy, torch.autograd.grad((logp * weights).sum(), list(model.parameters()))))
     (logp, entropy, grads), (shared, shared_entropy, shared_grads) = results
@@ -755,7 +751,7 @@ def test_shared_prompt_logprobs_equal_every_row_alone(kind, device):
     for got, want in zip(shared_grads, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=100 * tol, atol=tol)
     with pytest.raises(ValueError, match="only targets after the prompt"):
-        grpo.token_logprobs(model, tokens, 1.0, torch.ones_like(mask), prompt_lens=prompt_lens)
+        objective.token_logprobs(model, tokens, 1.0, torch.ones_like(mask), prompt_lens=prompt_lens)
 
 
 class TensorLog(torch.utils._python_dispatch.TorchDispatchMode):
@@ -790,7 +786,7 @@ def test_token_logprobs_memory_is_flat(family):
     for rows, temperature in ((8, 1.0), (32, 1.0), (8, 0.7)):
         tokens, mask = ragged_batch(B=rows, L=30)
         with TensorLog(V) as log:
-            logp, _ = grpo.token_logprobs(model, tokens, temperature, with_entropy=True, chunk_tokens=16)
+            logp, _ = objective.token_logprobs(model, tokens, temperature, with_entropy=True, chunk_tokens=16)
             logp.sum().backward()
         assert 0 < log.largest <= 16 * V
         peaks[rows, temperature] = log.peak

@@ -7,9 +7,7 @@ import tokenizers
 import torch
 import transformers
 
-import hf_model
-import grpo
-import engine
+from grpo import engine, hf_model, objective
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -111,6 +109,6 @@ def test_cached_decoding_matches_full_forward(ours):
                               pad_id=tok.pad_id)
     mask = rollout.completion_mask[:, 1:]
     with torch.no_grad():
-        logp, _ = grpo.token_logprobs(model, rollout.tokens, 0.8, mask)
+        logp, _ = objective.token_logprobs(model, rollout.tokens, 0.8, mask)
     assert mask.sum() > 20
     assert (logp - rollout.logprobs[:, 1:]).abs().max() < 1e-4

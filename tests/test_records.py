@@ -231,7 +231,8 @@ def test_train_grpo_writes_a_record_compare_reads(tmp_path, monkeypatch):
     text = (tmp_path / "r1.txt").read_text()
     sources, _, lines = text.partition("=" * 100 + "\n")
     assert sources.startswith("==> train_grpo.py <==")
-    for module in ("engine.py", "grpo.py", "policy.py", "tokenizer.py", "run_log.py", "tasks.py"):
+    for module in ("grpo/engine.py", "grpo/objective.py", "grpo/policy.py", "grpo/tokenizer.py", "run_log.py",
+                   "grpo/tasks.py"):
         assert f"==> {module} <==" in sources
     flags = json.loads(re.search(r"^flags: (.*)$", lines, re.M)[1])
     assert flags["steps"] == 3 and flags["run_id"] == "r1"

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-import sandbox
+from grpo import sandbox
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox needs Linux (seccomp)")
 NOBODY = 65534

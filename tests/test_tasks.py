@@ -3,8 +3,8 @@ from fractions import Fraction
 
 import pytest
 
-import tasks
-from tasks import Problem
+from grpo import tasks
+from grpo.tasks import Problem
 
 
 # -----------------------------------------------------------------------------

@@ -14,14 +14,9 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-import tokenizer
-import hf_model
-import engine
-import policy
-import sandbox
-import tasks
 import train_grpo
 from model import GPT, GPTConfig, KVCache
+from grpo import engine, hf_model, policy, sandbox, tasks, tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 258

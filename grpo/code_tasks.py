@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 
-import sandbox
+from grpo import sandbox
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 IMPORT_LINE = re.compile(r"^(?:import|from)\s+\S.*$", re.MULTILINE)

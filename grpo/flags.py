@@ -5,42 +5,18 @@ train_grpo.py's flags: every flag with its default and its check, and the defaul
                                               and the combinations checked (a bad one is argparse's one-line error)
 """
 import argparse
-import math
 import os
 
 import torch
 
-import checkpoint
-import code_tasks
-import tasks
+from flag_types import existing_file, folder, new_file, number, run_id
+from grpo import checkpoint, code_tasks, tasks
 
 
 # -----------------------------------------------------------------------------
 # arguments (the defaults are the CPU demo: tiny policy, 2-digit arithmetic, SFT cold start, then GRPO; see
 # POLICY_DEFAULTS for the ones that change with the policy). Every flag is checked as it is parsed: a bad value is a
 # one-line argparse error that names what is allowed.
-
-def number(kind, low=None, high=None, low_open=False, high_open=False, why=""):
-    # an argparse type: a finite int (kind=int) or float within [low, high]; low_open / high_open exclude the bound
-    name = "an integer" if kind is int else "a number"
-    if low is not None and high is not None:
-        allowed = f"{name} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    elif low is not None:
-        allowed = f"{name} {'>' if low_open else '>='} {low}"
-    else:
-        allowed = name
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if (value is None or not math.isfinite(value) or low is not None and (value < low or low_open and value == low)
-                or high is not None and (value > high or high_open and value == high)):
-            raise argparse.ArgumentTypeError(f"must be {allowed}{why}, got {text!r}")
-        return value
-    return parse
-
 
 def policy_spec(text):
     kind, _, path = text.partition(":")
@@ -61,33 +37,6 @@ def tiny_dim(text):
 def arithmetic_ops(text):
     if not text or set(text) - set("+-*"):
         raise argparse.ArgumentTypeError(f"use one or more of + - * (e.g. +-*), got {text!r}")
-    return text
-
-
-def existing_file(text):
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return text
-
-
-def new_file(text):
-    folder = os.path.dirname(text) or "."
-    if not os.path.isdir(folder) or os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: cannot write a file there ({folder}: no such directory)"
-                                         if not os.path.isdir(folder) else f"{text}: is a directory")
-    return text
-
-
-def folder(text):
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
-    return text
-
-
-def run_id(text):
-    if not text or os.sep in text or text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"must be a file name (no {os.sep}), got {text!r}: the record is "
-                                         f"<--log-dir>/<run id>.txt")
     return text
 
 

@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-# the methods besides forward() through which train_grpo.py runs a policy's trunk (grpo.token_logprobs) and, with
+# the methods besides forward() through which train_grpo.py runs a policy's trunk (objective.token_logprobs) and, with
 # --share-prompts, each block (HFDecoder's hidden_shared calls its layers' forward_shared): FSDP runs its unshard /
 # reshard hooks around them as it does around forward()
 FORWARD_METHODS = ("hidden", "hidden_shared")

@@ -6,7 +6,7 @@ Hugging Face checkpoints as policies: the decoder of the Llama / Qwen2 / Qwen2.5
     read_safetensors(path), check_state(model, state, where)          weights read and fitted, or one-line errors
 
 HFDecoder maps idx (B, T) -> logits (B, T, vocab) fp32 (right-padded rows are fine: attention is causal), in two
-parts, hidden(idx) -> final hidden states (B, T, C) and head(x) -> logits, which grpo.token_logprobs uses to score
+parts, hidden(idx) -> final hidden states (B, T, C) and head(x) -> logits, which objective.token_logprobs uses to score
 tokens with flat memory, and implements model.py's KV-cache protocol (engine.py): init_cache(batch_size, max_len)
 -> KVCache and forward_cached(idx, pos, cache, logits=True) -> logits (None with logits=False: a prefill's cache
 writes only), with per-row absolute positions. It also runs the rows of a group on one pass over their shared prompt
@@ -27,7 +27,7 @@ from torch import Tensor
 
 
 from model import KVCache
-from tokenizer import Tokenizer, hf_tokenizer, read_json
+from grpo.tokenizer import Tokenizer, hf_tokenizer, read_json
 
 # -----------------------------------------------------------------------------
 # The HF decoder: Llama / Qwen2 / Qwen2.5 / Qwen3

@@ -16,9 +16,9 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from hf_model import HF_CONFIG_FILES, check_state, from_hf, hf_folder, read_safetensors
 from model import GPT, GPTConfig
-from tokenizer import BYTE_RANKS, ENDOFTEXT, GPT2_PATTERN, Tokenizer, bytes_tokenizer, gpt2_tokenizer, read_json
+from grpo.hf_model import HF_CONFIG_FILES, check_state, from_hf, hf_folder, read_safetensors
+from grpo.tokenizer import BYTE_RANKS, ENDOFTEXT, GPT2_PATTERN, Tokenizer, bytes_tokenizer, gpt2_tokenizer, read_json
 
 def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
                     tiktoken_file: str | None = None) -> tuple[GPT, Tokenizer]:

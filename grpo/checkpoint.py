@@ -21,11 +21,11 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-import fsdp
-from hf_model import HF_TOKENIZER_FILES, HFDecoder, check_state, from_hf, hf_config, read_safetensors
 from model import GPT
-from policy import gpt_config
-from tokenizer import hf_tokenizer, read_json
+from grpo import fsdp
+from grpo.hf_model import HF_TOKENIZER_FILES, HFDecoder, check_state, from_hf, hf_config, read_safetensors
+from grpo.policy import gpt_config
+from grpo.tokenizer import hf_tokenizer, read_json
 
 SHARDED = "sharded"  # a --fsdp run's checkpoint: torch.distributed.checkpoint's folder, each rank's shards
 

@@ -27,8 +27,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-import code_tasks
-import sandbox
+from grpo import code_tasks, sandbox
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import sandbox
 from model import KVCache
-from tokenizer import Tokenizer
+from grpo import sandbox
+from grpo.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # The rollout engine
@@ -102,8 +102,8 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
     """Sample n completions of each prompt (a list of token ids). eos: a token id or a list of ids that end a
     completion (None: only the budget does); a row ends at the first of them it samples, as transformers' generate
     does. undecodable (k,) int64: ids never sampled (Tokenizer.undecodable_ids: padded vocabulary rows), their logits
-    set to -inf before sampling; the log-probs are of that distribution, which grpo.token_logprobs computes given the
-    same ids. Deterministic given seed (and the device).
+    set to -inf before sampling; the log-probs are of that distribution, which objective.token_logprobs computes
+    given the same ids. Deterministic given seed (and the device).
 
     Tools: given tool (code -> (output text, error), e.g. sandbox.run), the tokenizer and max_tool_calls > 0, a
     completion may write up to max_tool_calls ```python blocks (sandbox.py's syntax). When a row samples the token

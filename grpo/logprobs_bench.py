@@ -1,8 +1,8 @@
 """
-Log-probs benchmark: peak memory of grpo.token_logprobs + backward against B*L at a 152K vocabulary, before
+Log-probs benchmark: peak memory of objective.token_logprobs + backward against B*L at a 152K vocabulary, before
 (unchunked: the whole (B, L, vocab) logits) and after (chunked); CPU or CUDA.
 
-    python grpo_bench.py
+    python -m grpo.logprobs_bench
 """
 import argparse
 import time
@@ -10,9 +10,9 @@ import time
 import torch
 from torch import Tensor
 
-from engine_bench import SMALL
-from grpo import LOGITS_CHUNK, token_logprobs
-from hf_model import HFDecoder, hf_config
+from grpo.engine_bench import SMALL
+from grpo.hf_model import HFDecoder, hf_config
+from grpo.objective import LOGITS_CHUNK, token_logprobs
 
 def unchunked_logprobs(model, tokens: Tensor, temperature: float, with_entropy: bool = False):
     """The log-probs as train_grpo.py computed them before token_logprobs: (B, L-1, V) fp32 logits, divided by the

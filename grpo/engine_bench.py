@@ -2,16 +2,16 @@
 Rollout-engine benchmark: decode tokens/s of engine.generate on a Qwen2.5-0.5B-shaped random model, batch
 64/256/512, against transformers' generate and the memory-bandwidth bound.
 
-    python engine_bench.py            # CUDA, bf16
-    python engine_bench.py --small    # a small shape that runs on a CPU in about a minute
+    python -m grpo.engine_bench            # CUDA, bf16
+    python -m grpo.engine_bench --small    # a small shape that runs on a CPU in about a minute
 """
 import argparse
 import time
 
 import torch
 
-from engine import generate
-from hf_model import HFDecoder, hf_config
+from grpo.engine import generate
+from grpo.hf_model import HFDecoder, hf_config
 
 QWEN25_05B = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,

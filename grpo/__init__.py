@@ -1,0 +1,20 @@
+"""
+The fine-tuner's modules; train_grpo.py at the repository root is the loop that uses them.
+
+    objective.py    GRPO's math: flat-memory log-probs of sampled tokens, group advantages, the clipped policy loss
+                    (GRPO, Dr. GRPO, DAPO, GSPO), KL, DAPO's overlong penalty
+    engine.py       the rollout engine: sampling, static KV cache, CUDA-graph decode, the tool loop
+    policy.py       what --policy names: tiny, hf: (a Hugging Face checkpoint), ckpt: (our own GPTs)
+    hf_model.py     the Hugging Face decoder (Llama / Qwen2 / Qwen2.5 / Qwen3) and its loading
+    tokenizer.py    tokenizers (tiktoken where it is exact, else HF tokenizers) and the models' chat templates
+    tasks.py        tasks and their verifiable rewards (arithmetic, countdown, GSM8K)
+    code_tasks.py   code tasks (procedural, HumanEval, MBPP): unit tests run in the sandbox; pass@k; `score`
+    sandbox.py      the python tool's syntax and the sandbox that runs model-written code
+    checkpoint.py   checkpoints, exact resume, and `export` to a Hugging Face folder
+    fsdp.py         FSDP2 sharding of a policy (--fsdp) and its sampler copy
+    flags.py        every flag of train_grpo.py with its default and its check
+    engine_bench.py, logprobs_bench.py    benchmarks: python -m grpo.engine_bench, python -m grpo.logprobs_bench
+
+The speedrun's model.py (our own GPT policies, the KV-cache protocol) and muon.py sit at the root; nothing at the
+root but train_grpo.py imports from here.
+"""
