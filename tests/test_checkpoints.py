@@ -364,7 +364,7 @@ def test_train_grpo_on_a_padded_vocabulary(zoo, backend, monkeypatch, tmp_path):
     # a made-up verifier with reward spread, so that the GRPO steps do update
     monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, text: float(sum(map(ord, text)) % 2))
     rollouts, masks, token_logprobs = recording_generate(monkeypatch), [], objective.token_logprobs
-    monkeypatch.setattr(train_grpo.grpo, "token_logprobs",
+    monkeypatch.setattr(train_grpo.objective, "token_logprobs",
                         lambda *a, **k: masks.append(k.get("undecodable")) or token_logprobs(*a, **k))
     log = tmp_path / "log.jsonl"
     result = train_grpo.main(["--policy", f"hf:{folder}", "--sft-steps", "2", "--sft-check-every", "2",
