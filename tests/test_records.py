@@ -287,7 +287,7 @@ def test_the_cpu_track_is_smollm2_on_two_digit_addition():
     # exploration run of 2026-12-05 on 2 cores: 0.105 after SFT, 0.495 at step 9, 0.52 at step 12 after 301 s of
     # train time, 0.61 at step 21)
     import real_model
-    import tasks
+    from grpo import tasks
     track = compare.TRACKS["grpo-add2-smollm2-cpu"]
     assert track["flags"]["policy"] == f"hf:*/{real_model.FOLDER_NAME}"
     assert tasks.arithmetic_count(2, "+") == 8100 and track["flags"]["test_size"] == 200
