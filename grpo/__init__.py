@@ -10,6 +10,7 @@ The fine-tuner's modules; train_grpo.py at the repository root is the loop that 
     tasks.py        tasks and their verifiable rewards (arithmetic, countdown, GSM8K)
     code_tasks.py   code tasks (procedural, HumanEval, MBPP): unit tests run in the sandbox; pass@k; `score`
     sandbox.py      the python tool's syntax and the sandbox that runs model-written code
+    confine.py      the sandbox's confinement: Landlock rules, the seccomp filter and its tables
     checkpoint.py   checkpoints, exact resume, and `export` to a Hugging Face folder
     fsdp.py         FSDP2 sharding of a policy (--fsdp) and its sampler copy
     flags.py        every flag of train_grpo.py with its default and its check
