@@ -18,7 +18,8 @@ and when the closing fence is sampled the rollout engine (engine.generate) runs 
 the program's stdout, or when it fails the last line of its error ("ZeroDivisionError: division by zero"), stripped
 and cut to OUTPUT_CHARS characters (a cut output ends in "..."). Only the standard library can be imported.
 
-The sandbox. Each call runs in a fresh process, forked from a small server process (`python -I -S -X utf8`: isolated mode, no
+The sandbox (the tool's and the code reward's: verifier.py runs a program and its tests as two of these processes).
+Each call runs in a fresh process, forked from a small server process (`python -I -S -X utf8`: isolated mode, no
 site-packages, started with an empty environment, running serve(); a few servers are kept, one per concurrent call,
 so a call costs a fork rather than an interpreter start). Requests come over a Unix socket, with the file
 descriptors the call hands its program (start(code, channels=...): pipe ends, which it gets as descriptors 3, 4, ...).
@@ -184,8 +185,9 @@ class Server:
 
     def spawn(self, theirs):
         # its own interpreter: isolated mode, no site-packages, an empty environment; grpo is imported from this
-        # repository, which then leaves sys.path
-        main = "import sys; sys.path.insert(0, sys.argv[1]); from grpo import sandbox; sys.path.pop(0); " \
+        # repository, which then leaves sys.path. harness.py too: the verifier's programs import it from memory
+        # (they cannot read this repository), compiled once per server rather than once per program
+        main = "import sys; sys.path.insert(0, sys.argv[1]); from grpo import harness, sandbox; sys.path.pop(0); " \
                "sandbox.serve(0, sys.argv[2])"
         repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.Popen([sys.executable, "-I", "-S", "-X", "utf8", "-c", main, repository, self.calls],
