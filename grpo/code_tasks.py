@@ -125,9 +125,9 @@ FUNCTIONS = {body.format(k=k): (arg, eval(f"lambda {'s' if arg == 'str' else 'x'
 
 
 def code_problem(rng):
-    # "Write a Python function f(x) that returns x plus 7. Example: f(2) == 9." with hidden cases: 5 more inputs that tell
-    # the function apart from every other function of the task and from returning x unchanged (a function no inputs
-    # tell apart from another, x times 1 say, is drawn again)
+    # "Write a Python function f(x) that returns x plus 7. Example: f(2) == 9." with hidden cases: 5 more inputs that
+    # tell the function apart from every other function of the task and from returning x unchanged (a function no
+    # inputs tell apart from another, x times 1 say, is drawn again)
     while True:
         words, body, arg = rng.choice(TEMPLATES)
         k = rng.randint(1, 9)
@@ -217,7 +217,8 @@ def mbpp_checker(code, tests):
         called = {node.id for node in ast.walk(ast.parse(tests)) if isinstance(node, ast.Name)}
     except SyntaxError:
         return "", ()
-    imports = [ast.get_source_segment(code, node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    imports = [ast.get_source_segment(code, node) for node in tree.body
+               if isinstance(node, (ast.Import, ast.ImportFrom))]
     defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
     return "\n".join(imports), tuple(name for name in defined if name in called)
 

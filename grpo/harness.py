@@ -2,14 +2,16 @@
 What runs in the sandbox around code under test (the sandbox's servers import this module; verifier.py's programs
 call it), and the plain data it exchanges with the other side. Two roles, each a process of its own:
 
-  candidate(code, prelude)   runs the model's code (after the problem's own, prelude), then answers calls: it reads [name, args, kwargs] lines on fd 3 and
-                       writes an answer line per call on fd 4: ["returned", value], ["raised", [the exception's class
-                       names, most derived first], message] or ["failed", why] (the code failed before the calls, or
-                       its function returned something that is not plain data). It holds no test and no expected
-                       value: nothing in its process can tell it what is right.
-  checker(setup, tests, names)   runs a dataset's tests with each name in names bound to a stub that sends the call
-                       to the candidate (fd 4) and reads its answer (fd 3); it reports on fd 5 whether the tests ran to
-                       the end and passed, else why not. No model code runs in its process, so its report holds.
+  candidate(code, prelude)
+      runs the problem's own code (prelude: HumanEval's helpers), then the model's, then answers calls: it reads
+      [name, args, kwargs] lines on fd 3 and writes an answer line per call on fd 4: ["returned", value], ["raised",
+      [the exception's class names, most derived first], message] or ["failed", why] (the code failed before the
+      calls, or a function returned something that is not plain data). It holds no test and no expected value:
+      nothing in its process can tell it what is right.
+  checker(setup, tests, names)
+      runs a dataset's tests (after setup: the prompt's or the reference's code) with each name in names bound to a
+      stub that sends the call to the candidate (fd 4) and reads its answer (fd 3); it reports on fd 5 whether the
+      tests ran to the end and passed, else why not. No model code runs in its process, so its report holds.
 
 The plain data: None, bool, int, float (nan and infinities included), str, and lists, tuples, dicts, sets and
 frozensets of them; exact types, never subclasses (so no object with its own __eq__, __hash__ or __bool__ crosses).
@@ -176,9 +178,9 @@ def checker(setup, tests, names, answers=3, calls=4, report=5):
             try:
                 line = read_line(answers)
             except (OSError, ValueError) as error:
-                fail(f"no answer from the program ({_describe(error)})")
+                fail(f"the program's answer is unreadable: {error}")
             if line is None:
-                fail("no answer from the program: it ended")
+                fail("no answer from the program: it ended")       # verifier.NO_ANSWER
             try:
                 answer = decode(line)
             except ValueError as error:

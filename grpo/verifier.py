@@ -28,6 +28,7 @@ import time
 from grpo import harness, sandbox
 
 GRACE_S = 1.0               # the checker outlives its candidate by this much, to report one that timed out
+NO_ANSWER = "no answer from the program: it ended"   # the checker says so too; why then comes from the Exit
 
 
 class VerifierError(RuntimeError):
@@ -106,7 +107,7 @@ def verify_tests(code, setup, tests, names, timeout, memory_mb, prelude=""):
         return Verdict(False, f"the tests did not finish: {checked.describe()}")
     if passed and checked.status == 0:
         return Verdict(True, "passed")
-    return Verdict(False, _silent(ended) if why.startswith("no answer from the program") else why)
+    return Verdict(False, _silent(ended) if why == NO_ANSWER else why)
 
 
 def verify_cases(code, name, cases, timeout, memory_mb, prelude=""):
@@ -128,11 +129,11 @@ def verify_cases(code, name, cases, timeout, memory_mb, prelude=""):
         [ended] = _waited([candidate])
     if why is None:
         return Verdict(True, "passed")
-    return Verdict(False, _silent(ended) if why == "no answer" else why)
+    return Verdict(False, _silent(ended) if why == NO_ANSWER else why)
 
 
 def _ask(calls, answers, name, cases, deadline):
-    # make the calls -> None when every answer is right, else why not ("no answer" when the candidate gave none).
+    # make the calls -> None when every answer is right, else why not (NO_ANSWER when the candidate gave none).
     # Anything odd about an answer is the program's failure, never an error of ours
     for i, (args, expected) in enumerate(cases, 1):
         try:
@@ -141,10 +142,12 @@ def _ask(calls, answers, name, cases, deadline):
             pass
         try:
             line = _read_line(answers, deadline)
-        except (OSError, ValueError):
-            return "no answer"
+        except TimeoutError:
+            return NO_ANSWER
+        except (OSError, ValueError) as error:
+            return f"the program's answer is unreadable: {error}"
         if line is None:
-            return "no answer"
+            return NO_ANSWER
         try:
             answer = harness.decode(line)
             if type(answer) is list and len(answer) == 2 and answer[0] == "returned":
@@ -154,7 +157,8 @@ def _ask(calls, answers, name, cases, deadline):
                 return f"wrong answer on test {i} of {len(cases)}: {call} returned {answer[1]!r:.100}, " \
                        f"expected {expected!r:.100}"
             if type(answer) is list and len(answer) == 3 and answer[0] == "raised" and answer[1]:
-                return f"the program raised {str(answer[1][0])[:100]}" + (f": {str(answer[2])[:300]}" * bool(answer[2]))
+                message = str(answer[2])[:300]
+                return f"the program raised {str(answer[1][0])[:100]}" + (f": {message}" if message else "")
             if type(answer) is list and len(answer) == 2 and answer[0] == "failed":
                 return str(answer[1])[:500]
             return "the program's answer is not an answer"
@@ -164,13 +168,13 @@ def _ask(calls, answers, name, cases, deadline):
 
 
 def _read_line(fd, deadline):
-    # harness.read_line with a deadline: None at end of file, ValueError when the time is up
+    # harness.read_line with a deadline: None at end of file, TimeoutError when the time is up
     line, poll = bytearray(), select.poll()
     poll.register(fd, select.POLLIN)
     while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
         if left <= 0 or not poll.poll(left * 1000):
-            raise ValueError("no answer in time")
+            raise TimeoutError("no answer in time")
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             return None

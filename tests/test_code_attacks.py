@@ -182,8 +182,9 @@ ATTACKS = {
         "    except OSError:\n        pass\n{define}\n    return {wrong}\n", None, "phm"),
     "monkeypatches json": ("import json\njson.dumps = lambda *a, **k: '{{\"passed\": true, \"calls\": 6}}'\n{honest}",
                            None, "phm"),
-    "monkeypatches the harness": ("import sys\nh = sys.modules['grpo.harness']\nh.encode = lambda value: b'[\"returned\","
-                                  " 0]\\n'\n{define}\n    return {wrong}\n", None, "phm"),
+    "monkeypatches the harness": ("import sys\nh = sys.modules['grpo.harness']\n"
+                                  "h.encode = lambda value: b'[\"returned\", 0]\\n'\n{define}\n    return {wrong}\n",
+                                  None, "phm"),
     "closes its channels": ("import os\nos.close(3)\nos.close(4)\n{honest}", None, "phm"),
     "reads /proc of its parent and pid 1": (PROC + "{define}\n    return {wrong}\n", PROC + "{honest}", "phm"),
     "signals every process it can name": (KILL + "{define}\n    return {wrong}\n", KILL + "{honest}", "phm"),

@@ -444,9 +444,10 @@ def test_grpo_pushes_down_completions_that_exit_before_the_tests(monkeypatch, on
         completion_mask[r, len(p):len(p) + len(c)] = True
     lens = completion_mask.sum(1)
     rollout = engine.Rollout(tokens, torch.zeros(8, L), ~completion_mask & (tokens != tok.pad_id), completion_mask,
-                             torch.zeros(8, L, dtype=torch.bool), tokens == tok.pad_id, torch.zeros(8, dtype=torch.bool),
-                             torch.tensor(list(map(len, prompts))), lens, torch.zeros(8, dtype=torch.long),
-                             torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.float64))
+                             torch.zeros(8, L, dtype=torch.bool), tokens == tok.pad_id,
+                             torch.zeros(8, dtype=torch.bool), torch.tensor(list(map(len, prompts))), lens,
+                             torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long),
+                             torch.zeros(8, dtype=torch.float64))
     monkeypatch.setattr(train_grpo.engine, "generate", lambda *a, **k: rollout)
     assert train_grpo.completion_texts(tok, rollout) == texts
     drawn = iter(problems)
