@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import traceback
+import types
 
 MESSAGE_BYTES = 1 << 23     # longest call or answer line: a longer one is a failure, never read whole
 TAGS = {"tuple": tuple, "set": set, "frozenset": frozenset}
@@ -124,7 +125,9 @@ def write(fd, data):
 
 def candidate(code, prelude="", calls=3, answers=4):
     sys.set_int_max_str_digits(0)
-    namespace = {"__name__": "__candidate__", "__builtins__": builtins}
+    module = sys.modules["__candidate__"] = types.ModuleType("__candidate__")   # a module, as dataclasses expect
+    namespace = module.__dict__
+    namespace["__builtins__"] = builtins
     try:
         exec(compile(prelude, "<prelude>", "exec"), namespace)
         exec(compile(code, "<candidate>", "exec"), namespace)

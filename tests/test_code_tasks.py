@@ -118,6 +118,18 @@ def test_the_last_python_block_is_the_code():
                                            f"float) -> bool:\n{code}```") == 1.0
 
 
+def test_an_ordinary_program_runs_as_an_imported_module():
+    # the program is a module of its own (dataclasses, pickle and type hints look it up in sys.modules) that is not
+    # __main__: its main block does not run (here it would wait for input and fail)
+    p = code_tasks.CodeProblem("", "", cases=(((3,), 9),), entry_points=("f",))
+    code = ("from __future__ import annotations\nimport enum, functools, pickle\nfrom dataclasses import dataclass\n"
+            "from typing import ClassVar, get_type_hints\n@dataclass\nclass Box:\n    n: int\n"
+            "    tags: ClassVar[list] = []\nclass Color(enum.Enum):\n    RED = 1\n@functools.cache\ndef square(n):\n"
+            "    return n * n\ndef f(x):\n    assert pickle.loads(pickle.dumps(Box(x))) == Box(x) and get_type_hints(Box)"
+            "\n    return square(Box(x).n) * Color.RED.value\nif __name__ == '__main__':\n    print(input())\n")
+    assert code_tasks.verdict(p, f"```python\n{code}```") == verifier.Verdict(True, "passed")
+
+
 HOSTILE = {
     "infinite loop": "    while True:\n        pass\n",
     "fork bomb": "    import os\n    while True:\n        os.fork()\n",
