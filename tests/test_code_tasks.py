@@ -268,6 +268,25 @@ def test_score_records_why_each_sample_failed(tmp_path):
     assert all(r["verifier_error"] is None for r in results)
 
 
+def test_score_counts_and_shows_verifier_errors(tmp_path, capsys, monkeypatch):
+    # a sample the sandbox could not run is counted, shown and scored as failed: never left out of pass@k
+    p = HUMANEVAL[2]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": p.task_id, "completion": c}) + "\n" for c in (body(p), "# ?")))
+    verdict = code_tasks.verdict
+
+    def flaky(problem, completion, *args):
+        if completion == "# ?":
+            raise code_tasks.VerifierError("the sandbox server did not answer")
+        return verdict(problem, completion, *args)
+    monkeypatch.setattr(code_tasks, "verdict", flaky)
+    assert code_tasks.score_main(["--task", "humaneval", "--samples", str(samples), "--k", "1"]) == {"pass@1": 0.5}
+    assert "| verifier errors: 1 (scored as failed) |" in capsys.readouterr().out
+    results = [json.loads(line) for line in (tmp_path / "samples.scored.jsonl").read_text().splitlines()]
+    assert [(r["passed"], r["verifier_error"]) for r in results] == [(True, None), (False, "the sandbox server did "
+                                                                                              "not answer")]
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"task_id": "HumanEval/0", "completion": "    pass"}\nnot json\n', "line 2: not JSON"),
     ('{"task_id": "HumanEval/0"}\n', "line 1: needs a string task_id and a string completion"),
