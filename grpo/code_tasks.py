@@ -73,6 +73,7 @@ def candidate_code(problem, completion):
 
 
 def extract_code(problem, completion):
+    # the completion's own code (tasks.answer_key: maj@k votes for the program written most often)
     return candidate_code(problem, completion)[1]
 
 
