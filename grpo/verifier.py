@@ -17,7 +17,8 @@ exception and its type, a timeout, MemoryError, an exit before the tests, a sign
 run a process is a VerifierError, raised here, never read from anything the program writes.
 
 Cost: two sandboxed processes per program for verify_tests, one for verify_cases, plus a round trip over a pipe per
-call (tens of microseconds).
+call (tens of microseconds). CPU time over every process (perf stat's task-clock, 2 shared cores): 16 ms a HumanEval
+canonical solution (10.9 ms when program and tests shared one process), 7.0 ms a procedural one (9.1 ms before).
 """
 import dataclasses
 import json
