@@ -8,8 +8,11 @@ The fine-tuner's modules; train_grpo.py at the repository root is the loop that 
     hf_model.py     the Hugging Face decoder (Llama / Qwen2 / Qwen2.5 / Qwen3) and its loading
     tokenizer.py    tokenizers (tiktoken where it is exact, else HF tokenizers) and the models' chat templates
     tasks.py        tasks and their verifiable rewards (arithmetic, countdown, GSM8K)
-    code_tasks.py   code tasks (procedural, HumanEval, MBPP): unit tests run in the sandbox; pass@k; `score`
+    code_tasks.py   code tasks (procedural, HumanEval, MBPP): their problems and reward; pass@k; `score`
+    verifier.py     the code reward's verdict: the program and its tests in two sandboxed processes, plain data between
+    harness.py      what runs in those processes around the code: the candidate's call loop, the checker, the encoding
     sandbox.py      the python tool's syntax and the sandbox that runs model-written code
+    confine.py      the sandbox's confinement: Landlock rules, the seccomp filter and its tables
     checkpoint.py   checkpoints, exact resume, and `export` to a Hugging Face folder
     fsdp.py         FSDP2 sharding of a policy (--fsdp) and its sampler copy
     flags.py        every flag of train_grpo.py with its default and its check
