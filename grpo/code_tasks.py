@@ -15,8 +15,8 @@ code prompt (its imports and helper functions: a chat answer that leaves out `fr
 defines only the function asked for, is not wrong).
 
 The verdict (verifier.py): the program runs in a sandboxed process that answers calls of its functions with plain
-data, and the tests run elsewhere: the procedural task's input/output pairs in the trainer, compared exactly (1 is
-not 1.0 nor True), HumanEval's check() and MBPP's asserts in a second sandboxed process that holds no model code,
+data, and the tests run elsewhere: the procedural task's input/output pairs in the trainer (with ==, on values only
+the decoder built), HumanEval's check() and MBPP's asserts in a second sandboxed process that holds no model code,
 with the problem's own code (HumanEval's prompt, MBPP's imports) and the function names calling the program. A
 program passes when the tests ran to the end and every call was answered and right; anything else scores 0 (early
 exits, crashes, timeouts, answers that are not plain data), with the reason recorded. A sandbox that cannot run it is

@@ -82,23 +82,6 @@ def decode(line):
         raise ValueError(f"not plain data ({type(error).__name__}: {str(error)[:200]})") from None
 
 
-def same(a, b):
-    # exact equality of plain data: equal values of the same types all the way down (1 is not 1.0 nor True; nan is
-    # nan)
-    if type(a) is not type(b):
-        return False
-    if type(a) is float:
-        return a == b or (a != a and b != b)
-    if type(a) in (list, tuple):
-        return len(a) == len(b) and all(map(same, a, b))
-    if type(a) is dict:
-        keys = {encode(k): v for k, v in b.items()}
-        return len(a) == len(b) and all(encode(k) in keys and same(v, keys[encode(k)]) for k, v in a.items())
-    if type(a) in (set, frozenset):
-        return sorted(map(encode, a)) == sorted(map(encode, b))
-    return a == b
-
-
 def read_line(fd):
     # the next line from fd -> bytes without the newline; None at end of file; ValueError past MESSAGE_BYTES
     line = bytearray()

@@ -3,7 +3,9 @@ The code reward's verdict, decided where the program cannot reach it. The model'
 its own, the candidate (harness.py), which answers calls of its functions with plain data; the tests call it:
 
   verify_cases(code, name, cases)        input/output pairs (the procedural task): the trainer makes each call and
-                                         compares the answer with the expected value itself, exactly (harness.same)
+                                         compares the answer with the expected value itself: the answer is plain
+                                         data built by harness.decode (builtin types only), so == is Python's own
+                                         comparison, the one the pairs' `assert f(x) == expected` made
   verify_tests(code, setup, tests, names)   tests written as code (HumanEval's check(), MBPP's asserts): they run in
                                          a second sandboxed process, the checker, where `names` call the candidate;
                                          it holds no model code, so the report it sends the trainer holds
@@ -112,7 +114,7 @@ def verify_tests(code, setup, tests, names, timeout, memory_mb, prelude=""):
 
 
 def verify_cases(code, name, cases, timeout, memory_mb, prelude=""):
-    # -> Verdict of calling name(*args) for each (args, expected) of cases, compared exactly, in the trainer
+    # -> Verdict of calling name(*args) for each (args, expected) of cases, compared with == in the trainer
     if not cases:
         raise ValueError("verify_cases: no cases")
     (calls_r, calls_w), (answers_r, answers_w) = os.pipe(), os.pipe()
@@ -152,7 +154,7 @@ def _ask(calls, answers, name, cases, deadline):
         try:
             answer = harness.decode(line)
             if type(answer) is list and len(answer) == 2 and answer[0] == "returned":
-                if harness.same(answer[1], expected):
+                if answer[1] == expected:
                     continue
                 call = f"{name}({', '.join(map(repr, args))})"
                 return f"wrong answer on test {i} of {len(cases)}: {call} returned {answer[1]!r:.100}, " \
@@ -163,7 +165,7 @@ def _ask(calls, answers, name, cases, deadline):
             if type(answer) is list and len(answer) == 2 and answer[0] == "failed":
                 return str(answer[1])[:500]
             return "the program's answer is not an answer"
-        except Exception as error:                  # a ValueError of decode, a RecursionError of same, ...
+        except Exception as error:                  # a ValueError or RecursionError of decode, ...
             return f"the program's answer could not be read ({type(error).__name__})"
     return None
 

@@ -261,15 +261,19 @@ def test_the_hacks_name_what_happened():
     }
 
 
-def test_answers_compare_exactly_in_the_trainer():
-    # the procedural task's pairs: 1 is not True nor 1.0, a tuple is not a list; nan is nan
-    p = code_tasks.CodeProblem("", "", cases=(((0,), 1), ((1,), [1, (2, 3)]), ((2,), float("nan"))),
-                               entry_points=("f",))
-    right = "def f(x):\n    return [1, [1, (2, 3)], float('nan')][x]\n"
-    assert code_tasks.passes(p, f"```python\n{right}```") == 1.0
-    for wrong in ("[True, [1, (2, 3)], float('nan')][x]", "[1.0, [1, (2, 3)], float('nan')][x]",
-                  "[1, [1, [2, 3]], float('nan')][x]", "[1, [1, (2, 3)], 0.0][x]"):
+def test_answers_compare_in_the_trainer_as_the_pairs_assert_would():
+    # the procedural task's pairs: the decoded answer == the expected value, Python's own comparison of plain data
+    # (1 == 1.0 == True as in `assert f(x) == 1`; a tuple is not a list; nan is not equal to itself)
+    cases = (((0,), 1), ((1,), [1, (2, 3)]), ((2,), {"a": 2.5}))
+    reference = [1, [1, (2, 3)], {"a": 2.5}]
+    p = code_tasks.CodeProblem("", "", cases=cases, entry_points=("f",))
+    for right in ("[1, [1, (2, 3)], {'a': 2.5}][x]", "[1.0, [True, (2, 3)], {'a': 2.5}][x]"):
+        assert code_tasks.passes(p, f"```python\ndef f(x):\n    return {right}\n```") == 1.0, right
+    for wrong in ("[1, [1, [2, 3]], {'a': 2.5}][x]", "[1, [1, (2, 3)], {'a': 2.4}][x]", "[2, [1, (2, 3)], {}][x]"):
         assert code_tasks.passes(p, f"```python\ndef f(x):\n    return {wrong}\n```") == 0.0, wrong
+        assert any(eval(wrong, {"x": i}) != reference[i] for i in range(3))  # noqa: S307 (our own literal)
+    nan = code_tasks.CodeProblem("", "", cases=(((0,), float("nan")),), entry_points=("f",))
+    assert code_tasks.passes(nan, "```python\ndef f(x):\n    return float('nan')\n```") == 0.0
 
 
 def test_mutating_an_argument_changes_nothing_the_tests_hold():
