@@ -17,6 +17,7 @@ from conftest import assert_usage_errors
 from test_policy import TEXTS, hf_reference, train_bpe
 from grpo import engine, evaluation, hf_model, metrics, objective, policy, rollouts, tasks, tokenizer
 from grpo.batches import micro_batches
+from grpo.flags import POLICY_DEFAULTS
 from grpo.objective import group_advantages, policy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; it also keeps the demo's trajectory the same everywhere
@@ -617,10 +618,15 @@ def test_bench_times_steps_without_evaluation(monkeypatch, capsys):
 
 
 def test_flag_defaults_follow_the_policy():
-    tiny, hf = train_grpo.parse_args([]), train_grpo.parse_args(["--policy", "hf:some/model"])
-    assert (tiny.lr, tiny.sft_lr, tiny.sft_steps, tiny.sft_target) == (3e-4, 3e-3, 1500, 0.4)
-    assert (hf.lr, hf.sft_lr, hf.sft_steps, hf.sft_target) == (5e-6, 1e-4, 5, 1.0)
-    assert train_grpo.parse_args(["--policy", "ckpt:x", "--lr", "1e-3"]).lr == 1e-3
+    # each policy-dependent flag: its tiny default for --policy tiny, its pretrained one for hf: and ckpt:, and a value
+    # given on the command line over either
+    for name, (tiny, pretrained) in POLICY_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        assert tiny != pretrained and getattr(train_grpo.parse_args([]), name) == tiny
+        assert getattr(train_grpo.parse_args([flag, "1"]), name) == 1
+        for spec in ("hf:some/model", "ckpt:x"):
+            assert getattr(train_grpo.parse_args(["--policy", spec]), name) == pretrained
+            assert getattr(train_grpo.parse_args(["--policy", spec, flag, "1"]), name) == 1
 
 
 def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
@@ -746,13 +752,13 @@ def test_countdown_task_runs_and_logs_what_trl_users_read(tmp_path, capsys):
                               "--max-new-tokens", "40", "--format-weight", "0", "--drop-zero-std", "--max-refills", "1",
                               "--log-file", str(log)])
     assert set(result["after"]) == {"pass@1", "pass@2", "maj@2", "verify_errors"}
-    record = [json.loads(line) for line in log.read_text().splitlines() if "step" in json.loads(line)][0]
-    assert record["groups"] == 8 and record["kept_groups"] == 0 and record["zero_std"] == 1.0
+    step1 = [json.loads(line) for line in log.read_text().splitlines() if "step" in json.loads(line)][0]
+    assert step1["groups"] == 8 and step1["kept_groups"] == 0 and step1["zero_std"] == 1.0
     assert "warning: step 1: dynamic sampling found 0 of 4 groups" in capsys.readouterr().out
-    assert record["lr"] == pytest.approx(3e-4 / 5)                          # warmup step 1 of 5
-    assert 1 <= record["completion_len_min"] <= record["completion_len"] <= record["completion_len_max"] <= 40
-    assert record["num_tokens"] > 8 * 4 * record["completion_len_min"]
-    assert {"loss", "clip_region", "completion_len_eos", "reward_std", "reward_errors"} <= set(record)
+    assert step1["lr"] == pytest.approx(3e-4 / 5)                          # warmup step 1 of 5
+    assert 1 <= step1["completion_len_min"] <= step1["completion_len"] <= step1["completion_len_max"] <= 40
+    assert step1["num_tokens"] > 8 * 4 * step1["completion_len_min"]
+    assert {"loss", "clip_region", "completion_len_eos", "reward_std", "reward_errors"} <= set(step1)
 
 
 def test_cooldown_decays_the_learning_rate_linearly_to_zero_as_trls_default_schedule_does():
@@ -1117,12 +1123,12 @@ def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    steps = [r for r in records if "step" in r]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in entries if "step" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["groups"] >= 8 for r in steps)                   # 4 prompts per rank, both ranks counted
     assert all(r["kept_groups"] <= 8 for r in steps) and steps[1]["num_tokens"] > steps[0]["num_tokens"] > 0
-    assert {r.get("eval") for r in records} >= {"before_rl", "after_rl"}
+    assert {r.get("eval") for r in entries} >= {"before_rl", "after_rl"}
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_000002")) == [
         "config.json", "model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt", "train_state.json"]
 

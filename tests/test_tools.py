@@ -308,10 +308,10 @@ def test_grpo_with_tools_under_torchrun(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "sandbox: a process per call" in run.stdout
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    steps = [r for r in records if "step" in r]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in entries if "step" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["groups"] == 8 for r in steps)
     assert all(r["tool_calls"] > 0.8 and r["sandbox_s"] > 0 and 0 <= r["tool_errors"] <= 32 for r in steps), steps
     assert " | tools " in run.stdout and "errors" in run.stdout
-    before = next(r for r in records if r.get("eval") == "before_rl")
+    before = next(r for r in entries if r.get("eval") == "before_rl")
     assert before["pass@1"] >= 0.5, before                         # 3-digit products: ~0% without the tool
