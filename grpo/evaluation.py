@@ -7,8 +7,7 @@ values), the problems split over ranks.
 """
 import torch
 
-from grpo import engine, objective, tasks
-from grpo.rollouts import completion_texts, encode_prompt, generate_kwargs
+from grpo import engine, objective, rollouts, tasks
 
 
 @torch.no_grad()
@@ -23,18 +22,18 @@ def evaluate(model, tok, problems, args, rank, world, device, k=None):
     chunk = max(1, args.prompts_per_step * args.group_size // max(k, 1))
     for start in range(0, len(mine), chunk):
         batch = mine[start:start + chunk]
-        prompts = [encode_prompt(tok, p, args.system_prompt) for p in batch]
+        prompts = [rollouts.encode_prompt(tok, p, args.system_prompt) for p in batch]
         greedy = engine.generate(model, prompts, n=1, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                 seed=args.seed, **generate_kwargs(model, tok, args))
-        correct, failures = tasks.rewards(batch, completion_texts(tok, greedy), workers=args.reward_workers)
+                                 seed=args.seed, **rollouts.generate_kwargs(model, tok, args))
+        correct, failures = tasks.rewards(batch, rollouts.completion_texts(tok, greedy), workers=args.reward_workers)
         counts[0] += sum(c or 0.0 for c in correct)                                 # None (failed) counts as wrong
         counts[4] += len(failures)
         if k == 0:
             continue
         sampled = engine.generate(model, prompts, n=k, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  seed=args.seed + 1, **generate_kwargs(model, tok, args))
-        texts = completion_texts(tok, sampled)                                      # (len(batch) * k,)
+                                  seed=args.seed + 1, **rollouts.generate_kwargs(model, tok, args))
+        texts = rollouts.completion_texts(tok, sampled)                                      # (len(batch) * k,)
         correct, failures = tasks.rewards([p for p in batch for _ in range(k)], texts, workers=args.reward_workers)
         counts[4] += len(failures)
         for i, problem in enumerate(batch):
