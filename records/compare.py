@@ -182,7 +182,8 @@ def parse_speedrun(run, lines, target):
     if not vals:
         return {**run, "step": 0, "steps": 0, "dnf": "no validation line (stopped before its first validation)"}
     last = vals[-1]
-    run.update(step=last["step"], steps=last["steps"], val_loss=last["val_loss"], train_time_s=last["train_time"] / 1000)
+    run.update(step=last["step"], steps=last["steps"], val_loss=last["val_loss"],
+               train_time_s=last["train_time"] / 1000)
     if last["step"] < last["steps"]:
         run["dnf"] = f"stopped at step {last['step']} of {last['steps']}"
     return run

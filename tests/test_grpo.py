@@ -567,8 +567,8 @@ def test_share_prompts_is_decided_for_the_policy_and_said(tmp_path, capsys):
     train_grpo.main(QUICK + ["--log-dir", str(tmp_path), "--run-id", "r"])
     assert "--share-prompts: off, GPT has no hidden_shared (every row runs its prompt)" in capsys.readouterr().out
     assert '"share_prompts": false' in (tmp_path / "r.txt").read_text()                # the run's log says so too
-    assert load_error(QUICK + ["--share-prompts"]) == ("error: --share-prompts: GPT has no hidden_shared (one pass over "
-                                                       "a prompt for all its rows: hf: policies); drop the flag")
+    assert load_error(QUICK + ["--share-prompts"]) == ("error: --share-prompts: GPT has no hidden_shared (one pass "
+                                                       "over a prompt for all its rows: hf: policies); drop the flag")
 
 
 def test_a_policy_is_checked_against_the_protocol_when_it_loads(monkeypatch):
