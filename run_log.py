@@ -8,7 +8,7 @@ A run's log is its record (modded-nanogpt's rule): train_gpt.py and train_grpo.p
                                     reads them)
 
 run_id(given) names the log; open_log(path, master, script) writes the sources (script: the trainer's own file, first) and returns
-log(line, console=True), which appends a line on rank 0.
+log(line, console=True), which appends a line on rank 0; print0(...) prints on rank 0 only.
 """
 import os
 import platform
@@ -57,6 +57,12 @@ def open_log(logfile, master, script):
             if console:
                 print(line, flush=True)
     return log
+
+
+def print0(*args):
+    """print(*args), flushed, on rank 0 only (torchrun's RANK; no RANK: one process, rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
 
 
 def hardware_line(device, world):

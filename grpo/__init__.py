@@ -3,8 +3,14 @@ The fine-tuner's modules; train_grpo.py at the repository root is the loop that 
 
     objective.py    GRPO's math: flat-memory log-probs of sampled tokens, group advantages, the clipped policy loss
                     (GRPO, Dr. GRPO, DAPO, GSPO), KL, DAPO's overlong penalty
+    rollouts.py     a step's samples: prompts, P x G completions, rewards, advantages (dynamic sampling's refills)
+    sft.py          the SFT cold start on the task's worked solutions
+    evaluation.py   held-out pass@1, pass@k, maj@k
+    metrics.py      every metric of a step, declared once: reduced over ranks, the run log's line, the console's
+    batches.py      micro-batches of rows under a token budget (padded to the same count per rank under --fsdp)
     engine.py       the rollout engine: sampling, static KV cache, CUDA-graph decode, the tool loop
-    policy.py       what --policy names: tiny, hf: (a Hugging Face checkpoint), ckpt: (our own GPTs)
+    policy.py       what --policy names: tiny, hf: (a Hugging Face checkpoint), ckpt: (our own GPTs); the policy
+                    protocol every policy implements
     hf_model.py     the Hugging Face decoder (Llama / Qwen2 / Qwen2.5 / Qwen3) and its loading
     tokenizer.py    tokenizers (tiktoken where it is exact, else HF tokenizers) and the models' chat templates
     tasks.py        tasks and their verifiable rewards (arithmetic, countdown, GSM8K)

@@ -112,6 +112,7 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
         except Exception as error:                     # DCP names the first key that is missing or does not fit
             raise ValueError(f"{path}/{SHARDED}: does not fit this run's model, optimizer or reference "
                              f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); {fix}") from None
+        check_schedule(optimizers, f"{path}/{SHARDED}")
         return read_json(Path(path) / "train_state.json")
     if ref_model is not None and not os.path.isfile(os.path.join(path, "reference.safetensors")):
         raise FileNotFoundError(f"{path}: no reference.safetensors: that run had no KL reference; resume with --beta 0")
@@ -136,7 +137,16 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
             opt.load_state_dict(sd)
         except (ValueError, KeyError) as error:
             raise ValueError(f"{opt_file}: does not fit this run's optimizer ({error}); {fix}") from None
+    check_schedule(optimizers, opt_file)
     return read_json(Path(path) / "train_state.json")
+
+
+def check_schedule(optimizers, where):
+    """The restored param groups must carry initial_lr, the learning rate train_grpo.py's schedule scales (a state
+    without it would resume at whatever lr its last step had); else a ValueError naming where they came from."""
+    if any("initial_lr" not in group for opt in optimizers for group in opt.param_groups):
+        raise ValueError(f"{where}: its optimizer state has no initial_lr to schedule the learning rate from; start a "
+                         f"new run from its weights instead (--policy ckpt: or hf: with the step directory)")
 
 
 # -----------------------------------------------------------------------------

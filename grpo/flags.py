@@ -131,9 +131,10 @@ parser.add_argument("--minibatches", type=number(int, 1), default=1,
                     help="optimizer steps per pass (at most P x G, the rows of a step)")
 parser.add_argument("--micro-batch-tokens", type=number(int, 1), default=16384,
                     help="padded tokens (rows x longest row) per forward/backward; SFT too")
-parser.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
-                    help="hf: policies: the completions of a prompt run its trunk once in the update's forwards and "
-                         "backwards (equal to each row alone up to float round-off); our GPTs run every row")
+parser.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=None,
+                    help="the completions of a prompt run its trunk once in the update's forwards and backwards (equal "
+                         "to each row alone up to float round-off). Default: on for the policies that can (hf:); our "
+                         "GPTs run every row, and say so")
 # optimisation
 parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on hidden matrices")
 parser.add_argument("--lr", type=number(float, 0), default=None, help="default: 3e-4 (tiny), 5e-6 (hf:, ckpt:)")

@@ -6,6 +6,7 @@ larger than one GPU's memory train: each rank keeps 1/world of the parameters, g
                                      on CUDA bf16 compute with fp32 master weights and fp32 gradient reduction
     sampler_copy(model, device)      a plain model of the same architecture for the rollout engine (made before
                                      shard), refreshed with refresh(sampler, model) before each rollout phase
+    refreshed(sampler, model)        what the engine samples from: the model, or its refreshed sampler copy
     padded(batches, device)          the micro-batches of this rank, padded with None to the most any rank has:
                                      every forward of a sharded model is a collective, so all ranks run as many
     dummy_pass(model, device, grad)  what a rank runs for a None: a forward (and backward) that changes nothing
@@ -34,11 +35,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-# the methods besides forward() through which train_grpo.py runs a policy's trunk (objective.token_logprobs) and, with
-# --share-prompts, each block (HFDecoder's hidden_shared calls its layers' forward_shared): FSDP runs its unshard /
-# reshard hooks around them as it does around forward()
+# the methods besides forward() through which train_grpo.py runs a policy's trunk (objective.token_logprobs, with
+# --share-prompts hidden_shared): FSDP runs its unshard / reshard hooks around them as it does around forward(). The
+# blocks run through forward() only (HFBlock takes how its streams attend as an argument)
 FORWARD_METHODS = ("hidden", "hidden_shared")
-BLOCK_FORWARD_METHODS = ("forward_shared",)
 
 
 def blocks(model):
@@ -63,9 +63,6 @@ def shard(model, device):
         MixedPrecisionPolicy()                                     # the parameters' own dtype throughout
     for block in units:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-        for name in BLOCK_FORWARD_METHODS:
-            if hasattr(block, name):
-                register_fsdp_forward_method(block, name)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for name in FORWARD_METHODS:
         if hasattr(model, name):
@@ -86,6 +83,15 @@ def refresh(sampler, model):
     (a collective: all ranks call it together)."""
     for (name, p), q in zip(model.named_parameters(), sampler.parameters()):
         q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+
+def refreshed(sampler, model):
+    """The model the rollout engine samples from: the policy itself (sampler None or the model), or under --fsdp its
+    gathered copy, refreshed with the policy's current weights (a collective)."""
+    if sampler is None or sampler is model:
+        return model
+    refresh(sampler, model)
+    return sampler
 
 
 def padded(batches, device):

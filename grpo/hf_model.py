@@ -5,12 +5,12 @@ Hugging Face checkpoints as policies: the decoder of the Llama / Qwen2 / Qwen2.5
     hf_config(config.json dict)            -> HFConfig                 the fields the decoder needs, checked
     read_safetensors(path), check_state(model, state, where)          weights read and fitted, or one-line errors
 
-HFDecoder maps idx (B, T) -> logits (B, T, vocab) fp32 (right-padded rows are fine: attention is causal), in two
-parts, hidden(idx) -> final hidden states (B, T, C) and head(x) -> logits, which objective.token_logprobs uses to score
-tokens with flat memory, and implements model.py's KV-cache protocol (engine.py): init_cache(batch_size, max_len)
--> KVCache and forward_cached(idx, pos, cache, logits=True) -> logits (None with logits=False: a prefill's cache
-writes only), with per-row absolute positions. It also runs the rows of a group on one pass over their shared prompt
-(hidden_shared), which GRPO's update uses. A separate file from model.py: model.py is the speedrun's own file, which
+HFDecoder maps idx (B, T) -> logits (B, T, vocab) fp32 (right-padded rows are fine: attention is causal) and
+implements the policy protocol (policy.py's docstring): hidden(idx) -> final hidden states (B, T, C) and head(x) ->
+logits, which objective.token_logprobs uses to score tokens with flat memory; model.py's KV-cache protocol
+(init_cache, forward_cached, with per-row absolute positions); param_groups for Muon; and hidden_shared, the rows of a
+group on one pass over their shared prompt (--share-prompts). Each block is written once for both passes: HFBlock
+takes its streams and how they attend. A separate file from model.py: model.py is the speedrun's own file, which
 train_gpt.py embeds whole in every run log.
 """
 import math
@@ -50,6 +50,7 @@ class HFConfig:
     o_bias: bool                # Llama / Qwen3: attention_bias
     mlp_bias: bool              # Llama: mlp_bias
     qk_norm: bool               # Qwen3: RMSNorm of q and k over head_dim, before rotary
+    max_seq_len: int | None = None  # no limit of the decoder's own: rotary angles are computed for any position
 
 
 def hf_config(cfg: dict, where: str = "config.json") -> HFConfig:
@@ -223,15 +224,14 @@ class HFBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = HFMLP(c)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv=None, pos=None, mask=None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def forward_shared(self, xp: Tensor, xc: Tensor, rope_p, rope_c, group: Tensor, mask: Tensor):
-        yp, yc = self.self_attn.forward_shared(self.input_layernorm(xp), self.input_layernorm(xc), rope_p, rope_c,
-                                               group, mask)
-        xp, xc = xp + yp, xc + yc
-        return xp + self.mlp(self.post_attention_layernorm(xp)), xc + self.mlp(self.post_attention_layernorm(xc))
+    def forward(self, xs: tuple[Tensor, ...], attend) -> tuple[Tensor, ...]:
+        """The block on its streams: (x,), one batch of sequences (B, T, C), or (xp, xc), distinct prompts (P, Tp, C)
+        and the completions that follow them (N, Tc, C). attend(self_attn, *normed streams) -> one output per
+        stream: how the streams attend (causally, through a KV cache, or completions after their shared prompt;
+        HFDecoder's callers say). Pre-norm residual attention, then the MLP on each stream."""
+        ys = attend(self.self_attn, *(self.input_layernorm(x) for x in xs))
+        xs = [x + y for x, y in zip(xs, ys)]
+        return tuple(x + self.mlp(self.post_attention_layernorm(x)) for x in xs)
 
 
 class HFDecoder(nn.Module):
@@ -269,14 +269,24 @@ class HFDecoder(nn.Module):
         xp, xc = self.embed_tokens(prompts), self.embed_tokens(completions)  # (P, Tp, C), (N, Tc, C)
         rope_p = self.rope(arange_p.expand(P, Tp), xp.dtype)
         rope_c = self.rope(start[:, None] + arange_c, xc.dtype)
+        def attend(attn, hp, hc):
+            """Each prompt causal among its own positions; each completion sees its prompt and its own past."""
+            return attn.forward_shared(hp, hc, rope_p, rope_c, group, mask)
         for layer in self.layers:
-            xp, xc = layer.forward_shared(xp, xc, rope_p, rope_c, group, mask)
+            xp, xc = layer((xp, xc), attend)
         return self.norm(xp), self.norm(xc)
 
     def head(self, x: Tensor) -> Tensor:
         """x (..., C) hidden states -> logits (..., vocab_size), fp32 (fp64 for fp64 weights)."""
         logits = F.linear(x, (self.embed_tokens if self.lm_head is None else self.lm_head).weight)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """hidden matrices (the blocks' attention and MLP projections) -> Muon (--optimizer muon); embeddings, the
+        untied head and the 1-D parameters (norms, biases) -> AdamW."""
+        return {"hidden": [p for p in self.layers.parameters() if p.ndim >= 2], "embed": [self.embed_tokens.weight],
+                "head": [] if self.lm_head is None else [self.lm_head.weight],
+                "scalar": [p for p in self.parameters() if p.ndim < 2]}
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         c, w = self.config, self.embed_tokens.weight
@@ -297,10 +307,13 @@ class HFDecoder(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def _run(self, idx: Tensor, pos: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        """idx, pos (B, T) -> the final hidden states (B, T, C): causal within idx, or with a cache, attending to
+        its slots under mask (B, T, S) after writing this step's K/V at pos."""
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = self.rope(pos, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else (cache.k[i], cache.v[i]), pos, mask)
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, = layer((x,), lambda attn, h: (attn(h, cos, sin, kv, pos, mask),))
         return self.norm(x)
 
 

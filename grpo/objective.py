@@ -26,8 +26,8 @@ LOGITS_CHUNK = 2 ** 26  # logits per head chunk in token_logprobs: 256 MiB in fp
 
 def chunk_logits(model, h: Tensor, temperature: float, undecodable: Tensor | None) -> Tensor:
     """h (c, C) final hidden states -> logits / temperature (c, V) fp32 (temperature 0 or 1: no division), -inf at
-    the undecodable ids (in place: no second (c, V) tensor). The head on the 2-D h: its backward through a (1, c, C)
-    view took ~1.4x as long (SmolLM2's head, one CPU thread)."""
+    the undecodable ids (in place: no second (c, V) tensor). The head runs on the 2-D h: its backward through a
+    (1, c, C) view is slower."""
     logits = model.head(h)
     logits = logits if temperature in (0.0, 1.0) else logits / temperature
     return logits if undecodable is None else logits.index_fill_(-1, undecodable, float("-inf"))
@@ -121,9 +121,10 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
     """tokens (B, L) -> (logp (B, L-1): the log-prob of tokens[:, 1:] under softmax(logits / temperature), the
     sampler's distribution (temperature 0 or 1: softmax(logits), no division); entropy (B, L-1) of that distribution
     (no grad) or None). mask (B, L-1) bool: score only those targets (0 elsewhere); the head never sees the others.
-    prompt_lens (B,): rows whose first prompt_lens tokens are equal share one trunk pass over them (models with
-    hidden_shared; GRPO's groups); the mask must then score only targets after the prompt. undecodable (k,) int64: ids
-    whose logits are -inf, as engine.generate's sampler has them (a padded vocabulary's rows).
+    prompt_lens (B,): rows whose first prompt_lens tokens are equal share one trunk pass over them (GRPO's groups;
+    needs a policy with hidden_shared: policy.shares_prompts); the mask must then score only targets after the
+    prompt. undecodable (k,) int64: ids whose logits are -inf, as engine.generate's sampler has them (a padded
+    vocabulary's rows).
 
     Flat memory: the trunk runs once (model.hidden), then the head runs on chunk_tokens positions at a time (default:
     LOGITS_CHUNK logits' worth) and each chunk keeps only its targets' log-probs and entropies; backward recomputes
@@ -132,7 +133,7 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
     all come from here."""
     B, L = tokens.shape
     mask = torch.ones(B, L - 1, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
-    if prompt_lens is not None and hasattr(model, "hidden_shared"):
+    if prompt_lens is not None:
         h = shared_hidden(model, tokens, prompt_lens, mask)  # (n, C)
     else:
         h = model.hidden(tokens[:, :-1])[mask]  # (n, C): the scored positions only
@@ -211,8 +212,14 @@ def group_advantages(rewards, group_size, scale="group"):
 
 def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="token", eps_low=0.2, eps_high=0.2,
                 delta=None, ref_logp=None, beta=0.0, kl_estimator="k3", max_completion_length=None, num_tokens=None,
-                entropy=None):
+                num_rows=None, entropy=None):
     # logp, old_logp, ref_logp, entropy, mask: (B, T) over completion tokens; advantages (B,) -> (loss, metrics)
+    # Every loss_type divides by counts of the whole optimizer step, over all its micro-batches and ranks: num_tokens
+    # (dapo: the step's completion tokens) or num_rows (grpo: each row's token mean, summed; dr_grpo: times
+    # max_completion_length); None: this batch's own. So a micro-batch's loss is its share of the step's loss, the
+    # shares add up to it whatever the batching, and the trainer's one scaling, the world size (it undoes the mean
+    # the gradients' all-reduce takes), holds for every loss_type. A new loss_type must normalise the same way
+    # (tests/test_grpo.py checks micro-batches and 2 ranks against one batch in one process, for each).
     # Masked positions (prompt, padding, after EOS) are replaced by constants before any arithmetic, so they get
     # exactly zero gradient even when their logp is -inf.
     # delta: INTELLECT-2's two-sided clipping (arXiv 2505.07291, sec. 4.1): the unclipped ratio is capped at delta, so
@@ -252,12 +259,13 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="to
             raise ValueError(f"policy_loss: kl_estimator must be 'k3' or 'k3-is', got {kl_estimator!r}")
         per_token = per_token + beta * kl
     per_token = torch.where(mask, per_token, 0.0)
+    rows = logp.shape[0] if num_rows is None else num_rows
     if loss_type == "grpo":                                                 # mean over tokens, then sequences
-        loss = (per_token.sum(dim=1) / tokens_per_row.clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":                                            # constant normaliser B * L_max
+        loss = (per_token.sum(dim=1) / tokens_per_row.clamp(min=1)).sum() / rows
+    elif loss_type == "dr_grpo":                                            # constant normaliser rows * L_max
         if max_completion_length is None:
             raise ValueError("policy_loss: loss_type='dr_grpo' needs max_completion_length")
-        loss = per_token.sum() / (logp.shape[0] * max_completion_length)
+        loss = per_token.sum() / (rows * max_completion_length)
     elif loss_type == "dapo":                                               # token mean over the optimizer step
         total = maskf.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logp.dtype, device=logp.device)
         loss = per_token.sum() / total.clamp(min=1)

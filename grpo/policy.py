@@ -6,8 +6,27 @@ The policies train_grpo.py fine-tunes, by --policy:
     ckpt:<path>           from_checkpoint(path)   -> (GPT, Tokenizer)   our train_gpt.py checkpoints (GPT-2 tokenizer)
                                                                         or train_grpo.py's of our GPTs
 
-load(spec, ...) picks one. Every policy maps idx (B, T) -> logits and implements model.py's KV-cache protocol
-(hf_model.py's docstring), so the rollout engine and the log-probs treat them alike.
+load(spec, ...) picks one and checks it against the protocol below.
+
+The policy protocol: what the rollout engine, the log-probs and the trainer call on a policy, a torch.nn.Module.
+model.py's GPT and hf_model.py's HFDecoder implement it; a new kind of policy implements the same, and check(model)
+names what it lacks when it loads. A policy has
+
+    config.vocab_size                      rows of its logits (a padded vocabulary's included)
+    config.max_seq_len                     the longest sequence it runs, or None: no limit of its own
+    hidden(idx (B, T)) -> (B, T, C)        final hidden states (normed): what head() maps to logits
+    head(h (..., C)) -> (..., vocab)       logits, fp32 (fp64 for fp64 weights)
+    init_cache(batch_size, max_len) -> KVCache
+    forward_cached(idx (B, t), pos (B, t), cache, logits=True) -> (B, t, vocab) or None   model.py's KV-cache
+                                           protocol: the rollout engine's prefill and decoding
+    param_groups() -> {"hidden": [...], ...}   the matrices --optimizer muon trains; every other parameter takes AdamW
+
+and may have
+
+    hidden_shared(prompts (P, Tp), prompt_lens (P,), completions (N, Tc), group (N,)) -> (hp (P, Tp, C), hc (N, Tc, C))
+                                           the rows of a group on one pass over their shared prompt: --share-prompts
+                                           (HFDecoder has it; our GPT does not, and runs every row: shares_prompts())
+    layers or blocks                       a ModuleList of its decoder blocks: --fsdp shards each (fsdp.blocks)
 """
 import os
 from dataclasses import fields
@@ -105,19 +124,45 @@ def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_he
 # -----------------------------------------------------------------------------
 # train_grpo.py --policy: tiny | hf:<repo id or folder> | ckpt:<path>
 
+REQUIRED = ("hidden", "head", "init_cache", "forward_cached", "param_groups")   # the protocol's methods
+REQUIRED_CONFIG = ("vocab_size", "max_seq_len")                                 # ... and its config's fields
+
+
+def check(model, spec):
+    """A ValueError naming what model lacks of the policy protocol (this module's docstring), if anything."""
+    missing = [name for name in REQUIRED if not callable(getattr(model, name, None))]
+    missing += [f"config.{name}" for name in REQUIRED_CONFIG if not hasattr(getattr(model, "config", None), name)]
+    if missing:
+        raise ValueError(f"--policy {spec}: {type(model).__name__} lacks {', '.join(missing)} of the policy protocol "
+                         f"(grpo/policy.py's docstring); implement them")
+
+
+def shares_prompts(model, requested):
+    """--share-prompts for this policy -> whether the update runs each prompt once (hidden_shared). requested None
+    (the default): wherever the policy can; True: a ValueError if it cannot; False: never."""
+    can = callable(getattr(model, "hidden_shared", None))
+    if requested and not can:
+        raise ValueError(f"--share-prompts: {type(model).__name__} has no hidden_shared (one pass over a prompt for "
+                         f"all its rows: hf: policies); drop the flag")
+    return can if requested is None else requested
+
+
 def load(spec, device, dtype, seed, tiktoken_file, tiny_layers, tiny_dim):
-    # "tiny" | "hf:<repo id or path>" | "ckpt:<path>" -> (model, tokenizer, HF files a checkpoint should carry)
+    """"tiny" | "hf:<repo id or path>" | "ckpt:<path>" -> (model, tokenizer, HF files a checkpoint should carry),
+    the model checked against the policy protocol."""
+    kind, _, path = spec.partition(":")
     if spec == "tiny":
         model, tok = tiny_policy(seed=seed, num_layers=tiny_layers, model_dim=tiny_dim, num_heads=2,
                                  head_dim=tiny_dim // 2)
-        return model.to(device), tok, []
-    kind, _, path = spec.partition(":")
-    if kind == "hf" and path:
+        model, hf_files = model.to(device), []
+    elif kind == "hf" and path:
         folder = hf_folder(path)
         model, tok = from_hf(folder, dtype=dtype, device=device)
-        return model, tok, [os.path.join(folder, n) for n in HF_CONFIG_FILES
-                            if os.path.exists(os.path.join(folder, n))]
-    if kind == "ckpt" and path:
-        return (*from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file), [])
-    raise ValueError(f"--policy {spec!r}: use tiny, hf:<repo id or path> or ckpt:<train_gpt.py checkpoint file or "
-                     f"train_grpo.py step directory>")
+        hf_files = [os.path.join(folder, n) for n in HF_CONFIG_FILES if os.path.exists(os.path.join(folder, n))]
+    elif kind == "ckpt" and path:
+        (model, tok), hf_files = from_checkpoint(path, dtype=dtype, device=device, tiktoken_file=tiktoken_file), []
+    else:
+        raise ValueError(f"--policy {spec!r}: use tiny, hf:<repo id or path> or ckpt:<train_gpt.py checkpoint file "
+                         f"or train_grpo.py step directory>")
+    check(model, spec)
+    return model, tok, hf_files

@@ -27,12 +27,8 @@ import sys
 import numpy as np
 
 SOURCES_END = "=" * 100  # logs start with the sources that ran, closed by this line (run_log.py)
-STEP = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms step_avg:\S+ms tok/s:(\d+) mfu:(\S+)$", re.M)
-VAL = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:\S+ms$", re.M)
 HARDWARE = re.compile(r"^hardware: (.*)$", re.M)
 FLAGS = re.compile(r"^flags: (\{.*\})$", re.M)
-EVAL = re.compile(r"^eval:(\S+) step:(\d+)/(\d+) (.*) train_time:(\d+)ms eval_time:(\d+)ms$", re.M)
-GRPO_STEP = re.compile(r"^step:(\d+)/(\d+) reward:\S+ .* train_time:(\d+)ms$", re.M)
 
 # The tracks: a fixed command (for GRPO, the flags that define it: a run matches when it ran with every one of them;
 # its seed is free) and the target its metric must reach. records/README.md's table shows the same.
@@ -125,6 +121,37 @@ def log_paths(items):
     return sorted(paths)
 
 
+def fields(line):
+    """A log line of name:value items -> {name: value}, the way both trainers write their step, validation and
+    evaluation lines: "step:3/21" -> step 3 and steps 21; numbers as floats, their unit (ms, %) dropped; "eval" and
+    anything else that is not a number as text; words without a colon are skipped.
+    "step:3/21 loss:0.0123 train_time:7712ms" -> {"step": 3, "steps": 21, "loss": 0.0123, "train_time": 7712.0}"""
+    out = {}
+    for item in line.split():
+        key, colon, value = item.partition(":")
+        if not colon or not key:
+            continue
+        if key == "step" and re.fullmatch(r"\d+/\d+", value):
+            out["step"], out["steps"] = map(int, value.split("/"))
+            continue
+        try:
+            out[key] = value if key == "eval" else float(value.removesuffix("ms").removesuffix("%"))
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def log_lines(lines, kind):
+    """The fields of every line of the log's own part that starts with kind ("step:" or "eval:")."""
+    return [fields(line) for line in lines.splitlines() if line.startswith(kind)]
+
+
+def number(entry, key):
+    """entry[key] when it is a number, else None."""
+    value = entry.get(key)
+    return value if isinstance(value, float) else None
+
+
 def parse_log(path, target=None):
     """A log -> dict(run, path, kind, hardware, dnf, ...): kind "speedrun", "grpo" or "unknown"; dnf is None for a
     finished run, else why it is not. target: overrides the track's (or 3.28 for speedrun logs)."""
@@ -146,17 +173,19 @@ def parse_log(path, target=None):
 
 def parse_speedrun(run, lines, target):
     # final val loss, train time, median tok/s; curve: (train_time_s, val_loss) of every validation
-    vals = VAL.findall(lines)
-    tok_per_s = [int(m[4]) for m in STEP.findall(lines)]
+    steps = log_lines(lines, "step:")
+    vals = [s for s in steps if number(s, "val_loss") is not None and number(s, "train_time") is not None]
+    tok_per_s = [s["tok/s"] for s in steps if number(s, "train_loss") is not None and number(s, "tok/s") is not None]
     run.update(kind="speedrun", track="gpt2-small-3.28" if run["hardware"].startswith("8x") else "-", target=target,
                tok_per_s=float(np.median(tok_per_s)) if tok_per_s else float("nan"),
-               curve=[(int(v[3]) / 1000, float(v[2])) for v in vals])
+               curve=[(v["train_time"] / 1000, v["val_loss"]) for v in vals])
     if not vals:
         return {**run, "step": 0, "steps": 0, "dnf": "no validation line (stopped before its first validation)"}
-    step, steps, val_loss, train_ms = vals[-1]
-    run.update(step=int(step), steps=int(steps), val_loss=float(val_loss), train_time_s=int(train_ms) / 1000)
-    if int(step) < int(steps):
-        run["dnf"] = f"stopped at step {step} of {steps}"
+    last = vals[-1]
+    run.update(step=last["step"], steps=last["steps"], val_loss=last["val_loss"],
+               train_time_s=last["train_time"] / 1000)
+    if last["step"] < last["steps"]:
+        run["dnf"] = f"stopped at step {last['step']} of {last['steps']}"
     return run
 
 
@@ -173,7 +202,8 @@ def track_of(flags):
 
 def parse_grpo(run, lines, target):
     # final pass@1 (the after-RL evaluation), time to target: the train_time of the first evaluation whose pass@1
-    # reaches the target; curve: (train_time_s, pass@1) of every evaluation
+    # reaches the target; curve: (train_time_s, pass@1) of every evaluation; metrics: every step line's fields (the
+    # step's metrics, as train_grpo.py's --log-file has them)
     flags = FLAGS.search(lines)
     try:
         flags = json.loads(flags.group(1)) if flags else {}
@@ -181,15 +211,15 @@ def parse_grpo(run, lines, target):
         flags = {}
     track = track_of(flags)
     target = TRACKS[track]["target"] if target is None and track else target
-    evals = [(name, int(step), int(steps), scores(rest), int(ms) / 1000) for name, step, steps, rest, ms, _
-             in EVAL.findall(lines)]
-    steps_done = [int(m[0]) for m in GRPO_STEP.findall(lines)]
-    run.update(kind="grpo", track=track or "-", target=target, steps=flags.get("steps", 0),
-               step=max(steps_done, default=0), curve=[(t, s.get("pass@1", float("nan"))) for *_, s, t in evals])
-    final = [e for e in evals if e[0] == "after_rl"]
+    evals = [e for e in log_lines(lines, "eval:") if "step" in e and number(e, "train_time") is not None]
+    metrics = [s for s in log_lines(lines, "step:") if "step" in s]
+    run.update(kind="grpo", track=track or "-", target=target, steps=flags.get("steps", 0), metrics=metrics,
+               step=max((s["step"] for s in metrics), default=0),
+               curve=[(e["train_time"] / 1000, e.get("pass@1", float("nan"))) for e in evals])
+    final = [e for e in evals if e["eval"] == "after_rl"]
     if not final:
         return {**run, "dnf": f"no after-RL evaluation (stopped at step {run['step']} of {run['steps']})"}
-    run["pass@1"] = final[-1][3].get("pass@1", float("nan"))
+    run["pass@1"] = final[-1].get("pass@1", float("nan"))
     if target is None:
         return {**run, "dnf": "no target: not a track's command (give --target)"}
     reached = [t for t, acc in run["curve"] if acc >= target]
@@ -197,18 +227,6 @@ def parse_grpo(run, lines, target):
         return {**run, "dnf": f"never reached pass@1 {target:.3f}"}
     run["time_to_target_s"] = reached[0]
     return run
-
-
-def scores(text):
-    # "pass@1:0.4200 pass@8:0.7100 verify_errors:0" -> {"pass@1": 0.42, "pass@8": 0.71, "verify_errors": 0.0}
-    out = {}
-    for item in text.split():
-        key, _, value = item.partition(":")
-        try:
-            out[key] = float(value)
-        except ValueError:
-            pass
-    return out
 
 
 # -----------------------------------------------------------------------------

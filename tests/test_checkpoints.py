@@ -26,6 +26,8 @@ from model import GPT
 from test_policy import (CONVERSATIONS, LLAMA3_STYLE_TEMPLATE, QWEN25_STYLE_TEMPLATE, digits_then_byte_level,
                          edit_tokenizer_json, hf_reference, randomize_gpt, tiny_gpt_config, train_bpe, write_ranks)
 from grpo import engine, hf_model, objective, policy, tasks, tokenizer
+from grpo.rollouts import collect, completion_texts
+from grpo.sft import solution_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")                # conftest.py
 
@@ -196,7 +198,7 @@ def test_sft_targets_end_with_the_templates_end_of_turn(tmp_path, bpe, name, tok
     write_tokenizer_files(tmp_path, bpe, name, "tiktoken", tokenizer_config=tokenizer_config, eos=eos)
     tok = tokenizer.hf_tokenizer(tmp_path, {})
     problem = tasks.arithmetic_problem(random.Random(0), digits=2)
-    ids, trained = train_grpo.solution_tokens(tok, problem, tools=False)
+    ids, trained = solution_tokens(tok, problem, tools=False)
     assert ids[-1] == tok.end_of_turn_id == tok.special_ids[end] and all(trained)
     assert tok.decode(ids[:-1]) == problem.solution
     exchange = [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": problem.solution}]
@@ -273,9 +275,9 @@ def test_sampler_and_trainer_share_the_masked_distribution(zoo):
     sgd = torch.optim.SGD(model.parameters(), lr=0.0)
     gaps = []                                                               # the update's sampler-trainer gap
     for masked in (undecodable, None):
-        sums = train_grpo.rl_update(model, None, [sgd], list(model.parameters()), rollout, advantages, args, 0, 1,
-                                    torch.device("cpu"), masked)
-        gaps.append(sums["logp_gap"] / sums["gap_tokens"])
+        counts = train_grpo.rl_update(model, rollout, advantages, args, step=0, optimizers=[sgd],
+                                      synced_params=list(model.parameters()), undecodable=masked)
+        gaps.append(counts["logp_gap"] / counts["gap_tokens"])
     assert gaps[0] < 1e-6 and gaps[1] > 1
 
     # every id with a token after one context, at temperature 0.7: the probabilities sum to 1
@@ -317,7 +319,7 @@ def test_soak_a_padded_vocabulary(zoo, backend):
                                   pad_id=tok.pad_id, undecodable=undecodable)
         tokens = rollout.tokens[rollout.completion_mask]
         assert tokens.max() < tok.vocab_size and not set(tokens.tolist()) & tok.holes
-        texts = train_grpo.completion_texts(tok, rollout)
+        texts = completion_texts(tok, rollout)
         rewards, failures = tasks.rewards([p for p in problems for _ in range(16)], texts)
         assert len(rewards) == len(texts) == 512 and not failures
         mask = rollout.completion_mask[:, 1:]
@@ -334,9 +336,9 @@ def test_soak_a_padded_vocabulary(zoo, backend):
 # the trainer on a padded vocabulary with two stop ids, and our own GPTs'
 
 def recording_generate(monkeypatch):
-    """engine.generate as train_grpo calls it, with its rollouts kept -> the list they are appended to."""
+    """engine.generate as the trainer calls it, with its rollouts kept -> the list they are appended to."""
     rollouts, generate = [], engine.generate
-    monkeypatch.setattr(train_grpo.engine, "generate", lambda *a, **k: rollouts.append(generate(*a, **k)) or
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: rollouts.append(generate(*a, **k)) or
                         rollouts[-1])
     return rollouts
 
@@ -364,7 +366,7 @@ def test_train_grpo_on_a_padded_vocabulary(zoo, backend, monkeypatch, tmp_path):
     # a made-up verifier with reward spread, so that the GRPO steps do update
     monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, text: float(sum(map(ord, text)) % 2))
     rollouts, masks, token_logprobs = recording_generate(monkeypatch), [], objective.token_logprobs
-    monkeypatch.setattr(train_grpo.objective, "token_logprobs",
+    monkeypatch.setattr(objective, "token_logprobs",
                         lambda *a, **k: masks.append(k.get("undecodable")) or token_logprobs(*a, **k))
     log = tmp_path / "log.jsonl"
     result = train_grpo.main(["--policy", f"hf:{folder}", "--sft-steps", "2", "--sft-check-every", "2",
@@ -388,14 +390,14 @@ def test_collect_stops_on_every_stop_id(monkeypatch):
     args = train_grpo.parse_args(["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "30",
                                   "--temperature", "1.5"])
     rollouts = recording_generate(monkeypatch)
-    rollout, _, stats = train_grpo.collect(model, tok, train_grpo.make_task(args)[0], args, step=0, rank=0)
+    rollout, _, counts = collect(model, tok, train_grpo.make_task(args)[0], args, step=0, rank=0)
     assert_rollouts_decode_and_stop(rollouts, tok)
     sampled = rollouts[0]
     ended = ~sampled.truncated
-    assert 0 < int(ended.sum()) < 16 and stats["eos_rows"] == int(ended.sum()) == 16 - stats["truncated"]
-    assert stats["eos_len"] == int(sampled.completion_lens[ended].sum())
+    assert 0 < int(ended.sum()) < 16 and counts["eos_rows"] == int(ended.sum()) == 16 - counts["truncated"]
+    assert counts["eos_len"] == int(sampled.completion_lens[ended].sum())
     assert tok.end_of_turn_id == tok.eos_id
-    for text, row, start, n, cut in zip(train_grpo.completion_texts(tok, sampled), sampled.tokens.tolist(),
+    for text, row, start, n, cut in zip(completion_texts(tok, sampled), sampled.tokens.tolist(),
                                         sampled.prompt_lens.tolist(), sampled.completion_lens.tolist(),
                                         sampled.truncated.tolist()):
         assert text == tok.decode(row[start:start + n - (not cut)])

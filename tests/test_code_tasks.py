@@ -360,7 +360,7 @@ def oracle(monkeypatch):
             previous = prompt
         return out
     monkeypatch.setattr(train_grpo, "make_task", recording_make_task)
-    monkeypatch.setattr(train_grpo, "completion_texts", texts)
+    monkeypatch.setattr(train_grpo.rollouts, "completion_texts", texts)
 
 
 def test_procedural_code_task_through_the_trainer(tmp_path, monkeypatch, one_thread):

@@ -124,8 +124,8 @@ def test_export_of_a_sharded_checkpoint_loads_in_transformers(grpo_runs, tmp_pat
 
 def test_each_fsdp_rank_holds_half_the_replicated_state(grpo_runs):
     # train_grpo.py bench with a KL reference: policy + AdamW moments + reference, per rank (FSDP pads each tensor's
-    # first dimension to a multiple of the world size: here none). Before the reference was resharded after its
-    # forwards, its embeddings and final norm stayed whole on every rank: 9% more
+    # first dimension to a multiple of the world size: here none). The reference must be resharded after its
+    # forwards: left gathered, its embeddings and final norm would stay whole on every rank (9% more)
     _, out = grpo_runs
     report = json.loads((out / "bench.json").read_text())
     full = report["replicated"]["ranks"][0]["held_bytes"]

@@ -1,4 +1,5 @@
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,9 @@ from safetensors.torch import load_file, save_model
 import train_grpo
 from conftest import assert_usage_errors
 from test_policy import TEXTS, hf_reference, train_bpe
-from grpo import engine, hf_model, objective, policy, tasks, tokenizer
+from grpo import engine, evaluation, hf_model, metrics, objective, policy, rollouts, tasks, tokenizer
+from grpo.batches import micro_batches
+from grpo.flags import POLICY_DEFAULTS
 from grpo.objective import group_advantages, policy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; it also keeps the demo's trajectory the same everywhere
@@ -93,15 +96,39 @@ def test_failed_rewards_are_left_out_of_their_group(scale):
     assert (as_zero.view(5, 6)[0] - a.view(5, 6)[0]).abs().max() > 0.05
 
 
-def test_batch_std_is_global_under_torchrun(tmp_path):
-    # "batch" means the global batch (TRL gathers every rank's rewards first): two gloo ranks, each with its share,
-    # must give the advantages one process gives on the concatenated rewards
+# each loss on 2 ranks (tests/dist_grpo.py) against one process on the whole batch: flags of rl_update
+TWO_RANK_LOSSES = {"grpo": ["--loss-type", "grpo"], "dr_grpo": ["--loss-type", "dr_grpo", "--max-new-tokens", "6"],
+                   "dapo": ["--loss-type", "dapo", "--beta", "0.1", "--updates-per-rollout", "2"],
+                   "gspo": ["--level", "sequence", "--eps-low", "0.2", "--eps-high", "0.2"]}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """tests/dist_grpo.py under torchrun on 2 gloo ranks -> (out_dir, [rank 0's results, rank 1's]); the rollout
+    and model it trains are in out_dir/update.pt."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    _, tok = policy.tiny_policy()
+    model = tiny_hf_float64()
+    prompts = [tok.encode(p) for p in ["12+34=", "7-1=", "99+99="]]
+    rollout = engine.generate(model, prompts, n=4, max_new_tokens=6, eos=tok.eos_id, seed=1, pad_id=tok.pad_id)
+    rollout.logprobs = rollout.logprobs.double()
+    losses = {name: [*flags, "--grad-clip", "1e9", "--micro-batch-tokens", "40"]
+              for name, flags in TWO_RANK_LOSSES.items()}
+    torch.save({"config": TINY_HF, "state": model.state_dict(), "rollout": dataclasses.asdict(rollout),
+                "advantages": torch.randn(12, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+                "losses": losses}, out_dir / "update.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "tests", "dist_grpo.py"), str(tmp_path)]
+           os.path.join(REPO, "tests", "dist_grpo.py"), str(out_dir)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return out_dir, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_batch_std_is_global_under_torchrun(two_ranks):
+    # "batch" means the global batch (TRL gathers every rank's rewards first): two gloo ranks, each with its share,
+    # must give the advantages one process gives on the concatenated rewards
+    _, ranks = two_ranks
     rewards = ranks[0]["rewards"]
     single = group_advantages(rewards, 4, "batch")
     torch.testing.assert_close(torch.cat([ranks[0]["share"], ranks[1]["share"]]), single, rtol=1e-12, atol=1e-14)
@@ -110,6 +137,31 @@ def test_batch_std_is_global_under_torchrun(tmp_path):
     assert ranks[1]["all_on_rank0"].shape == (0,)
     per_rank = group_advantages(rewards[12:], 4, "batch")                  # what the per-rank std gave rank 1
     assert (per_rank - ranks[1]["share"]).abs().max() > 1
+
+
+@pytest.mark.parametrize("loss", TWO_RANK_LOSSES)
+def test_each_loss_on_two_ranks_equals_one_process(two_ranks, loss):
+    """Each loss's normalisation agrees with the update's world-size scaling: 2 ranks on 8 and 4 rows (micro-batches
+    of different counts) take the step one process takes on all 12, and report its loss; the step's metrics reduce
+    over ranks as declared (sum, min, max, this rank's)."""
+    out_dir, ranks = two_ranks
+    update = torch.load(out_dir / "update.pt", weights_only=False)
+    model = hf_model.HFDecoder(hf_model.hf_config(TINY_HF)).double()
+    model.load_state_dict(update["state"])
+    args = train_grpo.parse_args(update["losses"][loss])
+    reference = tiny_hf_float64().requires_grad_(False) if args.beta else None
+    counts = train_grpo.rl_update(model, engine.Rollout(**update["rollout"]), update["advantages"], args, step=10,
+                                  optimizers=[torch.optim.SGD(model.parameters(), lr=1.0)],
+                                  synced_params=list(model.parameters()), ref_model=reference)
+    for r in ranks:
+        delta = r[loss]["delta"]
+        assert max(d.abs().max() for d in delta.values()) > 1e-3           # the step did move the weights
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(delta[name], value - update["state"][name], rtol=1e-9, atol=1e-12)
+        m = r[loss]["metrics"]
+        assert m["loss"] == pytest.approx(counts["loss"] / counts["optimizer_steps"], rel=1e-9, abs=1e-15)
+        assert (m["completion_len_min"], m["completion_len_max"], m["completion_len"]) == (4, 10, 30 + 31)
+    assert (ranks[0][loss]["metrics"]["gen_s"], ranks[1][loss]["metrics"]["gen_s"]) == (1.0, 2.0)
 
 
 def test_group_advantages_rejects_ragged_groups():
@@ -332,19 +384,23 @@ def test_on_policy_ratio_is_one_and_gradient_is_reinforce(loss_type):
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_dapo_gradient_does_not_depend_on_micro_batching(level):
+def test_each_loss_sums_over_micro_batches_to_the_steps(loss_type, level):
+    # given the whole step's counts (num_tokens, num_rows, as the loop all-reduces them), the micro-batches' losses and
+    # gradients add up to those of the step in one batch, whatever the split
     logp, old_logp, ref_logp, adv, mask = random_batch(B=7, T=9, seed=3)
     logp.requires_grad_(True)
-    kwargs = dict(loss_type="dapo", level=level, beta=0.04)
+    kwargs = dict(loss_type=loss_type, level=level, beta=0.04, max_completion_length=9)
     loss, _ = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, **kwargs)
     full, = torch.autograd.grad(loss, logp)
-    num_tokens = mask.sum()                       # the whole step's tokens, as the loop all-reduces them
-    split = torch.zeros_like(logp)
+    split, total = torch.zeros_like(logp), 0.0
     for rows in [slice(0, 2), slice(2, 3), slice(3, 7)]:
-        loss, _ = policy_loss(logp[rows], old_logp[rows], adv[rows], mask[rows], ref_logp=ref_logp[rows],
-                              num_tokens=num_tokens, **kwargs)
-        split += torch.autograd.grad(loss, logp)[0]
+        part, _ = policy_loss(logp[rows], old_logp[rows], adv[rows], mask[rows], ref_logp=ref_logp[rows],
+                              num_tokens=mask.sum(), num_rows=7, **kwargs)
+        split += torch.autograd.grad(part, logp)[0]
+        total += part.item()
+    assert total == pytest.approx(loss.item(), rel=1e-12)
     torch.testing.assert_close(split, full, rtol=1e-12, atol=1e-15)
 
 
@@ -417,8 +473,8 @@ def test_rl_update_does_not_depend_on_micro_batch_tokens(loss_type):
         args = train_grpo.parse_args(["--loss-type", loss_type, "--micro-batch-tokens", budget,
                                              "--grad-clip", "1e9", "--max-new-tokens", "6"])
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)        # parameter change = -gradient
-        train_grpo.rl_update(model, None, [sgd], list(model.parameters()), rollout, advantages, args, step=10,
-                             world=1, device=torch.device("cpu"))
+        train_grpo.rl_update(model, rollout, advantages, args, step=10, optimizers=[sgd],
+                             synced_params=list(model.parameters()))
         deltas.append(torch.cat([(p.detach() - start[n]).flatten() for n, p in model.named_parameters()]))
     assert deltas[0].abs().max() > 0
     for delta in deltas[1:]:
@@ -428,7 +484,7 @@ def test_rl_update_does_not_depend_on_micro_batch_tokens(loss_type):
 def test_micro_batches_pack_rows_up_to_the_token_budget():
     lengths = torch.tensor([5, 17, 3, 9, 9, 30, 1, 12])
     rows = torch.tensor([0, 2, 3, 4, 5, 6, 7])                               # row 1 is in another minibatch
-    batches = list(train_grpo.micro_batches(rows, lengths, 24))
+    batches = list(micro_batches(rows, lengths, 24))
     assert sorted(torch.cat([r for r, _ in batches]).tolist()) == rows.tolist()   # every row once
     for r, L in batches:
         assert L == lengths[r].max() and (len(r) * L <= 24 or len(r) == 1)  # the 30-token row goes alone
@@ -438,18 +494,21 @@ def test_micro_batches_pack_rows_up_to_the_token_budget():
 def test_micro_batches_keep_the_rows_of_a_prompt_together():
     lengths = torch.tensor([5, 17, 3, 9, 9, 30, 1, 12, 4])
     groups = torch.tensor([0, 1, 0, 2, 1, 1, 2, 0, 2])                      # prompt of each row
-    batches = list(train_grpo.micro_batches(torch.arange(9), lengths, 36, groups))
+    batches = list(micro_batches(torch.arange(9), lengths, 36, groups))
     assert [groups[r].tolist() for r, _ in batches] == [[1], [1], [1], [0, 0, 0], [2, 2, 2]]  # by 30, 12, 9
     for r, L in batches:
         assert L == lengths[r].max() and (len(r) * L <= 36 or len(r) == 1)
 
 
-def tiny_hf_float64(seed=0):
-    # a random Qwen3-style decoder (GQA, q/k norms) in float64, vocabulary the tiny policy's bytes + eos
-    cfg = dict(model_type="qwen3", vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+# a Qwen3-style decoder (GQA, q/k norms), vocabulary the tiny policy's bytes + eos
+TINY_HF = dict(model_type="qwen3", vocab_size=257, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+
+
+def tiny_hf_float64(seed=0):
+    """A random TINY_HF decoder in float64."""
     torch.manual_seed(seed)
-    model = hf_model.HFDecoder(hf_model.hf_config(cfg)).double()
+    model = hf_model.HFDecoder(hf_model.hf_config(TINY_HF)).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
@@ -481,14 +540,14 @@ def test_shared_prompts_update_equals_every_row_alone(flags, monkeypatch):
                     calls.update([key]), f(m, *a))[1])
         args = train_grpo.parse_args([share, "--grad-clip", "1e9", "--max-new-tokens", "6", *flags])
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)                    # parameter change = -gradient
-        train_grpo.rl_update(model, ref_model, [sgd], list(model.parameters()), rollout, advantages, args,
-                             step=10, world=1, device=torch.device("cpu"))
+        train_grpo.rl_update(model, rollout, advantages, args, step=10, optimizers=[sgd],
+                             synced_params=list(model.parameters()), ref_model=ref_model)
         deltas.append(torch.cat([(p.detach() - start[n]).flatten() for n, p in model.named_parameters()]))
         passes.append(calls)
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-9, atol=1e-12)
     mu, beta = args.updates_per_rollout, args.beta
-    batches = len(list(train_grpo.micro_batches(torch.arange(16), rollout.prompt_lens + rollout.completion_lens,
+    batches = len(list(micro_batches(torch.arange(16), rollout.prompt_lens + rollout.completion_lens,
                                                 args.micro_batch_tokens)))
     assert passes[1] == collections.Counter({("policy", "hidden"): batches * (mu + (mu > 1)),
                                              **({("reference", "hidden"): batches} if beta else {})})
@@ -496,6 +555,36 @@ def test_shared_prompts_update_equals_every_row_alone(flags, monkeypatch):
     assert set(shared) == {("policy", "hidden_shared")} | ({("reference", "hidden_shared")} if beta else set())
     assert shared["policy", "hidden_shared"] % (mu + (mu > 1)) == 0
     assert shared["reference", "hidden_shared"] == shared["policy", "hidden_shared"] // (mu + (mu > 1)) * (beta > 0)
+
+
+def test_share_prompts_is_decided_for_the_policy_and_said(tmp_path, capsys):
+    # by default on where the policy has hidden_shared; our GPT has none: the run says it runs every row, and asking
+    # for it is a one-line error
+    gpt, _ = policy.tiny_policy(model_dim=16, head_dim=8)
+    hf = tiny_hf_float64()
+    assert [policy.shares_prompts(hf, r) for r in (None, True, False)] == [True, True, False]
+    assert [policy.shares_prompts(gpt, r) for r in (None, False)] == [False, False]
+    train_grpo.main(QUICK + ["--log-dir", str(tmp_path), "--run-id", "r"])
+    assert "--share-prompts: off, GPT has no hidden_shared (every row runs its prompt)" in capsys.readouterr().out
+    assert '"share_prompts": false' in (tmp_path / "r.txt").read_text()                # the run's log says so too
+    assert load_error(QUICK + ["--share-prompts"]) == ("error: --share-prompts: GPT has no hidden_shared (one pass "
+                                                       "over a prompt for all its rows: hf: policies); drop the flag")
+
+
+def test_a_policy_is_checked_against_the_protocol_when_it_loads(monkeypatch):
+    # both kinds of policy implement it; one that lacks a method stops the run in one line that names what it lacks
+    policy.check(policy.tiny_policy(model_dim=16, head_dim=8)[0], "tiny")
+    policy.check(tiny_hf_float64(), "hf:x")
+
+    class Lacking(torch.nn.Module):
+        config = hf_model.hf_config(TINY_HF)
+
+        def hidden(self, idx):
+            return torch.zeros(*idx.shape, 32)
+    tiny_policy = policy.tiny_policy
+    monkeypatch.setattr(policy, "tiny_policy", lambda **kwargs: (Lacking(), tiny_policy(**kwargs)[1]))
+    assert load_error(QUICK) == ("error: --policy tiny: Lacking lacks head, init_cache, forward_cached, param_groups "
+                                 "of the policy protocol (grpo/policy.py's docstring); implement them")
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
@@ -509,14 +598,14 @@ def test_no_reward_spread_skips_the_update(beta, monkeypatch):
     forwards = []
     monkeypatch.setattr(model, "hidden", lambda idx, hidden=model.hidden: forwards.append(idx) or hidden(idx))
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    sums = train_grpo.rl_update(model, model if beta else None, [sgd], list(model.parameters()), rollout,
-                                torch.zeros(4), args, step=0, world=1, device=torch.device("cpu"))
-    assert (sums["skipped"], sums["optimizer_steps"], len(forwards) > 0) == ((1, 0, False) if beta == 0 else
+    counts = train_grpo.rl_update(model, rollout, torch.zeros(4), args, step=0, optimizers=[sgd],
+                                  synced_params=list(model.parameters()), ref_model=model if beta else None)
+    assert (counts["skipped"], counts["optimizer_steps"], len(forwards) > 0) == ((1, 0, False) if beta == 0 else
                                                                              (0, 1, True))
 
 
 def test_bench_times_steps_without_evaluation(monkeypatch, capsys):
-    monkeypatch.setattr(train_grpo, "evaluate", lambda *a, **k: pytest.fail("bench evaluated"))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("bench evaluated"))
     report = train_grpo.main(["bench", "--steps", "2", "--sft-steps", "0", "--prompts-per-step", "2", "--group-size",
                               "2", "--max-new-tokens", "4", "--tiny-dim", "32"])
     split, (rank0,) = report["split"], report["ranks"]
@@ -529,10 +618,15 @@ def test_bench_times_steps_without_evaluation(monkeypatch, capsys):
 
 
 def test_flag_defaults_follow_the_policy():
-    tiny, hf = train_grpo.parse_args([]), train_grpo.parse_args(["--policy", "hf:some/model"])
-    assert (tiny.lr, tiny.sft_lr, tiny.sft_steps, tiny.sft_target) == (3e-4, 3e-3, 1500, 0.4)
-    assert (hf.lr, hf.sft_lr, hf.sft_steps, hf.sft_target) == (5e-6, 1e-4, 5, 1.0)
-    assert train_grpo.parse_args(["--policy", "ckpt:x", "--lr", "1e-3"]).lr == 1e-3
+    # each policy-dependent flag: its tiny default for --policy tiny, its pretrained one for hf: and ckpt:, and a value
+    # given on the command line over either
+    for name, (tiny, pretrained) in POLICY_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        assert tiny != pretrained and getattr(train_grpo.parse_args([]), name) == tiny
+        assert getattr(train_grpo.parse_args([flag, "1"]), name) == 1
+        for spec in ("hf:some/model", "ckpt:x"):
+            assert getattr(train_grpo.parse_args(["--policy", spec]), name) == pretrained
+            assert getattr(train_grpo.parse_args(["--policy", spec, flag, "1"]), name) == 1
 
 
 def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
@@ -542,14 +636,14 @@ def test_dynamic_sampling_refills_and_an_empty_batch_takes_no_step():
                                          "--group-size", "4", "--max-new-tokens", "5"])
     model, tok = policy.tiny_policy(seed=0, model_dim=32, head_dim=16)
     sample, _ = train_grpo.make_task(args)
-    rollout, advantages, stats = train_grpo.collect(model, tok, sample, args, step=0, rank=0)
-    assert stats["groups"] == 9 and stats["zero_std_groups"] == 9 and stats["samples"] == 36
+    rollout, advantages, counts = rollouts.collect(model, tok, sample, args, step=0, rank=0)
+    assert counts["groups"] == 9 and counts["zero_std_groups"] == 9 and counts["samples"] == 36
     assert rollout.tokens.shape[0] == 0 and advantages.shape == (0,)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     adam = torch.optim.AdamW(model.parameters(), lr=1.0)
-    sums = train_grpo.rl_update(model, None, [adam], list(model.parameters()), rollout, advantages, args, step=0,
-                                world=1, device=torch.device("cpu"))
-    assert sums["optimizer_steps"] == 0
+    counts = train_grpo.rl_update(model, rollout, advantages, args, step=0, optimizers=[adam],
+                                  synced_params=list(model.parameters()))
+    assert counts["optimizer_steps"] == 0
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
 
@@ -566,11 +660,11 @@ def test_collect_leaves_failed_verifications_out(monkeypatch):
             raise RuntimeError("verifier crashed")
         return float(len(calls) % 3 == 0)
     monkeypatch.setattr(train_grpo.tasks, "correctness_reward", flaky_verifier)
-    rollout, advantages, stats = train_grpo.collect(model, tok, sample, args, step=0, rank=0)
+    rollout, advantages, counts = rollouts.collect(model, tok, sample, args, step=0, rank=0)
     failed = [i for i in calls if i % 5 == 0]                                # rows 0, 5, 10
     rewards = [math.nan if i % 5 == 0 else float((i + 1) % 3 == 0) for i in calls]
-    assert len(calls) == 12 and stats["reward_errors"] == len(failed) == 3 and stats["samples"] == 12
-    assert stats["rewards"] == 9 and stats["reward_sum"] == sum(x for x in rewards if not math.isnan(x))
+    assert len(calls) == 12 and counts["reward_errors"] == len(failed) == 3 and counts["samples"] == 12
+    assert counts["rewards"] == 9 and counts["reward_sum"] == sum(x for x in rewards if not math.isnan(x))
     assert rollout.tokens.shape[0] == advantages.shape[0] == 9            # no loss on the failed rows
     expected = reference_advantages(rewards, 4, "group")
     keep = [i for i in range(12) if i not in failed]
@@ -603,28 +697,51 @@ def test_overlong_buffer_lowers_the_rewards_of_long_completions(monkeypatch):
     for buffer in (0, 8):
         args = train_grpo.parse_args(flags + ["--overlong-buffer", str(buffer)])
         sample, _ = train_grpo.make_task(args)
-        runs[buffer] = train_grpo.collect(model, tok, sample, args, step=0, rank=0)
-    (plain, _, plain_stats), (shaped, _, shaped_stats) = runs[0], runs[8]
+        runs[buffer] = rollouts.collect(model, tok, sample, args, step=0, rank=0)
+    (plain, _, plain_counts), (shaped, _, shaped_counts) = runs[0], runs[8]
     assert torch.equal(plain.completion_lens, shaped.completion_lens)                  # the same samples
     penalty = objective.overlong_penalty(shaped.completion_lens, 12, 8)
     assert len(set(shaped.completion_lens.tolist())) >= 3 and 0 < -penalty.sum() < 12
-    assert plain_stats["reward_sum"] == 12
-    assert shaped_stats["reward_sum"] == pytest.approx(12 + penalty.sum().item(), abs=1e-5)
+    assert plain_counts["reward_sum"] == 12
+    assert shaped_counts["reward_sum"] == pytest.approx(12 + penalty.sum().item(), abs=1e-5)
 
 
-def test_step_record_reports_unbiased_reward_std_and_cumulative_tokens():
-    rewards = [1.0, 0.0, 0.5, 0.25, 1.0]
-    stats = {"gen_s": 1.0, "reward_s": 0.1, "samples": 6, "rewards": 5, "reward_sum": sum(rewards),
-             "reward_sq": sum(x * x for x in rewards), "groups": 2, "kept_groups": 2, "completion_len": 30,
-             "eos_len": 20, "eos_rows": 4, "prompt_len": 42, "len_min": 2, "len_max": 9}
-    sums = {"loss": 0.5, "optimizer_steps": 2, "tokens": 10, "clip_low": 1, "clip_high": 2}
-    record = train_grpo.step_record(3, stats, sums, 0.5, 1, torch.device("cpu"), num_tokens=1000)
+STEP_COUNTS = {"gen_s": 1.0, "reward_s": 0.1, "samples": 6, "rewards": 5, "reward_sum": 2.75, "reward_sq": 2.3125,
+               "groups": 2, "kept_groups": 2, "completion_len": 30, "eos_len": 20, "eos_rows": 4, "prompt_len": 42,
+               "len_min": 2, "len_max": 9, "loss": 0.5, "optimizer_steps": 2, "tokens": 10, "clip_low": 1,
+               "clip_high": 2}
+STEP_GIVEN = dict(step=3, world=1, train_s=0.5, train_time=1234.0, num_tokens_before=1000, lr=1e-3, muon_lr=None)
+
+
+def test_step_metrics_report_unbiased_reward_std_and_cumulative_tokens():
+    rewards = [1.0, 0.0, 0.5, 0.25, 1.0]                                    # STEP_COUNTS' rewards
+    assert (sum(rewards), sum(x * x for x in rewards)) == (STEP_COUNTS["reward_sum"], STEP_COUNTS["reward_sq"])
+    m = metrics.step_metrics(STEP_COUNTS, torch.device("cpu"), **STEP_GIVEN)
     mean = sum(rewards) / 5
-    assert record["reward"] == pytest.approx(mean)
-    assert record["reward_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in rewards) / 4))  # Bessel
-    assert record["num_tokens"] == 1000 + 42 + 30 and record["loss"] == 0.25 and record["clip_region"] == 0.3
-    assert (record["completion_len_min"], record["completion_len"], record["completion_len_max"]) == (2, 5, 9)
-    assert record["completion_len_eos"] == 5 and record["kept_groups"] == 2
+    assert m["reward"] == pytest.approx(mean)
+    assert m["reward_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in rewards) / 4))  # Bessel
+    assert m["num_tokens"] == 1000 + 42 + 30 and m["loss"] == 0.25 and m["clip_region"] == 0.3
+    assert (m["completion_len_min"], m["completion_len"], m["completion_len_max"]) == (2, 5, 9)
+    assert m["completion_len_eos"] == 5 and m["kept_groups"] == 2 and m["lr"] == 1e-3 and "muon_lr" not in m
+    assert list(m) == ["step"] + [d.name for d in metrics.METRICS if d.name != "muon_lr"]
+    with pytest.raises(ValueError, match=r"counted \['clip_wide'\], which no metric reads"):
+        metrics.step_metrics({**STEP_COUNTS, "clip_wide": 1}, torch.device("cpu"), **STEP_GIVEN)
+
+
+def test_the_console_line_shows_what_the_step_needs():
+    # tool metrics with --tools only; failed rewards and a skipped update only when they happen
+    m = metrics.step_metrics({**STEP_COUNTS, "tool_calls": 3, "tool_errors": 1, "sandbox_s": 0.2},
+                             torch.device("cpu"), **STEP_GIVEN)
+    line = metrics.console_line(m, 9, target=4, tools=False)
+    assert line.startswith("step 3/9 | loss 0.25 lr 1.0e-03 | reward 0.550 ± 0.447 | groups 2/4 zero-std 0.00 | "
+                           "len 2/5.0/9 eos 5.0 trunc 0.00 | clip 0.100/0.200 |")
+    assert "tools" not in line and "reward errors" not in line and "no update" not in line
+    tools = metrics.console_line(m, 9, target=4, tools=True)
+    assert tools.endswith("train 0.50s | tools 0.50/completion errors 1 sandbox 0.20s")
+    failed = metrics.step_metrics({**STEP_COUNTS, "reward_errors": 2, "skipped": 1}, torch.device("cpu"),
+                                  **STEP_GIVEN)
+    assert metrics.console_line(failed, 9, target=4, tools=False).endswith(
+        " | reward errors 2 | no reward spread: no update")
 
 
 def test_countdown_task_runs_and_logs_what_trl_users_read(tmp_path, capsys):
@@ -635,13 +752,13 @@ def test_countdown_task_runs_and_logs_what_trl_users_read(tmp_path, capsys):
                               "--max-new-tokens", "40", "--format-weight", "0", "--drop-zero-std", "--max-refills", "1",
                               "--log-file", str(log)])
     assert set(result["after"]) == {"pass@1", "pass@2", "maj@2", "verify_errors"}
-    record = [json.loads(line) for line in log.read_text().splitlines() if "step" in json.loads(line)][0]
-    assert record["groups"] == 8 and record["kept_groups"] == 0 and record["zero_std"] == 1.0
+    step1 = [json.loads(line) for line in log.read_text().splitlines() if "step" in json.loads(line)][0]
+    assert step1["groups"] == 8 and step1["kept_groups"] == 0 and step1["zero_std"] == 1.0
     assert "warning: step 1: dynamic sampling found 0 of 4 groups" in capsys.readouterr().out
-    assert record["lr"] == pytest.approx(3e-4 / 5)                          # warmup step 1 of 5
-    assert 1 <= record["completion_len_min"] <= record["completion_len"] <= record["completion_len_max"] <= 40
-    assert record["num_tokens"] > 8 * 4 * record["completion_len_min"]
-    assert {"loss", "clip_region", "completion_len_eos", "reward_std", "reward_errors"} <= set(record)
+    assert step1["lr"] == pytest.approx(3e-4 / 5)                          # warmup step 1 of 5
+    assert 1 <= step1["completion_len_min"] <= step1["completion_len"] <= step1["completion_len_max"] <= 40
+    assert step1["num_tokens"] > 8 * 4 * step1["completion_len_min"]
+    assert {"loss", "clip_region", "completion_len_eos", "reward_std", "reward_errors"} <= set(step1)
 
 
 def test_cooldown_decays_the_learning_rate_linearly_to_zero_as_trls_default_schedule_does():
@@ -781,7 +898,7 @@ def bad_flag_cases(tmp_path):
         (["--resume", str(tmp_path / "empty")], "no model.safetensors"),
         (["--log-file", str(tmp_path / "nowhere" / "log.jsonl")], "no such directory"),
         (["--log-dir", str(a_file)], "not a directory"), (["--run-id", "a/b"], "must be a file name"),
-        # a held-out set that takes every problem of the task (it used to hang the training sampler)
+        # a held-out set that takes every problem of the task leaves the training sampler nothing to draw
         (["--digits", "1", "--test-size", "100"], "only 100 distinct problems"),
         (["--task", "countdown", "--countdown-numbers", "1", "--countdown-max-number", "5", "--test-size", "5"],
          "only 5 distinct problems"),
@@ -887,19 +1004,25 @@ def test_task_sizes_are_counted_exactly_and_the_sampler_is_bounded():
         tasks.held_out_set(make, 101, seed=0)
 
 
-def test_steps_0_evaluates_once(monkeypatch):
+def test_steps_0_evaluates_once_and_trains_nothing(monkeypatch, tmp_path):
+    # --steps 0 --sft-steps 0: one evaluation, and the checkpoint holds the policy exactly as it was loaded
     calls = []
-    evaluate = train_grpo.evaluate
-    monkeypatch.setattr(train_grpo, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
-    result = train_grpo.main(QUICK)
-    assert len(calls) == 1 and result["after"] == result["before"]
+    evaluate = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    log = tmp_path / "log.jsonl"
+    train_grpo.main(QUICK + ["--checkpoint-dir", str(tmp_path / "ckpt"), "--log-file", str(log)])
+    assert len(calls) == 1
+    assert [json.loads(line)["eval"] for line in log.read_text().splitlines()] == ["before_rl", "after_rl"]
+    loaded, _ = policy.tiny_policy(seed=0, num_layers=1, model_dim=16, num_heads=2, head_dim=8)   # QUICK's policy
+    saved = load_file(tmp_path / "ckpt" / "step_000000" / "model.safetensors")
+    assert saved and all(torch.equal(v, loaded.state_dict()[k]) for k, v in saved.items())
 
 
 def test_short_sft_checks_often_enough_to_stop_early(capsys):
     assert train_grpo.parse_args(["--sft-steps", "20"]).sft_check_every == 5
-    assert train_grpo.parse_args([]).sft_check_every == 25               # the demo's 1500 steps: as before
+    assert train_grpo.parse_args([]).sft_check_every == 25               # the demo's 1500 steps: every 25
     assert train_grpo.parse_args(["--sft-steps", "20", "--sft-check-every", "30"]).sft_check_every == 30
-    # a target any policy reaches: a 20-step SFT stops at its first check, step 5 (it used to run all 20)
+    # a target any policy reaches: a 20-step SFT stops at its first check, step 5, not at its last
     train_grpo.main(QUICK + ["--sft-steps", "20", "--sft-target", "0", "--sft-check-size", "2"])
     out = capsys.readouterr().out
     assert "sft step 5/20" in out and "sft step 10/20" not in out and "sft step 20/20" not in out
@@ -1000,12 +1123,12 @@ def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    steps = [r for r in records if "step" in r]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in entries if "step" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["groups"] >= 8 for r in steps)                   # 4 prompts per rank, both ranks counted
     assert all(r["kept_groups"] <= 8 for r in steps) and steps[1]["num_tokens"] > steps[0]["num_tokens"] > 0
-    assert {r.get("eval") for r in records} >= {"before_rl", "after_rl"}
+    assert {r.get("eval") for r in entries} >= {"before_rl", "after_rl"}
     assert sorted(os.listdir(tmp_path / "ckpt" / "step_000002")) == [
         "config.json", "model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt", "train_state.json"]
 

@@ -429,6 +429,9 @@ def test_hf_config_rejects_unsupported(edit, message):
 
 
 def test_from_hf_downloads_only_the_needed_files(tmp_path, qwen_bpe, monkeypatch):
+    # of a hub repo's files, the patterns from_hf downloads with (matched as huggingface_hub matches them) take the
+    # config, the tokenizer and chat template, the safetensors weights (whole or sharded), and nothing else
+    import fnmatch
     save_hf(tmp_path, hf_reference("qwen2"), qwen_bpe)
     calls = []
 
@@ -436,8 +439,15 @@ def test_from_hf_downloads_only_the_needed_files(tmp_path, qwen_bpe, monkeypatch
         calls.append((repo_id, allow_patterns))
         return str(tmp_path)
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    hf_model.from_hf("someone/tiny-qwen")
-    assert calls == [("someone/tiny-qwen", hf_model.HF_FILES)]
+    model, _ = hf_model.from_hf("someone/tiny-qwen")
+    (repo_id, patterns), = calls
+    needed = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+              "special_tokens_map.json", "model.safetensors", "model.safetensors.index.json",
+              "model-00001-of-00002.safetensors"]
+    others = ["pytorch_model.bin", "model.pt", "onnx/model.onnx", "README.md", ".gitattributes", "original/params.json",
+              "consolidated.00.pth", "model.gguf", "flax_model.msgpack"]
+    taken = [f for f in needed + others if any(fnmatch.fnmatch(f, p) for p in patterns)]
+    assert repo_id == "someone/tiny-qwen" and taken == needed and model.config.vocab_size > 0
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,9 +226,13 @@ def test_grpo_truncated_and_trackless_logs_are_dnf(tmp_path):
 
 def test_train_grpo_writes_a_record_compare_reads(tmp_path, monkeypatch):
     import train_grpo
+    from grpo import metrics
     monkeypatch.setattr(sys, "argv", ["train_grpo.py"])
+    # a made-up verifier with reward spread, so that the steps update and their metrics are not all 0
+    monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, text: float(sum(map(ord, text)) % 2))
     train_grpo.main(["--steps", "3", "--sft-steps", "20", "--test-size", "12", "--prompts-per-step", "4",
-                     "--eval-every", "1", "--eval-k", "0", "--log-dir", str(tmp_path), "--run-id", "r1"])
+                     "--eval-every", "1", "--eval-k", "0", "--log-dir", str(tmp_path), "--run-id", "r1",
+                     "--log-file", str(tmp_path / "r1.jsonl")])
     text = (tmp_path / "r1.txt").read_text()
     sources, _, lines = text.partition("=" * 100 + "\n")
     assert sources.startswith("==> train_grpo.py <==")
@@ -242,6 +247,15 @@ def test_train_grpo_writes_a_record_compare_reads(tmp_path, monkeypatch):
     assert len(times) == 4 and times == sorted(times)   # before RL, after steps 1 and 2, after RL (step 3's)
     steps_ms = [int(m) for m in re.findall(r"^step:\d+/3 .* train_time:(\d+)ms$", lines, re.M)]
     assert len(steps_ms) == 3 and steps_ms == sorted(steps_ms)
+    # one record of a step: the log's step line is the --log-file JSON line, each metric at its declared precision
+    entries = [e for e in map(json.loads, (tmp_path / "r1.jsonl").read_text().splitlines()) if "step" in e]
+    formats = {m.name: m.log for m in metrics.METRICS}
+    assert [p["step"] for p in run["metrics"]] == [e["step"] for e in entries] == [1, 2, 3]
+    for parsed, entry in zip(run["metrics"], entries):
+        assert parsed.keys() == entry.keys() | {"steps"} and parsed["steps"] == 3
+        for key, value in entry.items():
+            assert parsed[key] == (value if key == "step" else float(formats[key].format(value).removesuffix("ms")))
+    assert any(e["reward"] > 0 and e["loss"] != 0 and not e["skipped"] for e in entries)  # a step that updates
 
 
 def test_plot_draws_both_kinds_or_says_why_not(tmp_path):
@@ -281,14 +295,18 @@ def test_each_grpo_tracks_command_belongs_to_it(name):
         assert compare.track_of(track_flags(command, folder="/models/SmolLM2-360M-Instruct")) is None
 
 
-def test_the_cpu_track_is_smollm2_on_two_digit_addition():
-    # records/README.md's CPU track: SmolLM2-135M-Instruct (tests/real_model.py's folder name), 2-digit addition (8,100
-    # problems), 200 held out by --test-seed 10000, 21 RL steps evaluated every 3, greedy pass@1 target 0.50 (the
-    # exploration run of 2026-12-05 on 2 cores: 0.105 after SFT, 0.495 at step 9, 0.52 at step 12 after 301 s of
-    # train time, 0.61 at step 21)
-    import real_model
+@pytest.mark.parametrize("name", [n for n, t in compare.TRACKS.items() if t["kind"] == "grpo"])
+def test_records_readme_states_each_grpo_track_as_compare_does(name):
+    # records/README.md's table row of a track gives the command and the target TRACKS holds, and the runs its
+    # command makes are the ones its flags match (the checks above); the CPU track's model is the folder
+    # tests/real_model.py writes, its held-out set a part of the task's problems (counted, not written down)
     from grpo import tasks
-    track = compare.TRACKS["grpo-add2-smollm2-cpu"]
-    assert track["flags"]["policy"] == f"hf:*/{real_model.FOLDER_NAME}"
-    assert tasks.arithmetic_count(2, "+") == 8100 and track["flags"]["test_size"] == 200
-    assert (track["target"], track["flags"]["steps"], track["flags"]["threads"]) == (0.50, 21, 2)
+    import real_model
+    track = compare.TRACKS[name]
+    row = next(line for line in (Path(REPO) / "records" / "README.md").read_text().splitlines()
+               if line.startswith(f"| `{name}` |"))
+    assert f"`{track['command']}`" in row and f"pass@1 of {track['target']:.2f}" in row
+    if "real_model" in track["command"]:
+        assert track["flags"]["policy"] == f"hf:*/{real_model.FOLDER_NAME}"
+        count = tasks.arithmetic_count(track["flags"]["digits"], track["flags"]["ops"])
+        assert f"of {count:,})" in row and track["flags"]["test_size"] < count

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import train_grpo
 from model import GPT, GPTConfig, KVCache
-from grpo import engine, hf_model, policy, sandbox, tasks, tokenizer
+from grpo import engine, hf_model, policy, rollouts, sandbox, sft, tasks, tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 258
@@ -181,15 +181,15 @@ def test_tool_outputs_get_no_loss_ratio_or_kl():
         model, reference_model = Biased(seed=2), Biased(seed=2)
         model.poison = reference_model.poison = poison
         sgd = torch.optim.SGD(model.parameters(), lr=1.0)           # parameter change = -gradient
-        sums = train_grpo.rl_update(model, reference_model, [sgd], list(model.parameters()), rollout, advantages,
-                                    args, step=10, world=1, device=torch.device("cpu"))
+        counts = train_grpo.rl_update(model, rollout, advantages, args, step=10, optimizers=[sgd],
+                                      synced_params=list(model.parameters()), ref_model=reference_model)
         start = Biased(seed=2).state_dict()
-        return sums, torch.cat([(v - start[k]).flatten() for k, v in model.state_dict().items()])
+        return counts, torch.cat([(v - start[k]).flatten() for k, v in model.state_dict().items()])
 
-    clean_sums, clean = update(None)
-    sums, delta = update((rollout.tokens, predicts_tool))
-    assert clean.abs().max() > 0 and clean_sums["kl"] > 0
-    assert torch.equal(delta, clean) and sums == clean_sums
+    clean_counts, clean = update(None)
+    counts, delta = update((rollout.tokens, predicts_tool))
+    assert clean.abs().max() > 0 and clean_counts["kl"] > 0
+    assert torch.equal(delta, clean) and counts == clean_counts
     with pytest.raises(RuntimeError, match="policy loss"):
         update((rollout.tokens, rollout.completion_mask[:, 1:] & (rollout.tool_mask.cumsum(dim=1)[:, :-1] > 0)))
 
@@ -260,17 +260,17 @@ def test_hostile_programs_inside_a_training_step():
     problems = itertools.cycle([tasks.Problem("arithmetic", chr(65 + k), "42", "") for k in range(len(hostile))])
     args = train_grpo.parse_args(["--tools", "python", "--tool-timeout", "1", "--max-new-tokens", "240",
                                   "--prompts-per-step", str(len(hostile)), "--group-size", "2"])
-    rollout, advantages, stats = train_grpo.collect(model, tok, lambda rng: next(problems), args, step=0, rank=0)
-    assert stats["tool_calls"] == 2 * len(hostile) and stats["tool_errors"] == 2 * (len(hostile) - 1)
-    assert stats["reward_sum"] == 2 * len(hostile)                 # every row still answers: the step goes on
-    texts = train_grpo.completion_texts(tok, rollout)
+    rollout, advantages, counts = rollouts.collect(model, tok, lambda rng: next(problems), args, step=0, rank=0)
+    assert counts["tool_calls"] == 2 * len(hostile) and counts["tool_errors"] == 2 * (len(hostile) - 1)
+    assert counts["reward_sum"] == 2 * len(hostile)                 # every row still answers: the step goes on
+    texts = rollouts.completion_texts(tok, rollout)
     assert "```output\n42\n```" in texts[-1] and "```output\nTimeoutError" in texts[0]
     assert not os.path.exists("/tmp/pwned-by-a-test")
     advantages = torch.randn(len(advantages), generator=torch.Generator().manual_seed(0))  # the groups are uniform
     adam = torch.optim.AdamW(model.parameters(), lr=0.1)
-    sums = train_grpo.rl_update(model, None, [adam], list(model.parameters()), rollout, advantages, args, step=0,
-                                world=1, device=torch.device("cpu"))
-    assert sums["optimizer_steps"] == 1 and model.bias.abs().max() > 0
+    counts = train_grpo.rl_update(model, rollout, advantages, args, step=0, optimizers=[adam],
+                                  synced_params=list(model.parameters()))
+    assert counts["optimizer_steps"] == 1 and model.bias.abs().max() > 0
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_hostile_programs_inside_a_training_step():
 def test_sft_targets_leave_out_tool_outputs(tmp_path):
     tok = policy.bytes_eos_tokenizer()                              # one token per character
     problem = tasks.arithmetic_problem(random.Random(0), digits=3, ops="*")
-    ids, trained = train_grpo.solution_tokens(tok, problem, tools=True)
+    ids, trained = sft.solution_tokens(tok, problem, tools=True)
     text = tok.decode(ids[:-1])
     assert text == problem.tool_solution and ids[-1] == tok.eos_id
     assert text.startswith("```python\nprint(") and text.endswith(f"<answer>{problem.answer}</answer>")
@@ -289,7 +289,7 @@ def test_sft_targets_leave_out_tool_outputs(tmp_path):
     code = sandbox.find_code(text)                                  # the block closes where the output begins
     assert text.index(code) + len(code) + len("\n```") == start and sandbox.run(code) == (problem.answer, False)
     with pytest.raises(ValueError, match="--sft-steps 0"):
-        train_grpo.solution_tokens(tok, tasks.countdown_problem(random.Random(0)), tools=True)
+        sft.solution_tokens(tok, tasks.countdown_problem(random.Random(0)), tools=True)
     with pytest.raises(SystemExit) as exit_info:                   # the trainer says so before it starts, in one line
         train_grpo.main(["--task", "countdown", "--tools", "python", "--log-dir", str(tmp_path)])
     assert "pass --sft-steps 0 or use --task arithmetic" in exit_info.value.code and "\n" not in exit_info.value.code
@@ -308,10 +308,10 @@ def test_grpo_with_tools_under_torchrun(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "sandbox: a process per call" in run.stdout
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    steps = [r for r in records if "step" in r]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [r for r in entries if "step" in r]
     assert [r["step"] for r in steps] == [1, 2] and all(r["groups"] == 8 for r in steps)
     assert all(r["tool_calls"] > 0.8 and r["sandbox_s"] > 0 and 0 <= r["tool_errors"] <= 32 for r in steps), steps
     assert " | tools " in run.stdout and "errors" in run.stdout
-    before = next(r for r in records if r.get("eval") == "before_rl")
+    before = next(r for r in entries if r.get("eval") == "before_rl")
     assert before["pass@1"] >= 0.5, before                         # 3-digit products: ~0% without the tool
