@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_grpo
-from grpo import code_tasks, engine, objective, policy, sandbox, tasks, verifier
+from grpo import code_tasks, engine, objective, policy, rollouts, sandbox, tasks, verifier
 
 HUMANEVAL = code_tasks.load_humaneval()
 
@@ -465,7 +465,7 @@ def test_grpo_pushes_down_completions_that_exit_before_the_tests(monkeypatch, on
     exits = ["```python\nimport os\nos._exit(0)\n{}\n```", "```python\nimport sys\nsys.exit(0)\n{}\n```"]
     code = [p.solution.removeprefix("```python\n").removesuffix("\n```") for p in problems]
     texts = [t for p, c in zip(problems, code) for t in [p.solution, *(e.format(c) for e in exits), WRONG]]
-    prompts = [train_grpo.encode_prompt(tok, p, args.system_prompt) for p in problems for _ in range(4)]
+    prompts = [rollouts.encode_prompt(tok, p, args.system_prompt) for p in problems for _ in range(4)]
     completions = [tok.encode_ordinary(t) + [tok.eos_id] for t in texts]
     L = max(len(p) + len(c) for p, c in zip(prompts, completions))
     tokens = torch.full((8, L), tok.pad_id)
@@ -479,11 +479,11 @@ def test_grpo_pushes_down_completions_that_exit_before_the_tests(monkeypatch, on
                              torch.zeros(8, dtype=torch.bool), torch.tensor(list(map(len, prompts))), lens,
                              torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long),
                              torch.zeros(8, dtype=torch.float64))
-    monkeypatch.setattr(train_grpo.engine, "generate", lambda *a, **k: rollout)
-    assert train_grpo.completion_texts(tok, rollout) == texts
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: rollout)
+    assert rollouts.completion_texts(tok, rollout) == texts
     drawn = iter(problems)
-    kept, advantages, stats = train_grpo.collect(model, tok, lambda rng: next(drawn), args, 0, 0)
-    assert stats["reward_errors"] == 0 and stats["reward_sum"] == 2                 # the two worked solutions
+    kept, advantages, counts = rollouts.collect(model, tok, lambda rng: next(drawn), args, 0, 0)
+    assert counts["reward_errors"] == 0 and counts["reward_sum"] == 2                 # the two worked solutions
     assert (advantages.view(2, 4)[:, 0] > 0).all() and (advantages.view(2, 4)[:, 1:] < 0).all()
 
     def logp():
@@ -492,7 +492,7 @@ def test_grpo_pushes_down_completions_that_exit_before_the_tests(monkeypatch, on
         return (values * completion_mask[:, 1:]).sum(1).view(2, 4)
     before = logp()
     optimizers, synced = train_grpo.make_optimizers(model, args)
-    train_grpo.rl_update(model, None, optimizers, synced, kept, advantages, args, 0, 1, torch.device("cpu"))
+    train_grpo.rl_update(model, kept, advantages, args, step=0, optimizers=optimizers, synced_params=synced)
     change = logp() - before
     assert (change[:, 0] > 0).all() and (change[:, 1:3] < 0).all(), change
 
