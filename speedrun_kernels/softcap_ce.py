@@ -18,12 +18,12 @@ def softcap_logits(z, softcap=(23.0, 5.0, 7.5)):
 
 
 def softcap_cross_entropy_reference(logits, targets, weights, softcap=(23.0, 5.0, 7.5)):
-    # logits (N, V) any float dtype, targets (N, K) int64, weights (K,) -> (N,) fp32
-    y = softcap_logits(logits.float(), softcap)
+    # logits (N, V) any float dtype, targets (N, K) int64, weights (K,) -> (N,) fp32 (float64 for float64 logits)
+    y = softcap_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)), softcap)
     lse = y.logsumexp(dim=-1, keepdim=True)  # (N, 1)
     valid = targets != IGNORE_INDEX
     picked = y.gather(1, targets.clamp(min=0))  # (N, K)
-    return torch.where(valid, (lse - picked) * weights.float(), 0.0).sum(dim=1)
+    return torch.where(valid, (lse - picked) * weights.to(y.dtype), 0.0).sum(dim=1)
 
 
 def softcap_cross_entropy(logits, targets, weights, softcap=(23.0, 5.0, 7.5)):
