@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor
 
 import muon
 import run_log
+from model import MUON_LABELS
 from grpo import checkpoint, code_tasks, engine, fsdp, objective, policy, sandbox, tasks
 from grpo.flags import parse_args, parser
 
@@ -382,7 +383,8 @@ def make_optimizers(model, args):
     if args.optimizer != "muon":
         raise ValueError(f"--optimizer {args.optimizer!r}: use adamw or muon")
     if hasattr(model, "param_groups"):                                      # our GPT names its hidden matrices
-        hidden = model.param_groups()["hidden"]
+        groups = model.param_groups()
+        hidden = [p for label in MUON_LABELS for p in groups[label]]
     else:                                                                   # HF-style: 2D weights of the blocks
         hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
     hidden_ids = {id(p) for p in hidden}

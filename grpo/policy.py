@@ -9,6 +9,7 @@ The policies train_grpo.py fine-tunes, by --policy:
 load(spec, ...) picks one. Every policy maps idx (B, T) -> logits and implements model.py's KV-cache protocol
 (hf_model.py's docstring), so the rollout engine and the log-probs treat them alike.
 """
+import dataclasses
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -51,18 +52,24 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     unknown = set(config_dict) - {f.name for f in fields(GPTConfig)}
     if unknown:
         raise ValueError(f"{path}: config fields {sorted(unknown)} are unknown to model.py's GPTConfig")
-    config = gpt_config(config_dict)
+    # FP8 off: the fine-tuner trains in bf16 (the FP8 MLP's delayed scales need train_gpt.py's refresh after every
+    # optimizer step)
+    config = dataclasses.replace(gpt_config(config_dict), fp8=False)
     tokenizer = gpt_tokenizer(config, tiktoken_file)
     if tokenizer.eos_id != config.eos_token_id or tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: the model (eos {config.eos_token_id}, vocab {config.vocab_size}) does not match "
                          f"the tokenizer (eos {tokenizer.eos_id}, vocab {tokenizer.vocab_size}); pass tiktoken_file")
-    # a compiled or DDP-wrapped model saves its parameters under _orig_mod. / module.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.to(device=device, dtype=dtype)
-             for k, v in state.items()}
     with torch.device(device):
         model = GPT(config)
+    # a compiled or DDP-wrapped model saves its parameters under _orig_mod. / module.; dtype applies to the
+    # parameters, the buffers (YaRN's windows, the sign table, FP8 scales) keep their own
+    own = model.state_dict()
+    params = {name for name, _ in model.named_parameters()}
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=dtype if k in params or k not in own else own[k].dtype)
+             for k, v in state.items()}
     check_state(model, state, f"{path}'s weights", "they were not written for its config")
-    model.load_state_dict(state, strict=True, assign=True)  # the rotary buffers stay fp32
+    model.load_state_dict(state, strict=True, assign=True)
     return model, tokenizer
 
 
@@ -93,8 +100,9 @@ def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_he
     """A random tiny GPT (about 1M parameters by default) and a byte-level tokenizer: ids 0-255 are the bytes,
     256 is <|endoftext|> (eos and pad). For tests and the CPU demo."""
     config = GPTConfig(vocab_size=257, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
-                       head_dim=head_dim, max_seq_len=max_seq_len, block_len=max_seq_len, window_blocks=1,
-                       eos_token_id=256, fp8_head=False)  # one window block: full causal attention
+                       head_dim=head_dim, max_seq_len=max_seq_len, block_len=max_seq_len, windows=(1, 1),
+                       eos_token_id=256, fp8=False, smear_gate_dim=min(12, model_dim),
+                       ve_gate_dim=min(6, model_dim))  # windows of one block: full causal attention
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT(config)
