@@ -55,8 +55,8 @@ def _scale(t: Tensor, s: float) -> Tensor:
 @torch.library.custom_op("nanogpt::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
     """x (N, K), w (M, K) -> (x @ w.T (N, M) bf16, x/x_s as e4m3 bytes (N, K), w/w_s as e4m3 bytes (M, K))."""
-    x_f8 = x.div(x_s).to(E4M3)
-    w_f8 = w.div(w_s).to(E4M3)
+    x_f8 = x.div(x_s).to(E4M3).contiguous()
+    w_f8 = w.div(w_s).to(E4M3).contiguous()  # row-major, so w_f8.T is the column-major operand _scaled_mm wants
     if x.is_cuda:
         out = torch._scaled_mm(x_f8, w_f8.T, out_dtype=torch.bfloat16, scale_a=_scale(x, x_s),
                                scale_b=_scale(x, w_s), use_fast_accum=True)
@@ -68,7 +68,7 @@ def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple
 @fp8_mm.register_fake
 def _(x, w, x_s, w_s, grad_s):
     out = x.new_empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
-    return out, torch.empty_like(x, dtype=torch.uint8), torch.empty_like(w, dtype=torch.uint8)
+    return out, x.new_empty(x.shape, dtype=torch.uint8), w.new_empty(w.shape, dtype=torch.uint8)
 
 
 @torch.library.custom_op("nanogpt::fp8_mm_backward", mutates_args=())
