@@ -840,3 +840,40 @@ def test_kernel_path_matches_torch_path(monkeypatch):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for g0, g1 in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(g0, g1, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("switch", ["bigram", "value_embeds", "paired_heads", "key_offset", "xsa", "dc"])
+def test_ablation_switches_turn_their_idea_off(switch):
+    """Each GPTConfig switch removes its idea (parameters, gate columns, the path) and nothing else; the model still
+    trains (forward + backward) and decodes from the cache as it runs whole."""
+    full = GPT(tiny_config(num_layers=5))
+    model = randomize(GPT(tiny_config(num_layers=5, **{switch: False})), seed=15)
+    kinds = {kind for kind, _ in model.gate_layout}
+    blocks = [b for b in model.blocks if b.has_attn]
+    off = {"bigram": not hasattr(model, "bigram_embed") and "bigram" not in kinds and "bigram_signs" not in
+           dict(model.named_buffers()),
+           "value_embeds": not hasattr(model, "value_embeds") and all(b.ve_gate is None for b in model.blocks),
+           "paired_heads": not any(b.paired for b in blocks), "key_offset": not any(b.key_offset for b in blocks),
+           "xsa": "xsa" not in kinds, "dc": not {"dc_w1", "dc_w2"} & kinds}[switch]
+    assert off and sum(p.numel() for p in model.parameters()) <= sum(p.numel() for p in full.parameters())
+    idx = torch.randint(1, 256, (2, 24), generator=torch.Generator().manual_seed(15))
+    idx[:, 0] = EOS
+    model(idx, idx.roll(-1, 1), reduction="sum", mtp_weights=torch.ones(2), prefix_weight=torch.tensor(0.5)).backward()
+    cache = model.init_cache(2, 24)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_cached(idx, torch.arange(24).expand(2, 24), cache), model(idx), atol=2e-4)
+
+
+def test_bad_configs_and_inputs_are_one_line_errors():
+    for kw, message in [(dict(num_heads=3, head_dim=16, model_dim=48), "even number of heads"),
+                        (dict(head_dim=8), "num_heads \\* head_dim"), (dict(head_dim=6, model_dim=12), "multiple of 4"),
+                        (dict(bigram_dim=40), "bigram_dim"), (dict(smear_gate_dim=40), "smear_gate_dim"),
+                        (dict(num_layers=0), "num_layers"), (dict(windows=(3,)), "windows")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_config(**kw)
+    model = GPT(tiny_config(max_seq_len=16))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="init_cache"):
+        model.forward_cached(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                             model_module.KVCache(torch.zeros(4, 1, 16, 2, 16), torch.zeros(4, 1, 16, 2, 16)))
