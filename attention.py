@@ -203,10 +203,11 @@ def dc_banded(q: Tensor, k: Tensor, v: Tensor, docs: Tensor, w1: Tensor, w2: Ten
 def dc_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """DC with an explicit mask (cached decoding). q (scaled) (B, t, H, D), k, v (B, S, H, D), mask (B, 1, t, S),
     w1, w2 (B, t, H) -> (B, t, H, D)."""
-    scores = at_least_fp32(torch.einsum("bqhd,bkhd->bhqk", q, k))
-    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)  # (B, H, t, S)
+    B, t, H, D = q.shape
+    scores = at_least_fp32(q.transpose(1, 2) @ k.permute(0, 2, 3, 1))  # (B, H, t, S); the cache is read in place
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
     a = dc_mix(p, w1)  # (B, t, S)
-    return torch.einsum("bqk,bkhd->bqhd", a, v) * w2.type_as(q)[..., None]
+    return (a @ v.flatten(2)).view(B, t, H, D) * w2.type_as(q)[..., None]
 
 
 # -----------------------------------------------------------------------------
