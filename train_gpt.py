@@ -45,12 +45,12 @@ import torch
 import torch.distributed as dist
 
 import speedrun_kernels
-from data.loader import ChunkLoader, bigram_hash, load_val_tokens, stage
+from data.loader import ChunkLoader, load_val_tokens, stage
 from data.prefix_table import gpt2_ranks, prefix_table
 from data.shards import find_shards
 from flag_types import existing_file, folder, number, run_id
 from fp8 import fp8_notice, fp8_supported
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, bigram_hash
 from muon import NorMuonAndAdam
 from run_log import hardware_line, open_log, run_id as new_run_id
 from stages import STAGES, Schedule, step_counts

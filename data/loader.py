@@ -26,18 +26,7 @@ import torch
 from torch import Tensor
 
 from data.shards import read_shard
-
-
-def bigram_hash(idx: Tensor, vocab_b: int) -> Tensor:
-    """idx (..., T) int64 token ids -> (..., T) int64 rows of the bigram embedding (record L1779-1794): position 0 is
-    the reserved row vocab_b - 1; position t >= 1 hashes (x[t-1], x[t]) as ((36313 x[t]) XOR (27191 x[t-1])) mod
-    (vocab_b - 1). Along the whole row: document starts hash with the previous document's last token (the record's
-    choice). The record computes it in int32, which never overflows for ids below 59,138; int64 gives the same values.
-    This is model.py's bigram_hash formula, kept here once until the loader imports it from there."""
-    h = torch.empty_like(idx)
-    h[..., 0] = vocab_b - 1
-    h[..., 1:] = torch.bitwise_xor(36313 * idx[..., 1:], 27191 * idx[..., :-1]) % (vocab_b - 1)
-    return h
+from model import bigram_hash
 
 
 def load_shard(path: str, eos: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -41,9 +41,14 @@ def enabled(t):
     return mode == "1"
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in; float64 callers get the reference
+
+
 def use_triton(t, kernel):
-    """kernel: one of probes()'s names."""
-    return (t.is_cuda or INTERPRET) and built(kernel, str(t.device), t.dtype)
+    """kernel: one of probes()'s names. Where enabled(t), in a dtype the kernels take, on CUDA or in the
+    interpreter, and the kernel built there."""
+    return (enabled(t) and (t.is_cuda or INTERPRET) and t.dtype in KERNEL_DTYPES
+            and built(kernel, str(t.device), t.dtype))
 
 
 def probes():

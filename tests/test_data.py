@@ -182,7 +182,8 @@ def test_tokenize_one_file_needs_documents(tmp_path):
 
 import torch  # noqa: E402
 
-from data.loader import ChunkLoader, bigram_hash, cut_step  # noqa: E402
+from data.loader import ChunkLoader, cut_step  # noqa: E402
+from model import bigram_hash  # noqa: E402
 from data.prefix_table import gpt2_ranks, prefix_table  # noqa: E402
 
 

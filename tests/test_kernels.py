@@ -33,10 +33,11 @@ def assert_close(actual, expected):
 
 
 @pytest.fixture
-def kdevice(device):
-    """The device a kernel test runs on: the CPU through the interpreter, or the GPU, compiled."""
+def kdevice(device, monkeypatch):
+    """The device a kernel test runs on: the CPU through the interpreter, or the GPU, compiled (kernels on)."""
     if device.type == "cpu" and not speedrun_kernels.dispatch.INTERPRET:
         pytest.skip("Triton compiles for the GPU in this session: TRITON_INTERPRET=1 runs the kernels on the CPU")
+    monkeypatch.setenv("NANOGPT_KERNELS", "1")
     return device
 
 

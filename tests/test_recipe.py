@@ -29,7 +29,7 @@ import fp8  # noqa: E402
 import muon  # noqa: E402
 import stages  # noqa: E402
 import train_gpt  # noqa: E402
-from data.loader import ChunkLoader, bigram_hash  # noqa: E402
+from data.loader import ChunkLoader  # noqa: E402
 from data.prefix_table import gpt2_ranks, prefix_table  # noqa: E402
 from data.shards import read_shard, write_shard  # noqa: E402
 from model import GPT, GPTConfig, layer_plan  # noqa: E402
@@ -300,15 +300,6 @@ def test_loader_is_the_records_at_eight_gpus(tmp_path):
         shards_seen.add(ours[1][0].shard)
     assert shards_seen == {0, 1, 2}
 
-
-def test_bigram_hash_figures():
-    # record L1786-1793: rand_int_1 = 36313, rand_int_2 = 27191, mod = bigram_vocab_size - 1, out[0] = mod,
-    # out[1:] = torch.bitwise_xor(rand_int_1 * out[1:], rand_int_2 * out[:-1]) % mod
-    vocab_b = 50304 * 15 // 2  # record L1902
-    x = torch.randint(0, 50304, (3, 100), generator=torch.Generator().manual_seed(0))
-    h = bigram_hash(x, vocab_b)
-    assert (h[:, 0] == vocab_b - 1).all()
-    assert torch.equal(h[:, 1:], torch.bitwise_xor(36313 * x[:, 1:], 27191 * x[:, :-1]) % (vocab_b - 1))
 
 # -----------------------------------------------------------------------------
 # the trainer's step: micro-step scaling and validation
