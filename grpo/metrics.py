@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
+    """One metric of a step, declared once: how the ranks' counts make it, its run-log format, its console piece."""
     name: str                   # its key in the metrics: the --log-file JSON, the run log's step line
     value: Callable             # the counts (and given values) named by its parameters -> the metric
     log: str                    # its format in the run log's step line
