@@ -1,3 +1,4 @@
+import os
 import random
 from fractions import Fraction
 
@@ -249,6 +250,31 @@ def test_a_task_added_as_one_row_is_a_flag_drawn_held_out_rewarded_and_voted_on(
     with pytest.raises(SystemExit):                       # its count: the held-out set must leave problems to train on
         train_grpo.parse_args(["--task", "reverse", "--test-size", str(len(WORDS))])
     assert f"--task reverse has only {len(WORDS)} distinct problems" in capsys.readouterr().err
+
+
+def test_a_data_set_task_added_as_one_row_trains_on_one_split_and_tests_on_the_other(monkeypatch, capsys):
+    # the same task as a data set whose reward runs code: make_task reads its splits, the flags its runs_code
+    split_words = {"train": WORDS[:3], "test": WORDS[3:]}
+    loads = []
+
+    def load(split):
+        loads.append(split)
+        return [Problem("reverse_set", f"Reverse the word {w}.", w[::-1], f"<answer>{w[::-1]}</answer>")
+                for w in split_words[split]]
+    row = tasks.Task("reverse_set", "reverse a word, from a data set", answer=reverse_answer, reward=reverse_reward,
+                     load=load, splits=("train", "test"), runs_code=True)
+    monkeypatch.setitem(tasks.TASKS, "reverse_set", row)
+    args = train_grpo.parse_args(["--task", "reverse_set", "--test-size", "2"])
+    assert args.reward_workers == (os.cpu_count() or 1)                     # a reward that runs code: one per core
+    sample, test = train_grpo.make_task(args)
+    assert loads == ["train", "test"]
+    assert [p.reference for p in test] == [w[::-1] for w in WORDS[3:5]]    # the test split's first --test-size
+    assert {sample(random.Random(i)).reference for i in range(50)} == {w[::-1] for w in WORDS[:3]}
+    assert tasks.rewards(test, [p.solution for p in test][::-1]) == ([0.0, 0.0], [])
+    assert tasks.rewards(test, [p.solution for p in test]) == ([1.0, 1.0], [])
+    with pytest.raises(SystemExit):                                          # runs_code: the tool is refused
+        train_grpo.parse_args(["--task", "reverse_set", "--tools", "python"])
+    assert "--tools python with --task reverse_set: the reward already runs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", [name for name, task in tasks.TASKS.items() if task.load is None] + ["humaneval"])
