@@ -319,12 +319,12 @@ def rl_update(model, rollout, advantages, args, *, step, optimizers, synced_para
 
 
 # -----------------------------------------------------------------------------
-# the run's log (its record: run_log.py) and the --log-file JSON lines
+# the run's log (run_log.py) and the --log-file JSON lines
 
 def open_run_log(args, run):
-    """The run's record, <--log-dir>/<run id>.txt (run_log.py): the sources that ran, versions, hardware, the command
-    and every flag (as this run resolved them) -> log(line, console=True), which appends one line per step and per
-    evaluation."""
+    """The run's log, <--log-dir>/<run id>.txt (run_log.py): the sources that ran, versions, hardware, the command and
+    every flag (as this run resolved them) -> log(line, console=True), which appends one line per step and per
+    evaluation. records/compare.py reads it; a log kept in records/ is a record."""
     run_id = run_log.run_id(args.run_id)
     path = os.path.join(args.log_dir, f"{run_id}.txt")
     log = run_log.open_log(path, run.rank == 0, __file__)

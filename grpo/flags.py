@@ -175,9 +175,9 @@ parser.add_argument("--save-every", type=number(int, 0), default=0,
 parser.add_argument("--resume", type=checkpoint.step_dir, default=None, help="a step_* checkpoint directory (or the "
                                                                    "--checkpoint-dir: its latest step)")
 parser.add_argument("--log-file", type=new_file, default=None, help="JSON lines: one per step and per evaluation")
-parser.add_argument("--log-dir", type=folder, default="logs", help="rank 0 writes the run's record, "
+parser.add_argument("--log-dir", type=folder, default="logs", help="rank 0 writes the run's log, "
                                                                    "<log-dir>/<run id>.txt (records/compare.py)")
-parser.add_argument("--run-id", type=run_id, default=None, help="the record's file name (default: date + random "
+parser.add_argument("--run-id", type=run_id, default=None, help="the run log's file name (default: date + random "
                                                                 "suffix)")
 
 
