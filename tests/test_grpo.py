@@ -91,7 +91,7 @@ def test_failed_rewards_are_left_out_of_their_group(scale):
         alone = group_advantages(kept, len(kept), scale) if scale != "batch" else None
         if alone is not None:
             torch.testing.assert_close(a.view(5, 6)[p][~r[p].isnan()], alone, rtol=1e-12, atol=1e-14)
-    # the bug this guards against: a failure scored 0 shifts its group's mean and std
+    # scored 0 instead, a failure would shift its group's mean and std
     as_zero = group_advantages(torch.nan_to_num(r, nan=0.0).view(-1), 6, scale)
     assert (as_zero.view(5, 6)[0] - a.view(5, 6)[0]).abs().max() > 0.05
 

@@ -282,12 +282,12 @@ def test_sft_targets_leave_out_tool_outputs(tmp_path):
     ids, trained = sft.solution_tokens(tok, problem, tools=True)
     text = tok.decode(ids[:-1])
     assert text == problem.tool_solution and ids[-1] == tok.eos_id
-    assert text.startswith("```python\nprint(") and text.endswith(f"<answer>{problem.answer}</answer>")
-    block = sandbox.output_block(problem.answer)
+    assert text.startswith("```python\nprint(") and text.endswith(f"<answer>{problem.reference}</answer>")
+    block = sandbox.output_block(problem.reference)
     start = text.index(block)
     assert trained == [not start <= i < start + len(block) for i in range(len(text))] + [True]
     code = sandbox.find_code(text)                                  # the block closes where the output begins
-    assert text.index(code) + len(code) + len("\n```") == start and sandbox.run(code) == (problem.answer, False)
+    assert text.index(code) + len(code) + len("\n```") == start and sandbox.run(code) == (problem.reference, False)
     with pytest.raises(ValueError, match="--sft-steps 0"):
         sft.solution_tokens(tok, tasks.countdown_problem(random.Random(0)), tools=True)
     with pytest.raises(SystemExit) as exit_info:                   # the trainer says so before it starts, in one line
