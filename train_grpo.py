@@ -186,7 +186,7 @@ def make_optimizers(model, args):
                                   weight_decay=args.weight_decay)], params
     if args.optimizer != "muon":
         raise ValueError(f"--optimizer {args.optimizer!r}: use adamw or muon")
-    hidden = model.param_groups()["hidden"]                                 # the policy protocol (grpo/policy.py)
+    hidden = policy.muon_matrices(model)                                    # the policy protocol (grpo/policy.py)
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in params if id(p) not in hidden_ids]
     return [muon.Muon([{"params": hidden, "initial_lr": args.muon_lr}], lr=args.muon_lr, momentum=0.95,

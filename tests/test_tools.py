@@ -40,8 +40,8 @@ class Biased(torch.nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         config = GPTConfig(vocab_size=259, num_layers=2, model_dim=64, num_heads=2, head_dim=32, max_seq_len=256,
-                           block_len=128, window_blocks=2, eos_token_id=EOS, fp8_head=False)
-        self.model = GPT(config)
+                           block_len=128, windows=(2, 2), eos_token_id=EOS, fp8=False)
+        self.model = GPT(config).double()  # float64: fp32 rounding of a random net would blur the comparisons
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in self.model.parameters():
@@ -49,7 +49,7 @@ class Biased(torch.nn.Module):
         bias = torch.zeros(259)
         bias[[256, 257]] = 6.0
         bias[[ord(c) for c in "1+x\n"]] = 5.0
-        bias[EOS] = 2.0
+        bias[EOS] = 4.0
         self.register_buffer("bias", bias)
         self.config = config
         self.poison = None  # (tokens (N, L), mask (N, L-1)): NaN final hidden states (test_tool_outputs_get_no_loss...)
