@@ -1,7 +1,7 @@
 """Where the kernels run. Two questions, two functions:
 
 enabled(t)            -- should model.py / muon.py take the kernel path for tensor t at all? (the A/B switch)
-use_triton(t, kernel) -- inside a kernel's public function: run the Triton kernel, or the torch reference?
+use_triton(t, kernel, probe) -- inside a kernel's public function: run the Triton kernel, or the torch reference?
 
 The switch is the environment variable NANOGPT_KERNELS:
     unset or "auto"  kernels on CUDA tensors, torch code elsewhere (the default)
@@ -44,26 +44,22 @@ def enabled(t):
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in; float64 callers get the reference
 
 
-def use_triton(t, kernel):
-    """kernel: one of probes()'s names. Where enabled(t), in a dtype the kernels take, on CUDA or in the
-    interpreter, and the kernel built there."""
+def use_triton(t, kernel, probe):
+    """kernel: its public function's name; probe(device, dtype): the kernel module's check. Where enabled(t), in a
+    dtype the kernels take, on CUDA or in the interpreter, and the kernel built there."""
     return (enabled(t) and (t.is_cuda or INTERPRET) and t.dtype in KERNEL_DTYPES
-            and built(kernel, str(t.device), t.dtype))
-
-
-def probes():
-    """kernel name -> probe(device, dtype), which raises if the kernel does not build or run right there."""
-    from . import gram, relu2_matmul, softcap_ce  # they import this module
-    return {"softcap_cross_entropy": softcap_ce.probe, "xxt": gram.probe, "relu2_linear": relu2_matmul.probe}
+            and built(kernel, probe, str(t.device), t.dtype))
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
-def built(kernel: str, device: str, dtype: torch.dtype) -> bool:
+def built(kernel: str, probe, device: str, dtype: torch.dtype) -> bool:
+    """Whether kernel builds and computes right on device in dtype: probe(device, dtype) raises if not. Asked once per
+    (kernel, device, dtype); a failure leaves a notice."""
     key = (kernel, device, dtype)
     if key not in _BUILT:
         try:
             with torch.inference_mode(False), torch.enable_grad():  # the probes' references take gradients
-                probes()[kernel](torch.device(device), dtype)
+                probe(torch.device(device), dtype)
             _BUILT[key] = True
         except Exception as e:  # any failure to build or to compute right: the reference is always there
             _BUILT[key] = False

@@ -147,7 +147,7 @@ def xxt(A):
     """A @ A.mT for A (..., m, k), computing only the upper-triangle tiles. -> (..., m, m)"""
     if A.dim() < 2:
         raise ValueError(f"xxt: want a matrix or a batch of matrices (..., m, k), got shape {tuple(A.shape)}")
-    if not use_triton(A, "xxt"):
+    if not use_triton(A, "xxt", probe):
         return xxt_reference(A)
     return torch.ops.speedrun_kernels.xxt(A)
 
@@ -156,7 +156,7 @@ def ba_plus_cAA(A, b, c):
     """b * A + c * (A @ A.mT) for square A (..., m, m); with symmetric A that is b * A + c * (A @ A). -> (..., m, m)"""
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"ba_plus_cAA: want square matrices (..., m, m), got shape {tuple(A.shape)}")
-    if not use_triton(A, "xxt"):
+    if not use_triton(A, "xxt", probe):
         return ba_plus_cAA_reference(A, b, c)
     return torch.ops.speedrun_kernels.ba_plus_cAA(A, float(b), float(c))
 

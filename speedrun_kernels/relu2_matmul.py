@@ -131,7 +131,7 @@ def relu2_linear(x, W):
         raise ValueError(f"relu2_linear: want x (..., K) and W (N, K), got {tuple(x.shape)} and {tuple(W.shape)}")
     if x.dtype != W.dtype:
         raise ValueError(f"relu2_linear: x is {x.dtype} but W is {W.dtype}: cast W first, e.g. W.type_as(x)")
-    if not use_triton(x, "relu2_linear"):
+    if not use_triton(x, "relu2_linear", probe):
         return relu2_linear_reference(x, W)
     y = torch.ops.speedrun_kernels.relu2_linear(x.reshape(-1, x.shape[-1]), W)
     return y.view(*x.shape[:-1], W.shape[0])

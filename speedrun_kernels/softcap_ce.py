@@ -197,7 +197,7 @@ def softcap_cross_entropy(logits, targets, weights, softcap=SOFTCAP):
     if len(softcap) != 3 or not softcap[2] > 0:
         raise ValueError(f"softcap_cross_entropy: softcap={softcap!r} is not (A, B, C) with C > 0, the cap "
                          "A * sigmoid((z + B) / C), e.g. (23.0, 5.0, 7.5)")
-    if not use_triton(logits, "softcap_cross_entropy"):
+    if not use_triton(logits, "softcap_cross_entropy", probe):
         return softcap_cross_entropy_reference(logits, targets, weights, softcap)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
