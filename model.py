@@ -71,7 +71,7 @@ class GPTConfig:
     ve_gate_dim: int = 6               # the VE gate reads this many channels of the input and of the embedding
                                        # record: L1613
     dc_window: int = 112               # tokens   # record: L1147
-    # ablation switches: each idea off exactly (README's ablation table)
+    # ablation switches: each idea off exactly (train_gpt.py --ablate; records/speedrun-small-cpu/race.py's table)
     bigram: bool = True
     value_embeds: bool = True
     paired_heads: bool = True

@@ -21,7 +21,8 @@ and cut to OUTPUT_CHARS characters (a cut output ends in "..."). Only the standa
 The sandbox (the tool's and the code reward's: verifier.py runs a program and its tests as two of these processes).
 Each call runs in a fresh process, forked from a small server process (`python -I -S -X utf8`: isolated mode, no
 site-packages, started with an empty environment, running serve(); a few servers are kept, one per concurrent call,
-so a call costs a fork rather than an interpreter start). Requests come over a Unix socket, with the file
+so a call costs a fork rather than an interpreter start: 4.5-6.4 ms a sandbox.run("print(1)") on 2 shared CPU cores,
+within the noise of a less strict filter's 4.9-6.5 ms). Requests come over a Unix socket, with the file
 descriptors the call hands its program (start(code, channels=...): pipe ends, which it gets as descriptors 3, 4, ...).
 The server never holds a program: the trainer writes the code into the call's directory and the forked child reads
 it there, so what a program inherits from the server holds no earlier program's code or output. Where the kernel
