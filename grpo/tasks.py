@@ -433,3 +433,9 @@ TASKS = {task.name: task for task in [
          answer=code_tasks.code_answer, reward=code_tasks.passes, runs_code=True, load=code_tasks.load_mbpp,
          splits=("train", "test")),
 ]}
+
+
+def scorable() -> dict:
+    """The code data sets `train_grpo.py score` takes: {name: () -> the problems of its evaluation split}."""
+    return {name: (lambda task=task: task.load(task.splits[1])) for name, task in TASKS.items()
+            if task.runs_code and task.load is not None}

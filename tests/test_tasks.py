@@ -275,6 +275,7 @@ def test_a_data_set_task_added_as_one_row_trains_on_one_split_and_tests_on_the_o
     with pytest.raises(SystemExit):                                          # runs_code: the tool is refused
         train_grpo.parse_args(["--task", "reverse_set", "--tools", "python"])
     assert "--tools python with --task reverse_set: the reward already runs" in capsys.readouterr().err
+    assert [p.reference for p in tasks.scorable()["reverse_set"]()] == [w[::-1] for w in WORDS[3:]]  # score's too
 
 
 @pytest.mark.parametrize("name", [name for name, task in tasks.TASKS.items() if task.load is None] + ["humaneval"])
