@@ -249,6 +249,10 @@ def rl_update(model, rollout, advantages, args, *, step, optimizers, synced_para
     tokens = rollout.tokens                                                 # (N, L)
     device = tokens.device
     world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # the step's random draws (--lora-dropout's masks) from a seed of its own: a resumed run draws what the
+    # uninterrupted one drew
+    torch.manual_seed(random.Random(f"update/{args.seed}/{step}/{rank}").getrandbits(63))
     mask = rollout.completion_mask[:, 1:].clone()                           # (N, L-1): targets that were sampled
     if args.mask_truncated:
         mask[rollout.truncated] = False

@@ -161,24 +161,23 @@ def apply(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targe
     if unknown:
         raise ValueError(f"--lora-targets: {type(model).__name__} has no {', '.join(map(repr, unknown))} in its "
                          f"decoder blocks; it has {', '.join(names)}")
+    chosen = [(i, path, module, name) for i, found in enumerate(per_block) for path, (module, name) in found.items()
+              if any(matches(path, t) for t in targets)]
+    raw = [path for _, path, _, name in chosen if name is not None]
+    if dropout and raw:
+        raise ValueError(f"--lora-dropout {dropout}: {raw[0]} gets a parameter-level adapter (W + BA), which has no "
+                         f"input to drop; use --lora-dropout 0")
     model.requires_grad_(False)
     scale = alpha / rank
-    for i, found in enumerate(per_block):
-        for path, (module, name) in found.items():
-            if not any(matches(path, t) for t in targets):
-                continue
-            if name is None:                                                # an nn.Linear: swap in the wrapper
-                parent_path, _, child = path.rpartition(".")
-                parent = blocks[i].get_submodule(parent_path)
-                adapter = LoRALinear(module, rank, scale, dropout)
-                setattr(parent, child, adapter)
-            else:                                                           # a raw parameter: parametrize it
-                if dropout:
-                    raise ValueError(f"--lora-dropout {dropout}: {path} gets a parameter-level adapter (W + BA), "
-                                     f"which has no input to drop; use --lora-dropout 0")
-                adapter = LoRADelta(getattr(module, name), rank, scale)
-                parametrize.register_parametrization(module, name, adapter)
-            adapter.path = f"{attr}.{i}.{path}"                             # the adapter's name in PEFT's keys
+    for i, path, module, name in chosen:
+        if name is None:                                                    # an nn.Linear: swap in the wrapper
+            parent_path, _, child = path.rpartition(".")
+            adapter = LoRALinear(module, rank, scale, dropout)
+            setattr(blocks[i].get_submodule(parent_path), child, adapter)
+        else:                                                               # a raw parameter: parametrize it
+            adapter = LoRADelta(getattr(module, name), rank, scale)
+            parametrize.register_parametrization(module, name, adapter)
+        adapter.path = f"{attr}.{i}.{path}"                                 # the adapter's name in PEFT's keys
     model.lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
     return model
 
