@@ -34,6 +34,14 @@ def tiny_dim(text):
     return value
 
 
+def lora_targets(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"name one or more matrices of the decoder blocks (e.g. q_proj,v_proj), "
+                                         f"got {text!r}")
+    return names
+
+
 def arithmetic_ops(text):
     if not text or set(text) - set("+-*"):
         raise argparse.ArgumentTypeError(f"use one or more of + - * (e.g. +-*), got {text!r}")
@@ -154,7 +162,7 @@ parser.add_argument("--lora-alpha", type=number(float, 0, low_open=True), defaul
                     help="the adapters' scale is alpha / rank (default: 2 x rank, TRL's 32 at rank 16)")
 parser.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.0,
                     help="dropout on the adapters' input in the training forward (hf: policies)")
-parser.add_argument("--lora-targets", type=lambda text: [t for t in text.split(",") if t], default=None,
+parser.add_argument("--lora-targets", type=lora_targets, default=None,
                     help="comma-separated matrices of the decoder blocks to adapt, matched as PEFT's target_modules "
                          "(default: the attention and MLP projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
                          "down_proj; our GPTs: qkv_w,c_fc,c_proj)")
