@@ -22,6 +22,7 @@ the model reads but does not write): tool outputs are in the rollout's context b
 import collections
 import copy
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -71,26 +72,17 @@ def setup_distributed(device_arg):
 
 
 def make_task(args):
-    """--task and its flags -> (sample(rng) -> a training Problem, the held-out test problems). A procedural task's
-    training problems never include a held-out one."""
-    if args.task == "gsm8k":
-        train, test = tasks.load_gsm8k("train"), tasks.load_gsm8k("test")[:args.test_size]
-        return (lambda rng: rng.choice(train)), test
-    if args.task == "mbpp":
-        train, test = code_tasks.load_mbpp("train"), code_tasks.load_mbpp("test")[:args.test_size]
-        return (lambda rng: rng.choice(train)), test
-    if args.task == "humaneval":                        # one set of problems: the test set, and what --steps trains on
-        problems = code_tasks.load_humaneval()
-        return (lambda rng: rng.choice(problems)), problems[:args.test_size]
-    if args.task == "arithmetic":
-        make = lambda rng: tasks.arithmetic_problem(rng, digits=args.digits, ops=args.ops)
-    elif args.task == "countdown":
-        make = lambda rng: tasks.countdown_problem(rng, n_numbers=args.countdown_numbers,
-                                                   max_number=args.countdown_max_number)
-    elif args.task == "code":
-        make = code_tasks.code_problem
-    else:
-        raise ValueError(f"--task {args.task!r}: use arithmetic, countdown, gsm8k, code, humaneval or mbpp")
+    """--task's row of tasks.TASKS, with its flags -> (sample(rng) -> a training problem, the held-out test problems).
+    A data set: training draws from its training split; the test set is the first --test-size problems of its test
+    split (HumanEval's one split is both). A procedural task: the test set is --test-size distinct problems drawn
+    from --test-seed, and training never draws one of them."""
+    task = tasks.TASKS[args.task]
+    if task.load is not None:
+        train_split, test_split = task.splits
+        train = task.load(train_split)
+        test = train if test_split == train_split else task.load(test_split)
+        return (lambda rng: rng.choice(train)), test[:args.test_size]
+    make = functools.partial(task.draw, args)
     test = tasks.held_out_set(make, args.test_size, seed=args.test_seed)
     return tasks.train_sampler(make, test), test
 
@@ -202,7 +194,7 @@ def make_optimizers(model, args):
                                   weight_decay=args.weight_decay)], params
     if args.optimizer != "muon":
         raise ValueError(f"--optimizer {args.optimizer!r}: use adamw or muon")
-    hidden = model.param_groups()["hidden"]                                 # the policy protocol (grpo/policy.py)
+    hidden = policy.muon_matrices(model)                                    # the policy protocol (grpo/policy.py)
     hidden_ids = {id(p) for p in hidden}
     rest = [p for p in params if id(p) not in hidden_ids]
     return [muon.Muon([{"params": hidden, "initial_lr": args.muon_lr}], lr=args.muon_lr, momentum=0.95,
@@ -341,12 +333,12 @@ def rl_update(model, rollout, advantages, args, *, step, optimizers, synced_para
 
 
 # -----------------------------------------------------------------------------
-# the run's log (its record: run_log.py) and the --log-file JSON lines
+# the run's log (run_log.py) and the --log-file JSON lines
 
 def open_run_log(args, run):
-    """The run's record, <--log-dir>/<run id>.txt (run_log.py): the sources that ran, versions, hardware, the command
-    and every flag (as this run resolved them) -> log(line, console=True), which appends one line per step and per
-    evaluation."""
+    """The run's log, <--log-dir>/<run id>.txt (run_log.py): the sources that ran, versions, hardware, the command and
+    every flag (as this run resolved them) -> log(line, console=True), which appends one line per step and per
+    evaluation. records/compare.py reads it; a log kept in records/ is a record."""
     run_id = run_log.run_id(args.run_id)
     path = os.path.join(args.log_dir, f"{run_id}.txt")
     log = run_log.open_log(path, run.rank == 0, __file__)

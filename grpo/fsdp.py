@@ -110,12 +110,14 @@ def padded(batches, device):
 
 def dummy_pass(model, device, grad):
     """The forward (and, with grad, backward) a rank runs where another runs a micro-batch: two tokens, no target
-    scored, so nothing changes but every unit's all-gather (and reduce-scatter of zeros) takes place."""
+    scored, so nothing changes but every unit's all-gather (and reduce-scatter of zeros) takes place. The backward
+    goes through the head too: an untied head (our GPT's, some HF models') must get a gradient on every rank, or the
+    root's reduce-scatter differs in size between ranks."""
     idx = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.set_grad_enabled(grad):
         h = model.hidden(idx)
         if grad:
-            (h.sum() * 0).backward()
+            (model.head(h).sum() * 0).backward()
 
 
 def save(path, model, optimizers, reference=None):

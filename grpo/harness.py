@@ -21,7 +21,7 @@ candidate writes on its channel, the checker (or the trainer) sees plain data or
 
 A candidate's answer can only be the value its call returned (or raised): it cannot end the tests early, patch what
 the checker runs, read the checker's frames or catch its assertions. A candidate that dies, hangs, or answers
-something that is not plain data fails the test it was called from, and the checker's record of that failure stays
+something that is not plain data fails the test it was called from, and the checker's note of that failure stays
 even if the tests catch the exception (CandidateFailed is a BaseException, and the checker notes the failure first).
 """
 import builtins

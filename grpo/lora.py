@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-# the attention and MLP projections: the HF decoders' (PEFT's names for Llama / Qwen), our GPT's (model.py)
+# the attention and MLP projections: the HF decoders' (PEFT's names for Llama / Qwen), our GPT's (model.py's Block:
+# attn_qk (H, 2D, C) Q and K head pairs, attn_vo (2, C, C) W_V and W_O, mlp_fc and mlp_proj (1, 4C, C))
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "qkv_w", "c_fc", "c_proj")
+                   "attn_qk", "attn_vo", "mlp_fc", "mlp_proj")
 
 
 # -----------------------------------------------------------------------------

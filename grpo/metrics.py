@@ -7,7 +7,7 @@ and what the console's per-step line shows of it.
     log_line(metrics, steps)                           the run log's line of the step: "step:3/120 loss:0.0123 ..."
     console_line(metrics, steps, target, tools)        the line the user sees: "step 3/120 | loss 0.0123 lr ..."
 
-The metrics dict is the step's one record: the --log-file JSON line is the dict itself, the run log's step line is
+The metrics dict is all that a step reports: the --log-file JSON line is the dict itself, the run log's step line is
 every entry as name:value (records/compare.py reads any such line back into the same names, log_line's precision),
 and the console line shows the metrics that declare a piece of it. A metric is made from the counts its `value`
 function names as parameters: summed over ranks (over_ranks "sum"), their maximum or minimum ("max", "min"), or
@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
+    """One metric of a step, declared once: how the ranks' counts make it, its run-log format, its console piece."""
     name: str                   # its key in the metrics: the --log-file JSON, the run log's step line
     value: Callable             # the counts (and given values) named by its parameters -> the metric
     log: str                    # its format in the run log's step line

@@ -69,6 +69,7 @@ class ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, targets, model, temperature, chunk, with_entropy, undecodable, *params):
+        """The log-probs and entropies, chunk by chunk; saves h and the parameters for the backward."""
         parts = [chunk_forward(model, h[i:i + chunk], targets[i:i + chunk], temperature, with_entropy, undecodable)
                  for i in range(0, h.size(0), chunk)]
         logp = torch.cat([p[0] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
@@ -80,6 +81,7 @@ class ChunkedLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _):
+        """The gradients of h and of the parameters, each chunk's logits recomputed (the entropy has none)."""
         h, targets, *params = ctx.saved_tensors
         grad_h, grad_params = torch.zeros_like(h), [None] * len(params)
         for i in range(0, h.size(0), ctx.chunk):
@@ -142,7 +144,8 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
     logp, entropy = ChunkedLogprobs.apply(h, tokens[:, 1:][mask], model, temperature, chunk, with_entropy,
                                           undecodable, *(p for p in model.parameters() if p.requires_grad))
 
-    def place(values):  # (n,) -> (B, L-1), 0 off the mask
+    def place(values):
+        """values (n,) at the mask's positions -> (B, L-1), 0 off the mask."""
         out = torch.zeros(B, L - 1, dtype=values.dtype, device=tokens.device)
         out[mask] = values
         return out
@@ -154,17 +157,17 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
 # the algorithm: advantages and the clipped policy-gradient loss
 
 def overlong_penalty(lengths, max_new_tokens, buffer):
-    # DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward: lengths (N,) of completion
-    # tokens -> (N,) 0 up to max_new_tokens - buffer tokens, then falling linearly to -1 at max_new_tokens (a
-    # truncated completion). It teaches a policy to end: a right answer with junk after it scores less than one that
-    # stops.
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward: lengths (N,) of completion
+    tokens -> (N,) 0 up to max_new_tokens - buffer tokens, then falling linearly to -1 at max_new_tokens (a
+    truncated completion). It teaches a policy to end: a right answer with junk after it scores less than one that
+    stops."""
     return ((max_new_tokens - buffer - lengths.double()) / buffer).clamp(-1.0, 0.0)
 
 
 def group_statistics(rewards, group_size):
-    # rewards (N,) in contiguous groups of group_size, NaN where the verifier failed -> (valid (P, G), centred (P, G):
-    # reward minus the mean of its group's valid rewards, 0 at failed rows; count (P, 1) of valid rows, informative (P,):
-    # the group has two valid rewards that differ). Failed rows are left out of the statistics entirely.
+    """rewards (N,) in contiguous groups of group_size, NaN where the verifier failed -> (valid (P, G), centred (P, G):
+    reward minus the mean of its group's valid rewards, 0 at failed rows; count (P, 1) of valid rows, informative (P,):
+    the group has two valid rewards that differ). Failed rows are left out of the statistics entirely."""
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not groups of group_size={group_size}")
     groups = rewards.view(-1, group_size)                                   # (P, G)
@@ -178,7 +181,7 @@ def group_statistics(rewards, group_size):
 
 
 def global_sum(values, device):
-    # list of floats -> their sums over ranks (one all_reduce)
+    """list of floats -> their sums over ranks (one all_reduce)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -186,17 +189,17 @@ def global_sum(values, device):
 
 
 def batch_std(values):
-    # values (n,) on this rank -> the unbiased std of every rank's values together: count, sum and sum of squares are
-    # all-reduced in float64 (a collective: every rank must call it, with or without values)
+    """values (n,) on this rank -> the unbiased std of every rank's values together: count, sum and sum of squares
+    are all-reduced in float64 (a collective: every rank must call it, with or without values)."""
     n, total, squares = global_sum([values.numel(), values.double().sum().item(), values.double().square().sum().item()],
                                    values.device)
     return (max(squares - total * total / n, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
 def group_advantages(rewards, group_size, scale="group"):
-    # rewards (N,) in contiguous groups of group_size, NaN where the verifier failed -> advantages (N,). A failed row
-    # is left out of its group's mean and std and gets exactly 0; so does every row of a group whose valid rewards
-    # are all equal (or fewer than two): it carries no signal, whatever the scale.
+    """rewards (N,) in contiguous groups of group_size, NaN where the verifier failed -> advantages (N,). A failed row
+    is left out of its group's mean and std and gets exactly 0; so does every row of a group whose valid rewards
+    are all equal (or fewer than two): it carries no signal, whatever the scale."""
     valid, centred, count, informative = group_statistics(rewards, group_size)
     if scale == "group":                                                    # GRPO: Bessel std of the group
         std = (centred.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
@@ -213,23 +216,23 @@ def group_advantages(rewards, group_size, scale="group"):
 def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="token", eps_low=0.2, eps_high=0.2,
                 delta=None, ref_logp=None, beta=0.0, kl_estimator="k3", max_completion_length=None, num_tokens=None,
                 num_rows=None, entropy=None):
-    # logp, old_logp, ref_logp, entropy, mask: (B, T) over completion tokens; advantages (B,) -> (loss, metrics)
-    # Every loss_type divides by counts of the whole optimizer step, over all its micro-batches and ranks: num_tokens
-    # (dapo: the step's completion tokens) or num_rows (grpo: each row's token mean, summed; dr_grpo: times
-    # max_completion_length); None: this batch's own. So a micro-batch's loss is its share of the step's loss, the
-    # shares add up to it whatever the batching, and the trainer's one scaling, the world size (it undoes the mean
-    # the gradients' all-reduce takes), holds for every loss_type. A new loss_type must normalise the same way
-    # (tests/test_grpo.py checks micro-batches and 2 ranks against one batch in one process, for each).
-    # Masked positions (prompt, padding, after EOS) are replaced by constants before any arithmetic, so they get
-    # exactly zero gradient even when their logp is -inf.
-    # delta: INTELLECT-2's two-sided clipping (arXiv 2505.07291, sec. 4.1): the unclipped ratio is capped at delta, so
-    # a token with A < 0 whose ratio has grown past delta stops pushing; it must exceed 1 + eps_high, where A > 0 is
-    # already clipped. kl_estimator (beta > 0), the per-token KL to the reference, d = log pi_ref - log pi_theta:
-    #   "k3"     exp(d) - d - 1 (DeepSeekMath eq. 4, in GRPO's objective eq. 3). Its value estimates KL(pi_theta ||
-    #            pi_ref), but on-policy its expected gradient is that of the forward KL(pi_ref || pi_theta).
-    #   "k3-is"  k3 times the token's ratio pi_theta / pi_old, with its gradient (DeepSeek-V3.2, arXiv 2512.02556,
-    #            eq. 7; TRL's default): the gradient is then an unbiased estimate of that of KL(pi_theta || pi_ref).
-    #            The ratio is the token's at either level (TRL uses the sequence ratio at level "sequence").
+    """logp, old_logp, ref_logp, entropy, mask: (B, T) over completion tokens; advantages (B,) -> (loss, metrics).
+    Every loss_type divides by counts of the whole optimizer step, over all its micro-batches and ranks: num_tokens
+    (dapo: the step's completion tokens) or num_rows (grpo: each row's token mean, summed; dr_grpo: times
+    max_completion_length); None: this batch's own. So a micro-batch's loss is its share of the step's loss, the
+    shares add up to it whatever the batching, and the trainer's one scaling, the world size (it undoes the mean
+    the gradients' all-reduce takes), holds for every loss_type. A new loss_type must normalise the same way
+    (tests/test_grpo.py checks micro-batches and 2 ranks against one batch in one process, for each).
+    Masked positions (prompt, padding, after EOS) are replaced by constants before any arithmetic, so they get
+    exactly zero gradient even when their logp is -inf.
+    delta: INTELLECT-2's two-sided clipping (arXiv 2505.07291, sec. 4.1): the unclipped ratio is capped at delta, so
+    a token with A < 0 whose ratio has grown past delta stops pushing; it must exceed 1 + eps_high, where A > 0 is
+    already clipped. kl_estimator (beta > 0), the per-token KL to the reference, d = log pi_ref - log pi_theta:
+      "k3"     exp(d) - d - 1 (DeepSeekMath eq. 4, in GRPO's objective eq. 3). Its value estimates KL(pi_theta ||
+               pi_ref), but on-policy its expected gradient is that of the forward KL(pi_ref || pi_theta).
+      "k3-is"  k3 times the token's ratio pi_theta / pi_old, with its gradient (DeepSeek-V3.2, arXiv 2512.02556,
+               eq. 7; TRL's default): the gradient is then an unbiased estimate of that of KL(pi_theta || pi_ref).
+               The ratio is the token's at either level (TRL uses the sequence ratio at level "sequence")."""
     mask = mask.bool()
     maskf = mask.to(logp.dtype)                                             # (B, T)
     tokens_per_row = maskf.sum(dim=1)                                       # (B,)

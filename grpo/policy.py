@@ -19,7 +19,8 @@ names what it lacks when it loads. A policy has
     init_cache(batch_size, max_len) -> KVCache
     forward_cached(idx (B, t), pos (B, t), cache, logits=True) -> (B, t, vocab) or None   model.py's KV-cache
                                            protocol: the rollout engine's prefill and decoding
-    param_groups() -> {"hidden": [...], ...}   the matrices --optimizer muon trains; every other parameter takes AdamW
+    param_groups() -> {label: [...], ...}  every parameter once; the labels in MUON_LABELS are the matrices
+                                           --optimizer muon trains (muon_matrices), every other parameter takes AdamW
 
 and may have
 
@@ -28,6 +29,7 @@ and may have
                                            (HFDecoder has it; our GPT does not, and runs every row: shares_prompts())
     layers or blocks                       a ModuleList of its decoder blocks: --fsdp shards each (fsdp.blocks)
 """
+import dataclasses
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -35,7 +37,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, MUON_LABELS as GPT_MUON_LABELS
 from grpo.hf_model import HF_CONFIG_FILES, check_state, from_hf, hf_folder, read_safetensors
 from grpo.tokenizer import BYTE_RANKS, ENDOFTEXT, GPT2_PATTERN, Tokenizer, bytes_tokenizer, gpt2_tokenizer, read_json
 
@@ -70,18 +72,24 @@ def from_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu",
     unknown = set(config_dict) - {f.name for f in fields(GPTConfig)}
     if unknown:
         raise ValueError(f"{path}: config fields {sorted(unknown)} are unknown to model.py's GPTConfig")
-    config = gpt_config(config_dict)
+    # FP8 off: the fine-tuner trains in bf16 (the FP8 MLP's delayed scales need train_gpt.py's refresh after every
+    # optimizer step)
+    config = dataclasses.replace(gpt_config(config_dict), fp8=False)
     tokenizer = gpt_tokenizer(config, tiktoken_file)
     if tokenizer.eos_id != config.eos_token_id or tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: the model (eos {config.eos_token_id}, vocab {config.vocab_size}) does not match "
                          f"the tokenizer (eos {tokenizer.eos_id}, vocab {tokenizer.vocab_size}); pass tiktoken_file")
-    # a compiled or DDP-wrapped model saves its parameters under _orig_mod. / module.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v.to(device=device, dtype=dtype)
-             for k, v in state.items()}
     with torch.device(device):
         model = GPT(config)
+    # a compiled or DDP-wrapped model saves its parameters under _orig_mod. / module.; dtype applies to the
+    # parameters, the buffers (YaRN's windows, the sign table, FP8 scales) keep their own
+    own = model.state_dict()
+    params = {name for name, _ in model.named_parameters()}
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=dtype if k in params or k not in own else own[k].dtype)
+             for k, v in state.items()}
     check_state(model, state, f"{path}'s weights", "they were not written for its config")
-    model.load_state_dict(state, strict=True, assign=True)  # the rotary buffers stay fp32
+    model.load_state_dict(state, strict=True, assign=True)
     return model, tokenizer
 
 
@@ -112,8 +120,9 @@ def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_he
     """A random tiny GPT (about 1M parameters by default) and a byte-level tokenizer: ids 0-255 are the bytes,
     256 is <|endoftext|> (eos and pad). For tests and the CPU demo."""
     config = GPTConfig(vocab_size=257, num_layers=num_layers, model_dim=model_dim, num_heads=num_heads,
-                       head_dim=head_dim, max_seq_len=max_seq_len, block_len=max_seq_len, window_blocks=1,
-                       eos_token_id=256, fp8_head=False)  # one window block: full causal attention
+                       head_dim=head_dim, max_seq_len=max_seq_len, block_len=max_seq_len, windows=(1, 1),
+                       eos_token_id=256, fp8=False, smear_gate_dim=min(12, model_dim),
+                       ve_gate_dim=min(6, model_dim))  # windows of one block: full causal attention
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT(config)
@@ -126,6 +135,13 @@ def tiny_policy(seed: int = 0, num_layers: int = 4, model_dim: int = 128, num_he
 
 REQUIRED = ("hidden", "head", "init_cache", "forward_cached", "param_groups")   # the protocol's methods
 REQUIRED_CONFIG = ("vocab_size", "max_seq_len")                                 # ... and its config's fields
+MUON_LABELS = ("hidden", *GPT_MUON_LABELS)  # HFDecoder's block projections; our GPT's attention and MLP banks
+
+
+def muon_matrices(model) -> list:
+    """The matrices --optimizer muon trains: param_groups' MUON_LABELS (each a matrix or a stack of them)."""
+    groups = model.param_groups()
+    return [p for label in MUON_LABELS for p in groups.get(label, [])]
 
 
 def check(model, spec):

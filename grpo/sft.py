@@ -13,7 +13,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import muon
-from grpo import evaluation, fsdp, objective, sandbox
+from grpo import evaluation, fsdp, objective, sandbox, tasks
 from grpo.batches import micro_batches, rank_batches
 from grpo.rollouts import encode_prompt, undecodable_ids
 from run_log import print0
@@ -26,9 +26,10 @@ def solution_tokens(tok, problem, tools):
     if not tools:
         ids = tok.encode(problem.solution) + [tok.end_of_turn_id]
         return ids, [True] * len(ids)
-    if not problem.tool_solution:
-        raise ValueError(f"--tools with an SFT cold start: {problem.kind} problems have no worked solution that calls "
-                         f"the tool; pass --sft-steps 0 or use --task arithmetic")
+    if not tasks.task_of(problem).tool_solutions:
+        with_tools = " or ".join(f"--task {t.name}" for t in tasks.TASKS.values() if t.tool_solutions)
+        raise ValueError(f"--tools with an SFT cold start: {problem.task} problems have no worked solution that calls "
+                         f"the tool; pass --sft-steps 0 or use {with_tools}")
     ids, trained = [], []
     for piece, is_output in sandbox.split_output_blocks(problem.tool_solution):
         piece_ids = tok.encode_ordinary(piece) if is_output else tok.encode(piece)

@@ -1,4 +1,4 @@
-"""Compare runs from their logs, the records of both halves: a table per kind, and the tests a record needs.
+"""Compare runs from their logs (records/ keeps the records'): a table per kind, and the tests a record needs.
 
     python records/compare.py logs/run1.txt logs/run2.txt records/gpt2-small-3.28/2026-01-01_name/
     python records/compare.py --baseline records/<track>/<old record>/ --candidate logs/ --plot curves.png
@@ -172,7 +172,8 @@ def parse_log(path, target=None):
 
 
 def parse_speedrun(run, lines, target):
-    # final val loss, train time, median tok/s; curve: (train_time_s, val_loss) of every validation
+    """A train_gpt.py log's lines -> run with its final val loss, train time, median tok/s; curve: (train_time_s,
+    val_loss) of every validation."""
     steps = log_lines(lines, "step:")
     vals = [s for s in steps if number(s, "val_loss") is not None and number(s, "train_time") is not None]
     tok_per_s = [s["tok/s"] for s in steps if number(s, "train_loss") is not None and number(s, "tok/s") is not None]
@@ -190,7 +191,7 @@ def parse_speedrun(run, lines, target):
 
 
 def track_of(flags):
-    # the GRPO track whose flags this run ran with, or None
+    """The GRPO track whose flags this run ran with, or None."""
     def matches(key, want):                             # the policy may be a pattern: a folder's path varies
         got = flags.get(key)
         return fnmatch.fnmatchcase(got, want) if key == "policy" and isinstance(got, str) else got == want
@@ -201,9 +202,9 @@ def track_of(flags):
 
 
 def parse_grpo(run, lines, target):
-    # final pass@1 (the after-RL evaluation), time to target: the train_time of the first evaluation whose pass@1
-    # reaches the target; curve: (train_time_s, pass@1) of every evaluation; metrics: every step line's fields (the
-    # step's metrics, as train_grpo.py's --log-file has them)
+    """A train_grpo.py log's lines -> run with its final pass@1 (the after-RL evaluation), time to target: the
+    train_time of the first evaluation whose pass@1 reaches the target; curve: (train_time_s, pass@1) of every
+    evaluation; metrics: every step line's fields (the step's metrics, as train_grpo.py's --log-file has them)."""
     flags = FLAGS.search(lines)
     try:
         flags = json.loads(flags.group(1)) if flags else {}
@@ -275,8 +276,8 @@ def speedrun_summary(name, runs, target):
 
 
 def grpo_summary(name, track, runs):
-    # runs of one track (or of one --target): the final pass@1 of every run that has one, the time of those that
-    # reached the target
+    """Runs of one track (or of one --target) -> one line: a t-test on the final pass@1 of every run that has one,
+    the mean time of those that reached the target."""
     done = [r for r in runs if "pass@1" in r and r["target"] is not None]
     if len(done) < 2:
         return f"{name} / {track}: {len(done)} run(s) with a final pass@1 and a target (a t-test needs 2 or more)"

@@ -46,22 +46,26 @@ def cases(smoke):
         return (torch.randn(shape, generator=g, device=device) * scale).to(dtype).requires_grad_(grad)
 
     out = []
-    z = rand(N, V, scale=10.0, grad=True)
-    targets = torch.randint(0, V, (N,), generator=g, device=device)
+    # stage 1 of the speedrun: 16K-token chunks, 3 MTP targets + the prefix target; stage 3: 48K tokens, 1 + 1
+    for n, weights in ((N // 3, [1.0, 0.5, 0.25, 0.25]), (N, [1.0, 0.0])):
+        K = len(weights)
+        zn = rand(n, V, scale=10.0, grad=True)
+        targets = torch.randint(0, V, (n, K), generator=g, device=device)
+        w = torch.tensor(weights, device=device)
 
-    def ce_fwd_bwd(ce):
-        return lambda: torch.autograd.grad(ce(z, targets), z)
+        def ce_fwd_bwd(ce, zn=zn, targets=targets, w=w):
+            return lambda: torch.autograd.grad(ce(zn, targets, w).sum(), zn)
 
-    def ce_fwd(ce):
-        def run():
-            with torch.no_grad():
-                return ce(z, targets)
-        return run
+        def ce_fwd(ce, zn=zn, targets=targets, w=w):
+            def run():
+                with torch.no_grad():
+                    return ce(zn, targets, w)
+            return run
 
-    out.append(("softcap_ce fwd+bwd", f"{N}x{V}", ce_fwd_bwd(speedrun_kernels.softcap_cross_entropy),
-                ce_fwd_bwd(speedrun_kernels.softcap_cross_entropy_reference), 2 * N * V * elt, 0))
-    out.append(("softcap_ce fwd", f"{N}x{V}", ce_fwd(speedrun_kernels.softcap_cross_entropy),
-                ce_fwd(speedrun_kernels.softcap_cross_entropy_reference), N * V * elt, 0))
+        out.append((f"softcap_ce fwd+bwd K={K}", f"{n}x{V}", ce_fwd_bwd(speedrun_kernels.softcap_cross_entropy),
+                    ce_fwd_bwd(speedrun_kernels.softcap_cross_entropy_reference), 2 * n * V * elt, 0))
+        out.append((f"softcap_ce fwd K={K}", f"{n}x{V}", ce_fwd(speedrun_kernels.softcap_cross_entropy),
+                    ce_fwd(speedrun_kernels.softcap_cross_entropy_reference), n * V * elt, 0))
 
     for m, k in ((768 // s, 768 // s), (768 // s, 3072 // s), (3072 // s, 768 // s)):
         X = rand(m, k)
@@ -95,6 +99,36 @@ def cases(smoke):
     return out
 
 
+def fp8_cases(smoke):
+    """(path, size, FP8 fn, bf16 fn, FLOPs): fp8.py's lm_head and MLP forward + backward, each against the same
+    function with fp8=False, both under torch.compile as the model runs them."""
+    import fp8
+
+    device = "cpu" if smoke else "cuda"
+    dtype = torch.float32 if smoke else torch.bfloat16
+    N, C, V = (64, 96, 1024) if smoke else (48 * 1024, 768, 50304)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, device=device) * scale).to(dtype).requires_grad_()
+
+    x, w_head, dz = rand(N, C), rand(C, V, scale=0.005), rand(N, V, scale=1e-5).detach()
+    h, w_fc, w_proj, dy = rand(1, N, C), rand(4 * C, C, scale=0.02), rand(4 * C, C, scale=0.02), rand(1, N, C).detach()
+    state = torch.tensor(fp8.FP8_STATE_INIT, device=device)
+    fp8.refresh_mlp_weights(w_proj.detach(), state, bootstrap=True)
+
+    def head(use_fp8):
+        f = torch.compile(lambda x, w: fp8.head_logits(x, w, 1.0, use_fp8), fullgraph=True)
+        return lambda: torch.autograd.grad(f(x, w_head), (x, w_head), dz)
+
+    def mlp(use_fp8):
+        f = torch.compile(lambda h, w1, w2: fp8.mlp(h, w1, w2, state, use_fp8), fullgraph=True)
+        return lambda: torch.autograd.grad(f(h, w_fc, w_proj), (h, w_fc, w_proj), dy)
+
+    return [("lm_head fwd+bwd", f"{N}x{C} @ {C}x{V}", head(True), head(False), 6 * N * C * V),
+            ("mlp fwd+bwd", f"{N}x{C} @ {4 * C}x{C}", mlp(True), mlp(False), 2 * 6 * N * C * 4 * C)]
+
+
 def median_ms(fn, reps):
     """Median wall time of fn in ms, after one warm-up call (which also compiles)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -118,7 +152,7 @@ def benchmark(smoke):
               f"triton {__import__('triton').__version__}")
     print(f"roofline: H100 SXM5, {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 dense, "
           f"{H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s HBM3")
-    header = (f"{'kernel':<22}{'size':<24}{'triton ms':>10}{'eager ms':>10}{'compile ms':>11}"
+    header = (f"{'kernel':<24}{'size':<24}{'triton ms':>10}{'eager ms':>10}{'compile ms':>11}"
               f"{'vs compile':>11}{'GB/s':>8}{'TFLOP/s':>9}{'roofline':>9}")
     print(header)
     print("-" * len(header))
@@ -127,9 +161,19 @@ def benchmark(smoke):
         t_eager = median_ms(reference_fn, reps)
         t_compiled = median_ms(torch.compile(reference_fn), reps)
         roofline_ms = max(nbytes / H100_HBM_BYTES_PER_S, flops / H100_BF16_FLOPS) * 1e3
-        print(f"{name:<22}{size:<24}{t_triton:>10.3f}{t_eager:>10.3f}{t_compiled:>11.3f}"
+        print(f"{name:<24}{size:<24}{t_triton:>10.3f}{t_eager:>10.3f}{t_compiled:>11.3f}"
               f"{t_compiled / t_triton:>10.2f}x{nbytes / t_triton / 1e6:>8.0f}{flops / t_triton / 1e9:>9.1f}"
               f"{roofline_ms / t_triton:>9.0%}")
+        torch._dynamo.reset()
+    print()
+    print(f"FP8 (fp8.py) against the same code in bf16, both compiled; FP8 tensor-core peak "
+          f"{2 * H100_BF16_FLOPS / 1e12:.0f} TFLOP/s dense")
+    header = f"{'path':<24}{'size':<24}{'fp8 ms':>10}{'bf16 ms':>10}{'speedup':>9}{'TFLOP/s':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, size, fp8_fn, bf16_fn, flops in fp8_cases(smoke):
+        t_fp8, t_bf16 = median_ms(fp8_fn, reps), median_ms(bf16_fn, reps)
+        print(f"{name:<24}{size:<24}{t_fp8:>10.3f}{t_bf16:>10.3f}{t_bf16 / t_fp8:>8.2f}x{flops / t_fp8 / 1e9:>9.1f}")
         torch._dynamo.reset()
 
 
@@ -169,17 +213,17 @@ def compile_only():
         return torch.empty(shape, dtype=dtype, device="meta")
 
     N, V, T, C, H = 48 * 1024, 50304, 48 * 1024, 768, 3072
-    z, targets, n_valid = meta(N, V), meta(N, dtype=torch.int64), meta(dtype=torch.int64)
     row_loss = meta(N, dtype=torch.float32)
     launches = []
-    for softcap_type in ("sigmoid", "tanh"):
+    for K in (4, 3, 2):  # the speedrun's stages: 3, 2, 1 next-token targets, plus the prefix target
+        targets, weights = meta(N, K, dtype=torch.int64), meta(K, dtype=torch.float32)
         for dlogits in (meta(N, V), meta(0, V)):
-            launches.append((f"softcap_ce {softcap_type} {'fwd+bwd' if dlogits.shape[0] else 'fwd'}",
+            launches.append((f"softcap_ce K={K} {'fwd+bwd' if dlogits.shape[0] else 'fwd'}",
                              softcap_ce._softcap_ce_kernel,
-                             softcap_ce._launch_args(z, targets, n_valid, 30.0, softcap_type, row_loss,
-                                                                dlogits)))
-    launches.append(("softcap_ce scale_", softcap_ce._scale_kernel,
-                     softcap_ce._scale_launch_args(meta(N, V), meta(dtype=torch.float32))))
+                             softcap_ce._launch_args(meta(N, V), targets, weights, softcap_ce.SOFTCAP, row_loss,
+                                                     dlogits)))
+    launches.append(("softcap_ce scale_rows_", softcap_ce._scale_rows_kernel,
+                     softcap_ce._scale_launch_args(meta(N, V), meta(N, dtype=torch.float32))))
     for m, k in ((768, 768), (768, 3072), (3072, 768)):
         launches.append((f"xxt {m}x{k}", gram._xxt_kernel,
                          gram._launch_args(meta(1, m, k), meta(1, m, m), 1.0, 0.0, False)))

@@ -147,7 +147,7 @@ def xxt(A):
     """A @ A.mT for A (..., m, k), computing only the upper-triangle tiles. -> (..., m, m)"""
     if A.dim() < 2:
         raise ValueError(f"xxt: want a matrix or a batch of matrices (..., m, k), got shape {tuple(A.shape)}")
-    if not use_triton(A):
+    if not use_triton(A, "xxt"):
         return xxt_reference(A)
     return torch.ops.speedrun_kernels.xxt(A)
 
@@ -156,6 +156,18 @@ def ba_plus_cAA(A, b, c):
     """b * A + c * (A @ A.mT) for square A (..., m, m); with symmetric A that is b * A + c * (A @ A). -> (..., m, m)"""
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"ba_plus_cAA: want square matrices (..., m, m), got shape {tuple(A.shape)}")
-    if not use_triton(A):
+    if not use_triton(A, "xxt"):
         return ba_plus_cAA_reference(A, b, c)
     return torch.ops.speedrun_kernels.ba_plus_cAA(A, float(b), float(c))
+
+
+def probe(device, dtype):
+    """Build and run the kernel in both modes (xxt, ba_plus_cAA) on a tiny input of dtype on device, against the
+    reference (dispatch.py)."""
+    A = torch.randn(1, 40, 70, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    S = A[:, :, :40] / 8
+    out = A.new_empty(1, 40, 40)
+    for args, expected in (((A, out, 1.0, 0.0, False), xxt_reference(A.float())),
+                           ((S, out, 0.5, 2.0, True), ba_plus_cAA_reference(S.float(), 2.0, 0.5))):
+        _launch(*args)
+        torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())

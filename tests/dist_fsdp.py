@@ -4,7 +4,7 @@ A random Qwen2-shaped HFDecoder (tied embeddings, qkv bias) in float64 takes Ada
 objective.token_logprobs over a batch: in one process on the whole batch (the reference), and sharded with each rank on
 its half, rank 1's half in fewer micro-batches than rank 0's (fsdp.padded / dummy_pass keep the collectives in step).
 Rank 0 writes <out_dir>/result.pt (the largest differences, the bytes each rank holds) and loaded.pt (the weights
-the sharded checkpoint <out_dir>/ckpt holds, gathered)."""
+the sharded checkpoint <out_dir>/ckpt holds, gathered). Then the same steps for our GPT (model.py, untied head)."""
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from grpo import fsdp, objective
 from grpo.hf_model import HFDecoder, hf_config
+from model import GPT, GPTConfig
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -60,6 +61,25 @@ for s in range(STEPS):
         ref_before_last = full(ref)
 ref_after = full(ref)
 
+
+def new_gpt():
+    """Our GPT (model.py), untied head, every idea on at 4 layers: each block's weights used in its own forward."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=CONFIG["vocab_size"], num_layers=4, model_dim=32, num_heads=2, head_dim=16,
+                        max_seq_len=L, block_len=2, windows=(1, 3), eos_token_id=0, dc_window=3, fp8=False)).double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3 + (p.ndim < 2))
+    return gpt
+
+
+gpt_ref = new_gpt()
+gpt_ref_opt = adamw(gpt_ref)
+for s in range(2):
+    step(gpt_ref, gpt_ref_opt, [torch.arange(B)], device)
+gpt_ref_after = full(gpt_ref)  # both references before the process group: step() scales by the world
+
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model = new_model()
@@ -87,7 +107,15 @@ step(resumed, resumed_opt, batches, device)
 resumed_after = full(resumed)
 
 gap = lambda a, b: max((a[n] - b[n]).abs().max().item() for n in a)  # noqa: E731
+
+gpt = fsdp.shard(new_gpt(), device)
+gpt_opt = adamw(gpt)
+for s in range(2):
+    step(gpt, gpt_opt, batches, device)
+gpt_gap = gap(full(gpt), gpt_ref_after)
+gpt_moved = gap(gpt_ref_after, {n: p.detach() for n, p in new_gpt().named_parameters()})
 result = {"sharded_vs_reference": gap(sharded_after, ref_after), "sampler_vs_sharded": sampler_gap,
+          "gpt_sharded_vs_reference": gpt_gap, "gpt_moved": gpt_moved,
           "loaded_vs_reference": gap(loaded, ref_before_last), "resumed_vs_reference": gap(resumed_after, ref_after),
           "moved": gap(ref_after, {n: p.detach() for n, p in new_model().named_parameters()}),
           "local_bytes": local, "unsharded_bytes": unsharded_bytes, "world": world, "config": CONFIG}

@@ -362,7 +362,7 @@ def test_train_grpo_on_a_padded_vocabulary(zoo, backend, monkeypatch, tmp_path):
     current) is of the sampler's distribution, the old ones equal to the sampler's (logp_gap ~0)."""
     folder = zoo("qwen2.5", backend)
     _, tok = hf_model.from_hf(str(folder))
-    monkeypatch.chdir(tmp_path)                                             # the run's record goes there
+    monkeypatch.chdir(tmp_path)                                             # the run's log goes there
     # a made-up verifier with reward spread, so that the GRPO steps do update
     monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, text: float(sum(map(ord, text)) % 2))
     rollouts, masks, token_logprobs = recording_generate(monkeypatch), [], objective.token_logprobs

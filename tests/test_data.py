@@ -1,4 +1,5 @@
-"""data/: shard format round trip and validation, tokenize_text.py end to end, the FineWeb downloader's file logic."""
+"""data/: shard format round trip and validation, tokenize_text.py end to end, the FineWeb downloader's file logic, the
+chunk loader (BOS-aligned, document-clipped, bigram hashes) and the prefix-token table."""
 import base64
 import importlib.util
 import os
@@ -175,3 +176,172 @@ def test_tokenize_one_file_needs_documents(tmp_path):
                            "--doc-separator", "\n\n"], capture_output=True, text=True)
     assert proc.returncode == 1 and "none left for training" in proc.stderr and "--doc-separator" in proc.stderr
     assert not list((tmp_path / "one").glob("*.bin"))
+
+# -----------------------------------------------------------------------------
+# data/loader.py: BOS-aligned, document-clipped chunks (spec §2.1, record L1737-1760), against a re-derivation
+
+import torch  # noqa: E402
+
+from data.loader import ChunkLoader, cut_step  # noqa: E402
+from model import bigram_hash  # noqa: E402
+from data.prefix_table import gpt2_ranks, prefix_table  # noqa: E402
+
+
+def reference_steps(shards, steps, count=8):
+    """The chunks of each step, re-derived from the record's rule over documents: shards are lists of documents (the
+    tokens from one BOS to the next); a chunk takes the next documents, each clipped to `clip` tokens, the last one
+    cut so that the chunk holds n + 1 tokens; a step whose documents run out restarts at the next shard's first
+    document (shards cycle). steps: [(n, clip)] -> ([count arrays of n + 1 tokens] per step, the shard of each step)."""
+    shard, doc, out, where = 0, 0, [], []
+    for n, clip in steps:
+        while True:
+            docs, chunks, d = shards[shard], [], doc
+            for _ in range(count):
+                chunk = []
+                while len(chunk) < n + 1 and d < len(docs):
+                    chunk += docs[d][:min(clip, n + 1 - len(chunk))]
+                    d += 1
+                if len(chunk) < n + 1:
+                    break
+                chunks.append(np.array(chunk))
+            if len(chunks) == count:
+                break
+            shard, doc = (shard + 1) % len(shards), 0
+        out.append(chunks)
+        where.append(shard)
+        doc = d
+    return out, where
+
+
+def doc_shards(tmp_path, rng, sizes, bos=0, lead=0):
+    """Shards of random documents (each BOS + 1..60 tokens); lead: tokens before the first BOS (skipped)."""
+    files, shards = [], []
+    for i, size in enumerate(sizes):
+        docs = [[bos] + rng.integers(1, 256, rng.integers(1, 60)).tolist() for _ in range(size)]
+        tokens = rng.integers(1, 256, lead).tolist() + [t for d in docs for t in d]
+        write_shard(str(tmp_path / f"train_{i:06d}.bin"), tokens)
+        files.append(str(tmp_path / f"train_{i:06d}.bin"))
+        shards.append(docs)
+    return files, shards
+
+
+def make_loader(files, rank=0, world=1, bigram_vocab=None, **state):
+    return ChunkLoader(files, 0, 256, rank, world, torch.device("cpu"), bigram_vocab=bigram_vocab, **state)
+
+
+def test_loader_cuts_the_records_chunks_at_every_world_size(tmp_path):
+    """Clip, fill, stage changes (chunk length and clip per step) and two shard switches, at world sizes 1/2/4/8."""
+    rng = np.random.default_rng(0)
+    files, shards = doc_shards(tmp_path, rng, [90, 70, 110], lead=5)
+    steps = [(64, 28)] * 6 + [(100, 10)] * 4 + [(128, 200)] * 12  # clip below, near and above the chunk length
+    expected, where = reference_steps(shards, steps)
+    assert where[0] == 0 and 2 in where and where[-1] == 0  # the steps visit every shard and wrap around
+    loaders = {w: [make_loader(files, r, w) for r in range(w)] for w in (1, 2, 4, 8)}
+    for i, ((n, clip), chunks) in enumerate(zip(steps, expected)):
+        for world, ranks in loaders.items():
+            parts = [loader.next_step(n, clip) for loader in ranks]
+            got = np.concatenate([tokens.numpy() for tokens, _ in parts])
+            assert all(hashes is None for _, hashes in parts)
+            assert all(tokens.shape == (8 // world, n + 1) for tokens, _ in parts), (i, world)
+            assert np.array_equal(got, np.stack(chunks)), (i, world)
+            assert all(loader.shard == where[i] for loader in ranks)
+        assert (got[:, 0] == 0).all()  # every chunk starts at a document start
+
+
+def test_cut_step_pieces():
+    """A hand-checked cut: documents at 0, 5, 7, 20 in a 30-token shard, chunks of n = 6 (7 tokens), clip 4."""
+    starts = np.array([0, 5, 7, 20])
+    # chunk 0: [0, 4) clipped, [5, 7) whole, [7, 8) cut to fill 7; chunk 1: [20, 24) clipped, then out of documents
+    assert cut_step(starts, 30, 0, 6, 4, count=2) is None
+    chunks, doc = cut_step(starts, 30, 0, 6, 4, count=1)
+    assert chunks == [[(0, 4), (5, 7), (7, 8)]] and doc == 3
+    chunks, doc = cut_step(starts, 30, 3, 6, 40, count=1)
+    assert chunks == [[(20, 27)]] and doc == 4  # the shard's last document runs to its end, cut at 7 tokens
+    assert cut_step(starts, 30, 3, 10, 40, count=1) is None  # only 10 tokens left: not 11
+
+
+def test_loader_resumes_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    files, _ = doc_shards(tmp_path, rng, [60, 40])
+    loader = make_loader(files, bigram_vocab=1920)
+    for _ in range(9):
+        loader.next_step(48, 20)
+    state = loader.state_dict()
+    assert set(state) == {"shard", "doc"}
+    resumed = make_loader(files, bigram_vocab=1920, **state)
+    for i in range(12):  # across a shard switch and a stage change
+        n, clip = (48, 20) if i < 6 else (80, 64)
+        (a, ha), (b, hb) = loader.next_step(n, clip), resumed.next_step(n, clip)
+        assert a.equal(b) and ha.equal(hb)
+
+
+def test_bigram_hashes_travel_with_the_chunks(tmp_path):
+    """record L1779-1794: h[0] = Vb - 1, h[t] = ((36313 x[t]) XOR (27191 x[t-1])) mod (Vb - 1) over the input row."""
+    rng = np.random.default_rng(2)
+    files, _ = doc_shards(tmp_path, rng, [80])
+    vocab_b = 50304 * 15 // 2
+    tokens, hashes = make_loader(files, rank=1, world=2, bigram_vocab=vocab_b).next_step(40, 30)
+    assert hashes.shape == (4, 40) and hashes.dtype == tokens.dtype
+    for row, h in zip(tokens.tolist(), hashes.tolist()):
+        x = row[:-1]
+        assert h == [vocab_b - 1] + [((36313 * b) ^ (27191 * a)) % (vocab_b - 1) for a, b in zip(x, x[1:])]
+    # the largest GPT-2 ids: the record's int32 arithmetic does not overflow, so int64 gives its values
+    x = torch.tensor([[50256, 50303, 50302, 0, 50303]])
+    h = bigram_hash(x, vocab_b)
+    x32 = x.to(torch.int32)
+    assert h[0, 1:].tolist() == (torch.bitwise_xor(36313 * x32[0, 1:], 27191 * x32[0, :-1]) % (vocab_b - 1)).tolist()
+
+
+def test_loader_one_line_errors(tmp_path):
+    write_shard(str(tmp_path / "nobos.bin"), [5, 6, 7, 8])
+    with pytest.raises(SystemExit) as err:
+        make_loader([str(tmp_path / "nobos.bin")])
+    assert "nobos.bin holds no document start (token 0)" in str(err.value) and "\n" not in str(err.value)
+    write_shard(str(tmp_path / "gpt2.bin"), [50256, 10, 20])
+    with pytest.raises(SystemExit, match="gpt2.bin holds token id 50256, beyond the model's vocabulary of 256"):
+        make_loader([str(tmp_path / "gpt2.bin")])
+    write_shard(str(tmp_path / "short.bin"), [0, 1, 2, 3, 0, 4, 5])
+    with pytest.raises(SystemExit) as err:
+        make_loader([str(tmp_path / "short.bin")]).next_step(16, 32)
+    assert "no training shard holds one step of 8 chunks of 17 tokens" in str(err.value)
+
+# -----------------------------------------------------------------------------
+# data/prefix_table.py (record #88) against brute force; the GPT-2 table: tests/test_recipe.py
+
+
+def brute_prefix_table(ranks, size):
+    table = [-1] * size
+    for token, token_id in ranks.items():
+        for length in range(len(token) - 1, 0, -1):
+            if token[:length] in ranks:
+                table[token_id] = ranks[token[:length]]
+                break
+    return table
+
+
+def test_prefix_table_matches_brute_force():
+    rng = np.random.default_rng(3)
+    ranks = {bytes([b]): b for b in range(256)}
+    alphabet = [b"a", b"b", b"ab", b"\xff", b" "]
+    while len(ranks) < 2000:  # merges that share prefixes at many depths, ids in shuffled order
+        token = b"".join(rng.choice(alphabet, size=rng.integers(2, 7)))
+        ranks.setdefault(token, len(ranks))
+    ids = rng.permutation(len(ranks))
+    ranks = {token: int(ids[i]) for i, token in enumerate(ranks)}
+    table = prefix_table(ranks, 2048)
+    assert table.dtype == torch.int64 and table.shape == (2048,)
+    assert table.tolist() == brute_prefix_table(ranks, 2048)
+    assert (table[2000:] == -1).all() and (table >= 0).sum() > 1000
+    with pytest.raises(ValueError, match="does not fit"):
+        prefix_table(ranks, 1999)
+
+
+def test_gpt2_ranks_reads_a_tiktoken_file(tmp_path):
+    write_tiny_ranks(tmp_path / "tiny.tiktoken")
+    ranks = gpt2_ranks(str(tmp_path / "tiny.tiktoken"))
+    assert ranks == {token: rank for rank, token in enumerate(TINY_TOKENS)}
+    table = prefix_table(ranks, 264)
+    assert table[TINY_TOKENS.index(b"the")] == TINY_TOKENS.index(b"th") and table[ord("t")] == -1
+    (tmp_path / "bad.tiktoken").write_text("dGg= 256\nnot-base64!! 3\n")
+    with pytest.raises(ValueError, match="bad.tiktoken:2 is not a 'base64"):
+        gpt2_ranks(str(tmp_path / "bad.tiktoken"))

@@ -43,6 +43,13 @@ def test_sharded_steps_equal_one_process(sharded_run):
         assert r["sampler_vs_sharded"] == 0.0                      # refresh(): the sampler copy is the weights
 
 
+def test_our_gpt_sharded_steps_equal_one_process(sharded_run):
+    # model.py's GPT: blocks sharded as units, an untied head (the dummy pass must give it a gradient too)
+    _, results = sharded_run
+    for r in results:
+        assert r["gpt_moved"] > 1e-3 and r["gpt_sharded_vs_reference"] < 1e-11
+
+
 def test_sharded_checkpoint_resumes_exactly(sharded_run):
     _, results = sharded_run
     for r in results:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import muon
 import speedrun_kernels
-from speedrun_kernels import gram, relu2_matmul, softcap_ce
+from speedrun_kernels import dispatch, gram, relu2_matmul, softcap_ce
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,11 @@ def assert_close(actual, expected):
 
 
 @pytest.fixture
-def kdevice(device):
-    """The device a kernel test runs on: the CPU through the interpreter, or the GPU, compiled."""
+def kdevice(device, monkeypatch):
+    """The device a kernel test runs on: the CPU through the interpreter, or the GPU, compiled (kernels on)."""
     if device.type == "cpu" and not speedrun_kernels.dispatch.INTERPRET:
         pytest.skip("Triton compiles for the GPU in this session: TRITON_INTERPRET=1 runs the kernels on the CPU")
+    monkeypatch.setenv("NANOGPT_KERNELS", "1")
     return device
 
 
@@ -48,107 +49,156 @@ def test_kernels_run_in_the_interpreter():
 
 # -- softcap_cross_entropy ---------------------------------------------------------------------------------------
 
-CE_CASES = [(torch.float32, "sigmoid", 5000), (torch.bfloat16, "sigmoid", 5000),
-            (torch.bfloat16, "tanh", 1000), (torch.float32, "tanh", 1000)]  # V=5000: two 4096 blocks, ragged
+SOFTCAP = (23.0, 5.0, 7.5)  # record #54
+CE_CASES = [(torch.float32, 5000, 1), (torch.bfloat16, 5000, 4), (torch.float32, 1000, 3),
+            (torch.bfloat16, 1000, 2)]  # (dtype, V, K); V=5000: two 4096 blocks, ragged
 
 
-def ce_inputs(dtype, V, N=37, seed=0, device="cpu"):
+def ce_inputs(dtype, V, K, N=23, seed=0, device="cpu"):
+    """Logits wide enough to reach both ends of the cap; targets (N, K) with -100 holes, a row without any valid
+    target, a row whose targets repeat one token; weights (K,) with a zero among them when K > 2 (a weight that
+    has decayed to 0, as the schedules do)."""
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(N, V, generator=g) * 12).to(dtype)  # wide enough to reach into the cap
-    targets = torch.randint(0, V, (N,), generator=g)
-    targets[::4] = -100
-    return logits.to(device), targets.to(device)
+    logits = (torch.randn(N, V, generator=g) * 12).to(dtype)
+    targets = torch.randint(0, V, (N, K), generator=g)
+    targets[torch.rand(N, K, generator=g) < 0.3] = -100
+    targets[1] = -100
+    targets[2] = targets[2, 0]
+    weights = torch.rand(K, generator=g) + 0.25
+    if K > 2:
+        weights[1] = 0.0
+    return logits.to(device), targets.to(device), weights.to(device)
 
 
-def ce_reference64(logits, targets, softcap_type):
-    """float64 reference: (row losses (N,), gradient of the mean loss (N, V))."""
-    z, targets = logits.double().cpu().requires_grad_(), targets.cpu()
-    y = 30.0 * torch.tanh(z / 30.0) if softcap_type == "tanh" else 30.0 * torch.sigmoid(z / 7.5)
-    rows = F.cross_entropy(y, targets, ignore_index=-100, reduction="none")
-    rows.sum().div((targets != -100).sum()).backward()
-    return rows.detach(), z.grad
+def ce_loop64(logits, targets, weights, softcap=SOFTCAP):
+    """float64, row by row and target by target: (row losses (N,), gradient of their sum (N, V))."""
+    A, B, C = softcap
+    z, targets, weights = logits.double().cpu(), targets.cpu(), weights.double().cpu()
+    losses, grad = torch.zeros(z.shape[0], dtype=torch.float64), torch.zeros_like(z)
+    for i in range(z.shape[0]):
+        u = torch.sigmoid((z[i] + B) / C)
+        y = A * u
+        lse, p = torch.logsumexp(y, dim=0), torch.softmax(y, dim=0)
+        dy = torch.zeros_like(y)
+        for k in range(targets.shape[1]):
+            t = int(targets[i, k])
+            if t == -100:
+                continue
+            losses[i] += weights[k] * (lse - y[t])
+            dy += weights[k] * p
+            dy[t] -= weights[k]
+        grad[i] = dy * (A / C) * u * (1 - u)
+    return losses, grad
 
 
-@pytest.mark.parametrize("dtype,softcap_type,V", CE_CASES)
-def test_softcap_ce_kernel_writes_every_row_loss_and_gradient(dtype, softcap_type, V, kdevice):
-    logits, targets = ce_inputs(dtype, V, device=kdevice)
+@pytest.mark.parametrize("dtype,V,K", CE_CASES)
+def test_softcap_ce_kernel_writes_every_row_loss_and_gradient(dtype, V, K, kdevice):
+    logits, targets, weights = ce_inputs(dtype, V, K, device=kdevice)
     row_loss = torch.full((logits.shape[0],), float("nan"), device=kdevice)
     dlogits = torch.full(logits.shape, float("nan"), dtype=dtype, device=kdevice)
-    n_valid = (targets != -100).sum()
-    grid, kw = softcap_ce._launch_args(logits, targets, n_valid, 30.0, softcap_type, row_loss, dlogits)
+    grid, kw = softcap_ce._launch_args(logits, targets, weights, SOFTCAP, row_loss, dlogits)
     softcap_ce._softcap_ce_kernel[grid](**kw)
-    rows_ref, grad_ref = ce_reference64(logits, targets, softcap_type)
+    rows_ref, grad_ref = ce_loop64(logits, targets, weights)
     assert_close(row_loss, rows_ref)
     assert_close(dlogits, grad_ref)
+    assert row_loss[1] == 0 and (dlogits[1] == 0).all()  # no valid target: no loss, no gradient
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("dtype,softcap_type,V", CE_CASES)
-def test_softcap_ce_forward_backward_matches_reference(dtype, softcap_type, V, reduction, kdevice):
-    logits, targets = ce_inputs(dtype, V + 64, seed=1, device=kdevice)
-    wide = logits.requires_grad_()
-    z = wide[:, :V]  # a strided view, like logits sliced out of a padded vocabulary
+@pytest.mark.parametrize("dtype,V,K", CE_CASES)
+def test_softcap_ce_forward_backward_matches_loop(dtype, V, K, kdevice):
+    """The public function (kernel, or the reference on a plain CPU run) on a column slice of a padded vocabulary,
+    a per-row upstream gradient (each row scaled on its own) and a summed one (an expanded scalar)."""
+    logits, targets, weights = ce_inputs(dtype, V + 64, K, N=17, seed=1, device=kdevice)
     targets = targets.clamp(max=V - 1).masked_fill(targets == -100, -100)
-    loss = speedrun_kernels.softcap_cross_entropy(z, targets, 30.0, softcap_type, reduction)
-    (loss * 2.5).backward()  # an upstream gradient != 1: the backward must scale
-    rows_ref, grad_ref = ce_reference64(z.detach(), targets, softcap_type)
-    n_valid = (targets != -100).sum()
-    loss_ref = rows_ref.sum() / (n_valid if reduction == "mean" else 1)
-    grad_ref = grad_ref * (1 if reduction == "mean" else n_valid)  # the sum's gradient: the mean's times n_valid
-    assert loss.dtype == torch.float32 and loss.shape == ()
-    torch.testing.assert_close(loss.double().cpu(), loss_ref, rtol=1e-5, atol=1e-5)
+    wide = logits.requires_grad_()
+    z = wide[:, :V]  # strided
+    rows = speedrun_kernels.softcap_cross_entropy(z, targets, weights, SOFTCAP)
+    upstream = torch.rand(rows.shape, generator=torch.Generator().manual_seed(2)).to(kdevice) + 0.5
+    upstream[::3] = 1.0  # rows the backward leaves as they are
+    rows.backward(upstream)
+    rows_ref, grad_ref = ce_loop64(z.detach(), targets, weights)
+    assert rows.dtype == torch.float32 and rows.shape == (z.shape[0],)
+    torch.testing.assert_close(rows.double().cpu(), rows_ref, rtol=1e-5, atol=1e-5)
+    assert_close(wide.grad[:, :V], upstream.double().cpu()[:, None] * grad_ref)
+    assert (wide.grad[:, V:] == 0).all() and wide.grad.dtype == dtype
+
+    wide.grad = None
+    (speedrun_kernels.softcap_cross_entropy(z, targets, weights, SOFTCAP).sum() * 2.5).backward()
     assert_close(wide.grad[:, :V], 2.5 * grad_ref)
-    assert (wide.grad[:, V:] == 0).all()
+    assert dispatch.built("softcap_cross_entropy", str(z.device), dtype)  # the kernel ran, not its fallback
+
+
+def test_softcap_ce_reference_gradcheck():
+    """The torch reference (the CPU path, and the kernel's reference) is differentiable exactly, in float64."""
+    logits, targets, weights = ce_inputs(torch.float64, 40, 3, N=6, seed=3)
+    logits = (logits / 4).requires_grad_()  # gradcheck's finite differences need a smooth cap
+    torch.autograd.gradcheck(lambda z: speedrun_kernels.softcap_cross_entropy_reference(z, targets, weights), logits)
+    rows, grad = ce_loop64(logits.detach(), targets, weights)
+    ref = speedrun_kernels.softcap_cross_entropy_reference(logits, targets, weights)
+    ref.sum().backward()
+    torch.testing.assert_close(ref.detach(), rows)
+    torch.testing.assert_close(logits.grad, grad)
+
+
+def test_softcap_logits_is_the_records_cap():
+    z = torch.randn(5, 7, dtype=torch.float64) * 20
+    torch.testing.assert_close(speedrun_kernels.softcap_logits(z), 23 * torch.sigmoid((z + 5) / 7.5))
+    torch.testing.assert_close(speedrun_kernels.softcap_logits(z, (30.0, 0.0, 7.5)), 30 * torch.sigmoid(z / 7.5))
 
 
 def test_softcap_ce_unit_upstream_gradient_and_no_grad(kdevice):
-    logits, targets = ce_inputs(torch.bfloat16, 700, N=19, seed=2, device=kdevice)
+    logits, targets, weights = ce_inputs(torch.bfloat16, 700, 2, N=19, seed=2, device=kdevice)
     z = logits.requires_grad_()
-    speedrun_kernels.softcap_cross_entropy(z, targets).backward()
-    rows_ref, grad_ref = ce_reference64(logits.detach(), targets, "sigmoid")
+    speedrun_kernels.softcap_cross_entropy(z, targets, weights).sum().backward()
+    rows_ref, grad_ref = ce_loop64(logits.detach(), targets, weights)
     assert_close(z.grad, grad_ref)
     with torch.no_grad():
-        loss = speedrun_kernels.softcap_cross_entropy(z, targets)
-    torch.testing.assert_close(loss.double().cpu(), rows_ref.sum() / (targets.cpu() != -100).sum(), rtol=1e-5,
-                               atol=1e-5)
+        rows = speedrun_kernels.softcap_cross_entropy(z, targets, weights)
+    torch.testing.assert_close(rows.double().cpu(), rows_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_softcap_ce_second_backward_fails_loudly(kdevice):
-    logits, targets = ce_inputs(torch.float32, 300, N=5, device=kdevice)
-    loss = speedrun_kernels.softcap_cross_entropy(logits.requires_grad_(), targets)
+    logits, targets, weights = ce_inputs(torch.float32, 300, 2, N=5, device=kdevice)
+    loss = speedrun_kernels.softcap_cross_entropy(logits.requires_grad_(), targets, weights).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
 def test_softcap_ce_target_out_of_range_gives_nan(kdevice):
-    logits, targets = ce_inputs(torch.float32, 300, N=5, seed=4, device=kdevice)
-    targets[2] = 300
-    assert speedrun_kernels.softcap_cross_entropy(logits, targets).isnan()
+    logits, targets, weights = ce_inputs(torch.float32, 300, 2, N=5, seed=4, device=kdevice)
+    targets[2, 1] = 300
+    rows = speedrun_kernels.softcap_cross_entropy(logits, targets, weights)
+    assert rows[2].isnan() and not rows[[0, 1, 3, 4]].isnan().any()
 
 
-def test_softcap_ce_rejects_bad_shapes():
+def test_softcap_ce_rejects_bad_inputs():
+    z, t, w = torch.randn(3, 10), torch.zeros(3, 2, dtype=torch.long), torch.ones(2)
     with pytest.raises(ValueError, match="view"):
-        speedrun_kernels.softcap_cross_entropy(torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="softcap_type"):
-        speedrun_kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), 30.0, "relu")
-    with pytest.raises(ValueError, match="reduction"):
-        speedrun_kernels.softcap_cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), reduction="none")
+        speedrun_kernels.softcap_cross_entropy(torch.randn(2, 3, 10), t, w)
+    with pytest.raises(ValueError, match="view"):
+        speedrun_kernels.softcap_cross_entropy(z, torch.zeros(3, dtype=torch.long), w)
+    with pytest.raises(ValueError, match="int64"):
+        speedrun_kernels.softcap_cross_entropy(z, t.int(), w)
+    with pytest.raises(ValueError, match="one float weight per target column"):
+        speedrun_kernels.softcap_cross_entropy(z, t, torch.ones(3))
+    with pytest.raises(ValueError, match="C > 0"):
+        speedrun_kernels.softcap_cross_entropy(z, t, w, (23.0, 5.0, 0.0))
 
 
 def test_softcap_ce_opcheck(kdevice):
-    logits, targets = ce_inputs(torch.float32, 300, N=6, seed=3, device=kdevice)
+    logits, targets, weights = ce_inputs(torch.float32, 300, 3, N=6, seed=3, device=kdevice)
     torch.library.opcheck(torch.ops.speedrun_kernels.softcap_cross_entropy.default,
-                          (logits, targets, 30.0, "sigmoid", False, "sum"))
+                          (logits, targets, weights, list(SOFTCAP), False))
     # With the gradient written, the backward scales the op's own dlogits output in place (no extra pass over the
     # (N, V) logits). The public function never hands dlogits out, and compiled that way it works (the
     # torch.compile test below); opcheck's AOT test makes dlogits a graph output, which AOTAutograd cannot
     # partition, so it is left out of this one call.
     torch.library.opcheck(torch.ops.speedrun_kernels.softcap_cross_entropy.default,
-                          (logits.requires_grad_(), targets, 30.0, "tanh", True, "mean"),
+                          (logits.requires_grad_(), targets, weights, list(SOFTCAP), True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(torch.ops.speedrun_kernels.scale_.default, (torch.randn(7, 300, device=kdevice),
-                                                             torch.tensor(0.3, device=kdevice)))
+    torch.library.opcheck(torch.ops.speedrun_kernels.scale_rows_.default,
+                          (torch.randn(7, 300, device=kdevice), torch.rand(7, device=kdevice)))
 
 
 # -- xxt / ba_plus_cAA ------------------------------------------------------------------------------------------
@@ -191,6 +241,7 @@ def test_xxt_and_ba_plus_cAA_public_functions(dtype, kdevice):
     B = speedrun_kernels.ba_plus_cAA(S, -2.8, 0.5)
     S64 = S.double().cpu()
     assert_close(B, -2.8 * S64 + 0.5 * (S64 @ S64))
+    assert dispatch.built("xxt", str(S.device), dtype)  # the kernel ran, not its fallback
 
 
 def test_xxt_and_ba_plus_cAA_gradients(kdevice):
@@ -279,6 +330,7 @@ def test_relu2_linear_forward_backward_matches_reference(dtype, kdevice):
     assert_close(y, y_ref)
     assert_close(x.grad, dx_ref)
     assert_close(W.grad, dW_ref)
+    assert dispatch.built("relu2_linear", str(x.device), dtype)  # the kernel ran, not its fallback
 
 
 def test_relu2_linear_rejects_mixed_dtypes():
@@ -313,24 +365,68 @@ def test_all_kernels_under_torch_compile_fullgraph(monkeypatch, kdevice):
     """aot_eager on the CPU (no codegen), inductor on CUDA: the kernels as opaque nodes of a real compiled graph."""
     monkeypatch.setenv("NANOGPT_KERNELS", "1")
 
-    def step(x, W, targets):  # the model's pattern: the switch, then the kernels
+    def step(x, W, targets, weights):  # the model's pattern: the switch, then the kernels
         K = speedrun_kernels
         h = K.relu2_linear(x, W) if K.enabled(x) else K.relu2_linear_reference(x, W)  # (30, 70)
         z = h @ speedrun_kernels.xxt(W)  # (30, 70)
-        return speedrun_kernels.softcap_cross_entropy(z, targets)
+        return speedrun_kernels.softcap_cross_entropy(z, targets, weights).sum() * 0.5
 
     x = random((30, 40), torch.float32, device=kdevice)
     W = random((70, 40), torch.float32, seed=1, scale=0.2, device=kdevice)
-    targets = torch.randint(0, 70, (30,), generator=torch.Generator().manual_seed(0)).to(kdevice)
+    targets = torch.randint(0, 70, (30, 3), generator=torch.Generator().manual_seed(0)).to(kdevice)
+    targets[-2:, 1:] = -100  # MTP targets beyond the row's end
+    weights = torch.tensor([1.0, 0.5, 0.25], device=kdevice)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if kdevice.type == "cpu" else "inductor")
     grads = []
     for fn in (step, compiled):
         xg, Wg = x.clone().requires_grad_(), W.clone().requires_grad_()
-        loss = fn(xg, Wg, targets)
+        loss = fn(xg, Wg, targets, weights)
         loss.backward()
         grads.append((loss.detach(), xg.grad, Wg.grad))
     for eager, comp in zip(*grads):
         torch.testing.assert_close(comp, eager)
+
+
+def test_every_kernel_builds_and_passes_its_probe(kdevice):
+    for name, probe in dispatch.probes().items():
+        for dtype in (torch.float32, torch.bfloat16):
+            probe(kdevice, dtype)
+            assert dispatch.built(name, str(kdevice), dtype)
+
+
+def test_a_kernel_that_does_not_build_falls_back_to_its_reference(monkeypatch, kdevice):
+    """A probe that fails (here: forced) routes its kernel to the torch reference, once, with one notice line,
+    eagerly and under torch.compile(fullgraph=True) (which probes while tracing); the other kernels keep theirs."""
+    monkeypatch.setattr(dispatch, "_BUILT", {})
+    monkeypatch.setattr(dispatch, "_NOTICES", [])
+    monkeypatch.setenv("NANOGPT_KERNELS", "1")
+    probed = []
+
+    def broken_probe(device, dtype):
+        probed.append(dtype)
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_70")
+
+    monkeypatch.setattr(relu2_matmul, "probe", broken_probe)
+    monkeypatch.setattr(relu2_matmul, "_matmul", lambda *a, **k: pytest.fail("the broken kernel was launched"))
+    x, W, _ = relu2_inputs(torch.float32, device=kdevice)
+    with pytest.warns(RuntimeWarning, match="relu2_linear did not build"):
+        y = speedrun_kernels.relu2_linear(x, W)
+    assert torch.equal(y, speedrun_kernels.relu2_linear_reference(x, W))
+    compiled = torch.compile(speedrun_kernels.relu2_linear, fullgraph=True,
+                             backend="aot_eager" if kdevice.type == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(x, W), y)
+    with pytest.warns(RuntimeWarning, match="relu2_linear did not build"):
+        torch.compile(speedrun_kernels.relu2_linear, fullgraph=True, backend="aot_eager")(x.bfloat16(), W.bfloat16())
+    assert probed == [torch.float32, torch.bfloat16]  # once per device and dtype
+    assert speedrun_kernels.notices() == [
+        f"kernels: relu2_linear did not build for {x.device} float32 (RuntimeError): torch reference",
+        f"kernels: relu2_linear did not build for {x.device} bfloat16 (RuntimeError): torch reference"]
+    A = random((20, 30), torch.float32, device=kdevice)
+    assert dispatch.built("xxt", str(A.device), torch.float32)
+    calls = []
+    monkeypatch.setattr(gram, "_launch", lambda *a, f=gram._launch, **k: calls.append(1) or f(*a, **k))
+    speedrun_kernels.xxt(A)
+    assert calls == [1] and len(speedrun_kernels.notices()) == 2
 
 
 def test_kernels_compile_for_h100():

@@ -103,19 +103,20 @@ def gpt(seed=0):
 
 
 def test_our_gpt_adapts_its_raw_matrices_per_stacked_matrix():
-    # qkv_w (3, H*D, C) gets one adapter per stacked matrix (q, k, v), c_fc (C, 4C) and the c_proj Linears one each;
-    # the adapted model computes as the base with W + (alpha / r) B @ A written into its weights; merge_ gives that
+    # attn_vo (2, C, C) gets one adapter per stacked matrix (W_V, W_O), attn_qk (H, 2D, C) one per head pair, mlp_fc
+    # and mlp_proj (1, 4C, C) one each; the adapted model computes as the base with W + (alpha / r) B @ A written
+    # into its weights, through the full forward and the engine's KV cache; merge_ gives that model
     base = gpt()
     adapted = lora.apply(copy.deepcopy(base), 3, 9.0)
-    qkv = adapted.blocks[0].attn.parametrizations.qkv_w[0]
-    assert qkv.lora_A.shape == (3, 3, 32) and qkv.lora_B.shape == (3, 32, 3)
+    assert len(lora.adapters(adapted)) == 4 * 2
+    vo = adapted.blocks[0].parametrizations.attn_vo[0]
+    assert vo.lora_A.shape == (2, 3, 32) and vo.lora_B.shape == (2, 32, 3)
     randomise(torch.nn.ParameterList(lora.adapter_parameters(adapted)), 5)
     written = copy.deepcopy(base)
     state = written.state_dict()
     with torch.no_grad():
         for a in lora.adapters(adapted):
-            name = a.path if isinstance(a, lora.LoRADelta) else a.path + ".weight"
-            state[name] += 3.0 * a.lora_B @ a.lora_A                       # alpha / r = 3, in float64
+            state[a.path] += 3.0 * a.lora_B @ a.lora_A                     # alpha / r = 3, in float64
     written.load_state_dict(state)
     idx = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -220,7 +221,7 @@ def test_bad_lora_input_is_one_line(tmp_path, capsys):
         lora.apply(torch.nn.Sequential(torch.nn.Linear(2, 2)), 4, 8.0)
     with pytest.raises(ValueError, match=r"^--lora-rank 0: the adapters' rank must be at least 1"):
         lora.apply(gpt(), 0, 8.0)
-    with pytest.raises(ValueError, match=r"^--lora-dropout 0.1: attn.qkv_w gets a parameter-level adapter"):
+    with pytest.raises(ValueError, match=r"^--lora-dropout 0.1: attn_qk gets a parameter-level adapter"):
         lora.apply(gpt(), 4, 8.0, dropout=0.1)
     for flags, message in [(["--lora-rank", "0"], "argument --lora-rank: must be an integer >= 1"),
                            (["--lora-alpha", "8"], "--lora-alpha without --lora-rank"),
@@ -229,6 +230,6 @@ def test_bad_lora_input_is_one_line(tmp_path, capsys):
             train_grpo.parse_args(flags)
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^error: --lora-targets: GPT has no 'q_proj' in its decoder blocks; it has "
-                                         r"attn\.qkv_w, attn\.gate, attn\.c_proj, mlp\.c_fc, mlp\.c_proj$"):
+                                         r"attn_qk, attn_vo, mlp_fc, mlp_proj, ve_gate$"):
         train_grpo.main(["--lora-rank", "4", "--lora-targets", "q_proj", "--steps", "0", "--sft-steps", "0",
                          "--log-dir", str(tmp_path)])

@@ -1,21 +1,41 @@
+"""model.py and attention.py against references: brute-force masks, the record's formulas written out in float64
+(rotary, YaRN, the bigram hash, the attention layer, the forward's wiring with the record's literal indices, the
+losses), cached decoding against the full forward, the layer plan's rules, and the compiled graphs.
+
+Record lines: modded-nanogpt HEAD train_gpt.py (L...), triton_kernels.py (TK...), dc_triton_kernels.py (DC...)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
+import attention
 import model as model_module
 import speedrun_kernels
-from model import GPT, GPTConfig, attend, block_mask, dense_mask, document_ids, fp8_mm
+from attention import FullAttention, block_mask, dense_mask, document_ids
+from model import GPT, GPTConfig, LayerInputs, bigram_hash, gate_layout, layer_plan
 
 EOS = 0
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Small tensors: threads only contend (a float64 decode step took 60x longer on two busy cores)."""
+
+
 def tiny_config(**kw) -> GPTConfig:
-    return GPTConfig(**{**dict(vocab_size=256, num_layers=4, model_dim=64, num_heads=2, head_dim=32,
-                               max_seq_len=512, block_len=8, window_blocks=4, attn_gate_dim=3, eos_token_id=EOS),
-                        **kw})
+    return GPTConfig(**{**dict(vocab_size=256, num_layers=4, model_dim=32, num_heads=2, head_dim=16, max_seq_len=256,
+                               block_len=4, windows=(1, 3), eos_token_id=EOS, dc_window=3, fp8=False), **kw})
+
+
+def randomize(model: GPT, seed: int = 0) -> GPT:
+    """Every parameter random (the init zeroes several): each path then carries signal."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim >= 2 else 0.5) + (p.ndim < 2))
+    return model
 
 
 def random_tokens(B: int, T: int, n_docs: int, gen: torch.Generator) -> torch.Tensor:
@@ -26,499 +46,834 @@ def random_tokens(B: int, T: int, n_docs: int, gen: torch.Generator) -> torch.Te
     return idx
 
 
-def brute_force_mask(idx: torch.Tensor, window: int, block_len: int) -> torch.Tensor:
-    """Query q sees key k iff k <= q, no eos lies in (k, q] and k's block is less than max(window, 1) blocks
-    behind q's (blocks of block_len tokens from position 0)."""
-    B, T = idx.shape
+# -----------------------------------------------------------------------------
+# masks
+
+def brute_force_mask(docs: torch.Tensor, reach: int) -> torch.Tensor:
+    """docs (B, T) -> (B, 1, T, T): q sees k iff k <= q, q - k <= reach, same document."""
+    B, T = docs.shape
     out = torch.zeros(B, 1, T, T, dtype=torch.bool)
     for b in range(B):
-        row = idx[b].tolist()
         for q in range(T):
-            for k in range(q + 1):
-                if EOS not in row[k + 1:q + 1] and q // block_len - k // block_len < max(window, 1):
-                    out[b, 0, q, k] = True
+            for k in range(max(0, q - reach), q + 1):
+                out[b, 0, q, k] = bool(docs[b, q] == docs[b, k])
     return out
 
 
-@pytest.mark.parametrize("window,block_len", [(0, 4), (1, 4), (3, 5), (7, 1), (40, 1), (2, 128), (1000, 16)])
-def test_dense_mask_matches_brute_force(window, block_len):
-    gen = torch.Generator().manual_seed(window)
-    idx = random_tokens(2, 90, 5, gen)
-    docs = document_ids(idx, EOS)
-    expected = brute_force_mask(idx, window, block_len)
-    assert torch.equal(dense_mask(docs, window, block_len, 90), expected)
-    assert torch.equal(dense_mask(docs, torch.tensor(window), block_len, 90), expected)
+@pytest.mark.parametrize("reach", [0, 1, 5, 12, 200])
+def test_dense_mask_is_the_token_window_rule(reach):
+    gen = torch.Generator().manual_seed(reach)
+    docs = document_ids(random_tokens(2, 60, 4, gen), EOS)
+    expected = brute_force_mask(docs, reach)
+    assert torch.equal(dense_mask(docs, reach, 60), expected)
+    assert torch.equal(dense_mask(docs, torch.tensor(reach), 60), expected)  # a tensor window: the same
+
+
+def test_paired_mask_over_the_interleaved_index():
+    """Paired layers: position i = 2t + r of the doubled sequence holds token t; the rule applies to i with the
+    documents of the tokens, so a window of W positions spans W/2 tokens."""
+    gen = torch.Generator().manual_seed(1)
+    docs = document_ids(random_tokens(2, 30, 3, gen), EOS)
+    reach = 7
+    ours = dense_mask(docs, reach, 60, paired=True)
+    for b in range(2):
+        for i in range(60):
+            for j in range(60):
+                expected = j <= i and i - j <= reach and bool(docs[b, i // 2] == docs[b, j // 2])
+                assert bool(ours[b, 0, i, j]) == expected
 
 
 def selected_tiles(counts, indices, n):
-    """BlockMask (B, 1, n) counts + (B, 1, n, n) indices -> (B, n, n) bool of the selected key tiles (a negative
-    count selects nothing, as in flex's kernels)."""
+    """BlockMask (B, 1, n) counts + (B, 1, n, n) indices -> (B, n, n) bool of the selected key tiles."""
     out = torch.zeros(counts.size(0), n, n, dtype=torch.bool)
     for b in range(counts.size(0)):
-        for qb in range(n):
-            out[b, qb, indices[b, 0, qb, :max(int(counts[b, 0, qb]), 0)].long()] = True
+        for qt in range(n):
+            out[b, qt, indices[b, 0, qt, :int(counts[b, 0, qt])].long()] = True
     return out
 
 
-def effective_mask(bm, docs, T):
-    """What flex computes with a BlockMask, tile by tile: full tiles see every pair, partial tiles apply the
-    mask_mod, the others nothing. -> (B, 1, T', T') bool over the padded length."""
-    B, n = docs.size(0), docs.size(1) // 128
-    full = selected_tiles(bm.full_kv_num_blocks, bm.full_kv_indices, n)
-    partial = selected_tiles(bm.kv_num_blocks, bm.kv_indices, n)
-    b = torch.arange(B)[:, None, None, None]
-    q, k = torch.arange(n * 128)[None, None, :, None], torch.arange(n * 128)[None, None, None, :]
-    mod = bm.mask_mod(b, 0, q, k).expand(B, 1, n * 128, n * 128)
-    def per_token(tiles):  # (B, n, n) -> (B, 1, T', T')
-        return tiles.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, None]
-    return per_token(full) | (per_token(partial) & mod)
-
-
-def record_block_mask(docs, window):
-    """Record #28's BlockMask, rebuilt from its description (create_blockmasks / build_bm): tiles that are causal
-    and share a document, "full" when both tiles lie in one document and the key tile is strictly before, both
-    lists ordered nearest tile first; the window only clamps the counts: full <= window - 1, partial <=
-    max(window - (unclamped full count), 1); its mask_mod is causal & same document, no window."""
-    B, n = docs.size(0), docs.size(1) // 128
-    lo, hi = docs.view(B, n, 128)[:, :, 0], docs.view(B, n, 128)[:, :, -1]
-    blk = torch.arange(n)
-    any_tile = (blk[:, None] >= blk) & (lo[:, :, None] <= hi[:, None, :]) & (hi[:, :, None] >= lo[:, None, :])
-    all_tile = (blk[:, None] > blk) & (lo[:, :, None] == hi[:, None, :]) & (hi[:, :, None] == lo[:, None, :])
-
-    def ordered(m):  # nearest (highest) key tile first
-        return m.sum(-1, dtype=torch.int32)[:, None], m.int().argsort(dim=-1, stable=True).flip(-1).int()[:, None]
-    partial_n, partial_i = ordered(any_tile & ~all_tile)
-    full_n, full_i = ordered(all_tile)
-    window = torch.tensor(window, dtype=torch.int32)
-    return BlockMask.from_kv_blocks(torch.clamp_max(partial_n, torch.clamp_min(window - full_n, 1)), partial_i,
-                                    torch.clamp_max(full_n, window - 1), full_i, BLOCK_SIZE=128,
-                                    mask_mod=lambda b, h, q, k: (q >= k) & (docs[b, q] == docs[b, k]))
-
-
-@pytest.mark.parametrize("T,window,n_docs", [(1024, 0, 3), (1024, 1, 5), (1280, 3, 4), (1100, 6, 9), (896, 20, 0)])
-def test_record_blockmask_is_the_block_window_rule(T, window, n_docs):
-    """The speedrun's masks (block_len 128 = the flex tile): record #28's BlockMask, its clamps included (window 0
-    is the short window at the first steps: a negative full count), sees exactly what our mask function sees, and
-    our BlockMask selects exactly its tiles."""
-    gen = torch.Generator().manual_seed(T + window)
-    idx = random_tokens(2, T, n_docs, gen)
-    docs = document_ids(idx, EOS)
-    ours = dense_mask(docs, window, 128, docs.size(1))
-    record = record_block_mask(docs, window)
-    assert torch.equal(effective_mask(record, docs, T), ours)
-    assert torch.equal(effective_mask(block_mask(docs, window, 128, T), docs, T), ours)
-    n = docs.size(1) // 128
-    bm = block_mask(docs, window, 128, T)
-    for count, index in (("full_kv_num_blocks", "full_kv_indices"), ("kv_num_blocks", "kv_indices")):
-        assert torch.equal(selected_tiles(getattr(bm, count), getattr(bm, index), n),
-                           selected_tiles(getattr(record, count), getattr(record, index), n))
-
-
-def test_record_blockmask_under_compiled_flex_is_the_block_window_rule():
-    """The same through flex's real kernels (inductor's CPU template honours the tile lists; eager flex only
-    evaluates the mask_mod, which in the record holds no window). Window 0 is left out here: its negative full
-    count, which the CUDA kernels loop over zero times, makes the CPU template fail to allocate."""
-    gen = torch.Generator().manual_seed(10)
-    idx = random_tokens(1, 1024, 3, gen)
-    docs = document_ids(idx, EOS)
-    q, k, v = (torch.randn(1, 2, 1024, 32, generator=gen) for _ in range(3))
-    compiled = torch.compile(flex_attention)
-    for window in (1, 3):
-        out = compiled(q, k, v, block_mask=record_block_mask(docs, window), scale=0.12)
-        assert torch.allclose(out, attend(q, k, v, dense_mask(docs, window, 128, 1024), 0.12), atol=1e-5)
-
-
-@pytest.mark.parametrize("T,window,block_len,n_docs", [(256, 16, 128, 3), (300, 9, 16, 4), (517, 2, 128, 9),
-                                                       (384, 1, 64, 0), (260, 3, 200, 2), (256, 0, 32, 2)])
-def test_flex_blockmask_matches_sdpa(T, window, block_len, n_docs):
-    gen = torch.Generator().manual_seed(T + window)
-    idx = random_tokens(2, T, n_docs, gen)
-    docs = document_ids(idx, EOS)
-    q, k, v = (torch.randn(2, 3, T, 16, generator=gen) for _ in range(3))
-    bm = block_mask(docs, window, block_len, T)
-    # tile structure: every tile with a visible pair is selected, "full" tiles hold only visible pairs; exactly
-    # the visible tiles when the window block is a multiple of the tile (the speedrun)
-    n = docs.size(1) // 128
-    tiles = dense_mask(docs, window, block_len, docs.size(1))[:, 0].view(2, n, 128, n, 128)
+@pytest.mark.parametrize("T,reach,n_docs,paired", [(256, 383, 3, False), (300, 36, 4, False), (517, 128, 9, False),
+                                                   (384, 127, 0, False), (130, 12, 2, True), (320, 1664, 5, True),
+                                                   (150, 127, 3, True)])
+def test_block_mask_tiles_and_flex_match_sdpa(T, reach, n_docs, paired):
+    """The BlockMask (128-token tiles) selects every tile with a visible pair, marks "full" only tiles whose pairs
+    are all visible, and flex over it computes what SDPA computes with the dense mask (paired: over 2T)."""
+    gen = torch.Generator().manual_seed(T + reach)
+    docs = document_ids(random_tokens(2, T, n_docs, gen), EOS)
+    T = 2 * T if paired else T
+    bm = block_mask(docs, reach, T, paired)
+    n = -(-T // 128)
+    tokens = (n * 128) >> paired
+    dense = dense_mask(torch.cat([docs, docs[:, -1:].expand(-1, tokens - docs.size(1))], dim=1), reach, n * 128,
+                       paired)[:, 0]
+    dense[:, T:], dense[:, :, T:] = False, False  # padded queries and keys count for nothing
+    tiles = dense.view(2, n, 128, n, 128)
     any_visible, all_visible = tiles.any(dim=4).any(dim=2), tiles.all(dim=4).all(dim=2)  # (B, n, n)
     full = selected_tiles(bm.full_kv_num_blocks, bm.full_kv_indices, n)
     partial = selected_tiles(bm.kv_num_blocks, bm.kv_indices, n)
     assert not (full & partial).any() and not (any_visible & ~(full | partial)).any()
     assert not (full & ~all_visible).any()
-    if block_len % 128 == 0:
-        assert torch.equal(partial, any_visible & ~all_visible) and torch.equal(full, all_visible)
-    assert torch.equal(effective_mask(bm, docs, T), dense_mask(docs, window, block_len, docs.size(1)))
-    y_flex = flex_attention(q, k, v, block_mask=bm, scale=0.12)
-    y_sdpa = attend(q, k, v, dense_mask(docs, window, block_len, T), 0.12)
+    q, k, v = (torch.randn(2, 3, T, 16, generator=gen) for _ in range(3))
+    y_flex = flex_attention(q, k, v, block_mask=bm, scale=1.0)
+    y_sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(docs, reach, T, paired), scale=1.0)
     assert torch.allclose(y_flex, y_sdpa, atol=1e-5, rtol=1e-5)
-    assert torch.equal(attend(q, k, v, bm, 0.12), y_flex)  # attend dispatches a BlockMask to flex
-
-
-def emulate_fp8_mm(x, w, x_s, w_s):
-    x8 = (x / x_s).to(torch.float8_e4m3fn).double()
-    w8 = (w / w_s).to(torch.float8_e4m3fn).double()
-    return (x8 @ w8.T) * (x_s * w_s)
-
-
-@pytest.mark.parametrize("tokens", [37, 48])  # 37: not a multiple of 16 (_scaled_mm's grad_w product is padded)
-def test_fp8_mm_forward_backward(device, tokens):
-    """CUDA: torch._scaled_mm; CPU: the emulation. Both against the float64 product of the same float8 values."""
-    gen = torch.Generator().manual_seed(0)
-    x = F.rms_norm(torch.randn(tokens, 64, generator=gen), (64,)).to(device).requires_grad_()
-    w = (0.05 * torch.randn(208, 64, generator=gen)).to(device).requires_grad_()  # _scaled_mm: N, K multiples of 16
-    scales = (64 ** 0.5 / 448, 2 ** -9, 1 / 448)  # the model's: x_s, w_s, grad_s
-    out, x8, w8 = fp8_mm(x, w, *scales)
-    x_, w_ = x.detach().cpu(), w.detach().cpu()
-    assert out.dtype == torch.bfloat16 and out.device == x.device
-    assert torch.equal(x8.view(torch.float8_e4m3fn).float().cpu(), (x_ / scales[0]).to(torch.float8_e4m3fn).float())
-    emulated = emulate_fp8_mm(x_, w_, scales[0], scales[1])
-    # only the bf16 output rounding differs (and _scaled_mm's fast accumulation on CUDA, as the record runs it)
-    assert torch.allclose(out.double().cpu(), emulated, rtol=1e-2, atol=1e-3)
-    exact = x_.double() @ w_.double().T
-    assert (out.double().cpu() - exact).norm() / exact.norm() < 0.05  # within FP8 tolerance of the true product
-    g = (torch.randn(tokens, 208, generator=gen) * 1e-2).bfloat16()  # the output's dtype
-    out.backward(g.to(device))
-    g8 = (g / scales[2]).to(torch.float8_e5m2).double()
-    grad_x = (g8 @ (w_ / scales[1]).to(torch.float8_e4m3fn).double()) * (scales[2] * scales[1])
-    grad_w = (g8.T @ (x_ / scales[0]).to(torch.float8_e4m3fn).double()) * (scales[2] * scales[0])
-    assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
-    assert torch.allclose(x.grad.double().cpu(), grad_x, rtol=1e-2, atol=1e-5)
-    assert torch.allclose(w.grad.double().cpu(), grad_w, rtol=1e-5 if device.type == "cpu" else 1e-4, atol=1e-7)
-    true_gx, true_gw = g.double() @ w_.double(), g.double().T @ x_.double()
-    assert (x.grad.double().cpu() - true_gx).norm() / true_gx.norm() < 0.15
-    assert (w.grad.double().cpu() - true_gw).norm() / true_gw.norm() < 0.15
-
-
-def test_fp8_mm_opcheck():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(19, 32, generator=gen, requires_grad=True)
-    w = (0.1 * torch.randn(45, 32, generator=gen)).requires_grad_()
-    torch.library.opcheck(torch.ops.nanogpt.fp8_mm, (x, w, 32 ** 0.5 / 448, 2 ** -9, 1 / 448))
-    g = torch.randn(19, 45, generator=gen)
-    x8, w8 = (t.detach().to(torch.float8_e4m3fn).view(torch.uint8) for t in (x, w))
-    torch.library.opcheck(torch.ops.nanogpt.fp8_mm_backward, (g, x8, w8, 1.0, 1.0, 1 / 448))
-
-
-def test_untrained_loss_is_log_vocab_and_backward_reaches_every_param():
-    torch.manual_seed(0)
-    model = GPT(tiny_config())
-    idx = torch.randint(0, 256, (2, 100))
-    loss = model(idx, idx)
-    assert abs(loss.item() - math.log(256)) < 1e-3
-    with torch.no_grad():  # give the zero-initialised outputs some weight so that every gradient is non-zero
-        for p in model.parameters():
-            if p.ndim >= 2 and p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    model(idx, idx).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
-
-
-def test_logits_shape_softcap_and_ignored_targets():
-    torch.manual_seed(1)
-    for softcap_type, cap in (("sigmoid", 30.0), ("tanh", 15.0)):
-        model = GPT(tiny_config(vocab_size=250, softcap=cap, softcap_type=softcap_type))
-        torch.nn.init.normal_(model.lm_head.weight, std=3.0)
-        idx = torch.randint(0, 250, (3, 50))
-        logits = model(idx)
-        assert logits.shape == (3, 50, 250) and logits.dtype == torch.float32
-        assert logits.abs().max() <= cap
-        assert logits.std() > cap / 20  # the cap binds: logits are spread over its range
-        full = GPT(tiny_config(softcap=cap, softcap_type=softcap_type)).eval()  # vocab 256: no padded columns
-        torch.nn.init.normal_(full.lm_head.weight, std=3.0)
-        targets = idx.clone()
-        targets[:, :20] = -100
-        expected = F.cross_entropy(full(idx)[:, 20:].reshape(-1, 256), idx[:, 20:].reshape(-1))
-        assert torch.allclose(full(idx, targets), expected, atol=1e-5)
-    with pytest.raises(ValueError, match="softcap_type"):
-        GPTConfig(softcap_type="relu")
-
-
-def test_right_padding_and_documents_do_not_leak():
-    torch.manual_seed(2)
-    model = GPT(tiny_config(window_blocks=4))  # 4 blocks of 8 tokens
-    for p in model.parameters():  # non-trivial everywhere
-        torch.nn.init.normal_(p, std=0.1) if p.ndim >= 2 else None
-    a, b = torch.randint(1, 256, (1, 60)), torch.randint(1, 256, (1, 37))
-    batch = torch.cat([a, F.pad(b, (0, 23), value=7)])  # b right-padded with junk
-    logits = model(batch)
-    assert torch.allclose(logits[0], model(a)[0], atol=1e-5)
-    assert torch.allclose(logits[1, :37], model(b)[0], atol=1e-5)
-    # tokens of a later document do not see an earlier one
-    x = torch.randint(1, 256, (1, 80))
-    x[0, 50] = EOS
-    y = x.clone()
-    y[0, :50] = torch.randint(1, 256, (50,))
-    assert torch.allclose(model(x)[0, 50:], model(y)[0, 50:], atol=1e-5)
-    assert not torch.allclose(model(x)[0, 40:50], model(y)[0, 40:50], atol=1e-3)
-    # the window (in blocks) is a runtime argument; a tensor gives the same result as an int
-    assert torch.allclose(model(x, window=1), model(x, window=torch.tensor(1)))
-    assert not torch.allclose(model(x, window=1), model(x, window=8), atol=1e-4)
-
-
-@pytest.mark.parametrize("window_blocks", [4, 1])  # 1: the short layers' window is 0 blocks (their own block only)
-def test_cached_decoding_matches_full_forward(window_blocks):
-    torch.manual_seed(3)
-    model = GPT(tiny_config(block_len=4, window_blocks=window_blocks, num_layers=5, no_attn_layers=(2,)))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1) if p.ndim >= 2 else None
-    idx = torch.randint(1, 256, (2, 40))
-    full = model(idx)
-    cache = model.init_cache(2, 48)
-    # rows at different positions: row 0 prefills 25 tokens, row 1 prefills 11 (right-padded), then both step
-    lens = torch.tensor([25, 11])
-    prefill = torch.where(torch.arange(25) < lens[:, None], idx[:, :25], 0)
-    pos = torch.arange(25).expand(2, 25)
-    out = model.forward_cached(prefill, pos, cache)
-    assert torch.allclose(out[0], full[0, :25], atol=1e-4)
-    assert torch.allclose(out[1, :11], full[1, :11], atol=1e-4)
-    p = lens.clone()
-    for _ in range(12):
-        step = model.forward_cached(idx[torch.arange(2), p][:, None], p[:, None], cache)
-        assert torch.allclose(step[:, 0], full[torch.arange(2), p], atol=1e-4)
-        p += 1
-
-
-def test_param_groups_and_flops():
-    model = GPT(tiny_config())
-    groups = model.param_groups()
-    ids = [id(p) for g in groups.values() for p in g]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert all(p.ndim >= 2 for p in groups["hidden"]) and all(p.ndim < 2 for p in groups["scalar"])
-    assert model.estimate_flops_per_token(window=8) > model.estimate_flops_per_token(window=4) > 0
-    cfg = GPTConfig()
-    assert cfg.padded_vocab_size == 50304 and cfg.num_heads * cfg.head_dim == cfg.model_dim
-
-
-def test_flops_estimate_matches_flop_counter(monkeypatch):
-    """estimate_flops_per_token (train_gpt.py's MFU) against torch's FlopCounterMode on a forward + backward of the
-    training loss. The counter has no formula for SDPA on the CPU, so attention runs here as explicit matmuls over
-    the dense (T, T) scores: what the estimate assumes when every layer's window spans the sequence (it counts each
-    query against its full window, as nanoGPT's 12·L·H·Q·T does, not the causal half). The FP8 head is a custom op
-    the counter cannot see: the bf16 head has the same FLOPs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def dense_attend(q, k, v, mask, scale):
-        scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v
-
-    monkeypatch.setattr(model_module, "attend", dense_attend)
-    L, T = 5, 256
-    cfg = tiny_config(num_layers=L, vocab_size=300, max_seq_len=T, block_len=32, window_blocks=8,
-                      long_window_layers=tuple(range(L)), no_attn_layers=(3,), fp8_head=False)
-    model = GPT(cfg)
-    idx = torch.randint(1, 300, (1, T), generator=torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        model(idx, idx, reduction="sum").backward()
-    assert counter.get_total_flops() / T == model.estimate_flops_per_token(window=8)
-    # and the attention term is there: 12 * H * D * T per attention layer
-    assert model.estimate_flops_per_token(8) - model.estimate_flops_per_token(1) == 4 * 12 * 2 * 32 * (T - 32)
-
-
-def test_tiny_model_overfits_a_fixed_batch():
-    from muon import Muon
-    torch.manual_seed(4)
-    model = GPT(tiny_config())
-    groups = model.param_groups()
-    muon = Muon(groups["hidden"], lr=0.02, momentum=0.9)
-    adam = torch.optim.Adam(groups["embed"] + groups["head"] + groups["scalar"], lr=0.01, betas=(0.8, 0.95))
-    idx = torch.randint(1, 256, (2, 64))
-    x, y = idx[:, :-1], idx[:, 1:]
-    first = None
-    for _ in range(40):
-        loss = model(x, y)
-        first = first or loss.item()
-        loss.backward()
-        muon.step(), adam.step()
-        model.zero_grad(set_to_none=True)
-    assert loss.item() < 0.3 * first
-
-
-def test_compiled_model_fullgraph_matches_eager(device):
-    """train_gpt.py compiles the model with dynamic=False, fullgraph=True (a graph break is an error). On the CPU the
-    graph is traced (aot_eager: dynamo + AOT autograd, no codegen: inductor's C++ build would take a minute); on
-    CUDA inductor compiles it (flex attention, FP8 head, Triton kernels) against the eager model in its bf16
-    numerics. Training loss (FP8 head, summed) forward and backward at a ragged length, with a tensor window."""
-    torch.manual_seed(5)
-    model = GPT(tiny_config()).to(device)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1) if p.ndim >= 2 else None
-    idx = torch.randint(0, 256, (1, 200), device=device)
-    backend = "aot_eager" if device.type == "cpu" else "inductor"
-    compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
-    loss = compiled(idx, idx, window=torch.tensor(3, device=device), reduction="sum")
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    expected = model(idx, idx, window=3, reduction="sum")
-    expected.backward()
-    # bf16 activations on CUDA: fused kernels round differently from eager ones
-    rtol, atol = (1.3e-6, 1e-5) if device.type == "cpu" else (2e-2, 2e-2)
-    torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol * expected.abs().item())
-    for g, p in zip(grads, model.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=rtol, atol=atol * p.grad.abs().max().item() + 1e-6)
-
-
-def test_flex_matches_sdpa_forward_backward_at_a_ragged_length(device):
-    """The model's two attention paths from the same mask function at T = 300 (not a multiple of flex's 128-token
-    tile): SDPA with the dense mask (the CPU path), and flex with the BlockMask (the CUDA path; compiled there, as in
-    the model's compiled graph). Flex has no backward on the CPU, so there the backward is SDPA's against a float64
-    reference from the dense mask."""
-    gen = torch.Generator().manual_seed(7)
-    T = 300
-    idx = random_tokens(1, T, 4, gen).to(device)
-    docs = document_ids(idx, EOS)
-    q, k, v = (torch.randn(1, 2, T, 32, generator=gen).to(device).requires_grad_() for _ in range(3))
-    dy = torch.randn(1, 2, T, 32, generator=gen).to(device)
-    mask = dense_mask(docs, 3, 16, T)
-    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    ref = attend(q64, k64, v64, mask.cpu(), 0.12)
-    ref.backward(dy.double().cpu())
-    sdpa = attend(q, k, v, mask, 0.12)
-    sdpa.backward(dy)
-    paths = [("sdpa", sdpa, [t.grad for t in (q, k, v)])]
-    if device.type == "cuda":
-        for t in (q, k, v):
-            t.grad = None
-        flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)(q, k, v, block_mask=block_mask(
-            docs, torch.tensor(3, device=device), 16, T), scale=0.12)
-        flex.backward(dy)
-        paths.append(("flex", flex, [t.grad for t in (q, k, v)]))
-    else:
-        paths.append(("flex", flex_attention(q.detach(), k.detach(), v.detach(), block_mask=block_mask(docs, 3, 16, T),
-                                             scale=0.12), None))
-    for name, out, grads in paths:
-        torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=1e-4, rtol=1e-4, msg=name)
-        for g, t in zip(grads or [], (q64, k64, v64)):
-            torch.testing.assert_close(g.double().cpu(), t.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_compiled_flex_with_built_block_mask_matches_sdpa():
-    """The CUDA attention path end to end: BlockMask built inside the compiled graph from a tensor window, flex
-    attention lowered by inductor (CPU codegen here), against SDPA with the dense mask."""
+    """The CUDA path end to end: the BlockMask built inside the compiled graph from a tensor window, flex lowered by
+    inductor (CPU codegen here), against SDPA with the dense mask; plain and paired (doubled) layout."""
     gen = torch.Generator().manual_seed(6)
-    idx = random_tokens(1, 256, 4, gen)
+    idx = random_tokens(1, 128, 3, gen)
 
-    def flex_path(q, k, v, idx, window):
-        docs = document_ids(idx, EOS)
-        return flex_attention(q, k, v, block_mask=block_mask(docs, window, 32, idx.size(1)), scale=0.12)
+    def flex_path(q, k, v, idx, reach):
+        return flex_attention(q, k, v, block_mask=block_mask(document_ids(idx, EOS), reach, 256, True), scale=1.0)
 
-    q, k, v = (torch.randn(1, 2, 256, 32, generator=gen) for _ in range(3))
-    out = torch.compile(flex_path, fullgraph=True)(q, k, v, idx, torch.tensor(2))
-    expected = attend(q, k, v, dense_mask(document_ids(idx, EOS), 2, 32, 256), 0.12)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=gen) for _ in range(3))
+    out = torch.compile(flex_path, fullgraph=True)(q, k, v, idx, torch.tensor(20))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(document_ids(idx, EOS), 20, 256, True),
+                                              scale=1.0)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
-def test_kernel_path_matches_torch_path(monkeypatch):
-    """NANOGPT_KERNELS=1 routes the MLP up-projection and the loss through the Triton kernels (run by the
-    interpreter here); loss and every gradient must match the plain torch path."""
-    torch.manual_seed(7)
-    model = GPT(tiny_config(fp8_head=False))  # fp8 rounding of the interpreter's bf16 grads would blur the check
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1) if p.ndim >= 2 else None
-    idx = torch.randint(0, 256, (1, 70))
-    calls = []
-    for name in ("relu2_linear", "softcap_cross_entropy"):  # count the kernel calls: the path must really switch
-        fn = getattr(speedrun_kernels, name)
-        monkeypatch.setattr(speedrun_kernels, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
-    results = []
-    for mode in ("0", "1"):
-        monkeypatch.setenv("NANOGPT_KERNELS", mode)
-        model.zero_grad()
-        loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (loss0, grads0), (loss1, grads1) = results
-    assert calls.count("relu2_linear") == 4 and calls.count("softcap_cross_entropy") == 1
-    assert torch.allclose(loss0, loss1, atol=1e-6)
-    for g0, g1 in zip(grads0, grads1):
-        assert torch.allclose(g0, g1, atol=1e-6, rtol=1e-4)
+def test_flex_matches_sdpa_forward_backward(device):
+    """FullAttention's two paths from the same rule at a ragged length: SDPA with the dense mask (the CPU path) and,
+    on CUDA, compiled flex with the BlockMask, against float64 SDPA (flex has no CPU backward)."""
+    gen = torch.Generator().manual_seed(7)
+    T = 300
+    idx = random_tokens(1, T, 4, gen).to(device)
+    q, k, v = (torch.randn(1, T, 2, 16, generator=gen).to(device).requires_grad_() for _ in range(3))
+    dy = torch.randn(1, T, 2, 16, generator=gen).to(device)
+    docs = document_ids(idx, EOS)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    ref = attention.attend(q64, k64, v64, dense_mask(docs.cpu(), 40, T))
+    ref.backward(dy.double().cpu())
+    if device.type == "cuda":
+        y = torch.compile(lambda *a: attention.attend(*a[:3], block_mask(docs, a[3], T)), fullgraph=True)(
+            q, k, v, torch.tensor(40, device=device))
+    else:
+        y = attention.attend(q, k, v, dense_mask(docs, 40, T))
+    y.backward(dy)
+    torch.testing.assert_close(y.double().cpu(), ref.detach(), atol=1e-4, rtol=1e-4)
+    for t, t64 in zip((q, k, v), (q64, k64, v64)):
+        torch.testing.assert_close(t.grad.double().cpu(), t64.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_fp8_grad_scale_keeps_summed_loss_gradients():
-    """Speedrun shape: the training loss is the sum over a sequence's tokens of a 50,304-way softmax's
-    cross-entropy, so each logit gradient is softmax - onehot times the softcap's slope (<= 1): at most 1, most
-    ~1/V. Through e5m2 at the record's fixed grad scale 1/448 they keep their size (no overflow, few flushed)."""
-    V = 50304
+# -----------------------------------------------------------------------------
+# rotary, YaRN, key offset, XSA, DC
+
+def record_yarn(head_dim=128, transitions=((3, 7), (7, 11), (11, 13)), block=128):
+    """The record's Yarn in float64 (L1005-1055): angular_freq with each frequency twice (adjacent pairs) and D/2
+    zeros, updated at each change of the long window."""
+    freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4, dtype=torch.float64)
+    freq = torch.cat([freq.repeat_interleave(2), freq.new_zeros(head_dim // 2)])
+    scale = 0.1
+    for old, new in transitions:
+        old, new = old * block, new * block
+        rotations = old * freq / (2 * math.pi)
+        interpolation = torch.clamp((rotations - 1) / (32 - 1), 0, 1)
+        freq = freq * (old / new + interpolation * (1 - old / new))
+        scale *= 0.2 * math.log(new / old) + 1
+    return freq, scale
+
+
+def test_yarn_state_follows_the_record():
+    """The speedrun's window changes 3 -> 7 -> 11 -> 13 blocks: softmax scale 0.1 -> 0.116946 -> 0.127518 ->
+    0.131778, frequencies as the record's (which holds each twice, in adjacent pairs); the state is integer windows,
+    so a bf16 cast of the model leaves it exact; a wrong old window is a one-line error."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    model.yarn_windows = torch.zeros_like(model.yarn_windows, device="cpu")
+    freq, scale = model.rope()
+    assert torch.allclose(freq.double(), record_yarn(transitions=())[0][:64:2], rtol=1e-6) and scale == 0.1
+    scales = []
+    for old, new in ((3, 7), (7, 11), (11, 13)):
+        model.apply_yarn(old, new)
+        scales.append(round(model.rope()[1].item(), 6))
+    assert scales == [0.116946, 0.127518, 0.131778]  # record: L1055 attn_scale *= 0.2 * math.log(new/old) + 1
+    expected_freq, expected_scale = record_yarn()
+    freq, scale = model.rope()
+    assert torch.allclose(freq.double(), expected_freq[:64:2], rtol=1e-5)
+    assert abs(scale.item() - expected_scale) < 1e-7
+    assert model.yarn_windows.bfloat16().long().tolist() == [384, 896, 1408, 1664, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="long window is 13 blocks"):
+        model.apply_yarn(11, 20)
+    model.reset_yarn()
+    assert model.rope()[1].item() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_rotary_is_the_records_up_to_a_permutation_of_head_dims(paired):
+    """The record rotates adjacent pairs (2i, 2i+1) of dims < D/2 (L996-1003, factor2's odd entries negated), ours
+    the pairs (i, i + D/4): the same map after permuting dims. Paired layers: the record rotates q.view(B, T, H/2,
+    2D) with positions 2t for the first head of each pair and 2t + 1 for the second (L1025-1032)."""
+    gen = torch.Generator().manual_seed(2)
+    B, T, H, D = 2, 9, 4, 16
+    x = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+    freq = attention.rope_frequencies(D, 1024.0) * 0.7  # any frequencies (YaRN changes them)
+    ours = attention.rotary(x, attention.head_positions(torch.arange(T)[None], H, paired), freq)
+    perm = torch.cat([torch.stack([torch.arange(D // 4), torch.arange(D // 4) + D // 4], 1).flatten(),
+                      torch.arange(D // 2, D)])  # record dim j <- our dim perm[j]
+    angular = torch.cat([freq.double().repeat_interleave(2), torch.zeros(D // 2, dtype=torch.float64)])
+    t = torch.arange(T, dtype=torch.float64)
+    if paired:
+        theta = torch.cat([torch.outer(2 * t, angular), torch.outer(2 * t + 1, angular)], dim=-1)  # (T, 2D)
+        xr = x[..., perm].reshape(B, T, H // 2, 2 * D)
+    else:
+        theta, xr = torch.outer(t, angular), x[..., perm]
+    f1, f2 = theta.cos(), theta.sin()
+    f2[..., 1::2] *= -1
+    flip = xr.view(*xr.shape[:-1], -1, 2).flip(-1).view(xr.shape)
+    record = (f1[None, :, None] * xr + f2[None, :, None] * flip).reshape(B, T, H, D)
+    assert torch.allclose(ours[..., perm], record, atol=1e-5)
+
+
+def test_interleave_is_the_records_reshape():
+    """Paired heads: q.view(B, T, H/2, 2D) ... .view(B, 2T, H/2, D) in the record (L1123-1131): slot c of the doubled
+    sequence alternates heads c and c + H/2 (H = 6: pairs (0, 3), (1, 4), (2, 5))."""
+    x = torch.randn(2, 5, 6, 4)
+    y = attention.interleave(x)
+    for t in range(5):
+        for r in range(2):
+            for c in range(3):
+                assert torch.equal(y[:, 2 * t + r, c], x[:, t, 3 * r + c])
+    assert torch.equal(attention.deinterleave(y), x)
+
+
+def test_key_offset_and_xsa_formulas():
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 7, 3, 8, generator=gen)
+    shifted = attention.offset_keys(k)
+    for t in range(7):  # record: L1113 k[:, 1:, :, D//2:] = k[:, :-1, :, D//2:]
+        assert torch.equal(shifted[:, t, :, :4], k[:, t, :, :4])
+        assert torch.equal(shifted[:, t, :, 4:], k[:, max(t - 1, 0), :, 4:])
+    y, v = torch.randn(2, 7, 3, 8, generator=gen, dtype=torch.float64), torch.randn(2, 7, 3, 8, dtype=torch.float64)
+    alpha = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64)
+    out = attention.xsa(y, v, alpha)
+    for b, t, h in [(0, 0, 0), (1, 6, 2), (0, 3, 1)]:  # record: L1153-1157
+        yy, vv = y[b, t, h], v[b, t, h]
+        assert torch.allclose(out[b, t, h], yy - math.tanh(alpha[b, t, h]) * (yy @ vv) / (vv @ vv) * vv)
+    full = attention.xsa(y, v, torch.full_like(alpha, 100.0))  # tanh -> 1: nothing left along v
+    assert (full * v).sum(-1).abs().max() < 1e-10
+
+
+def dc_reference(q, k, v, docs, w1, w2, window):
+    """DC written out (DC303-320, DC386-442): per query t the keys s in (t - window, t] of its document, a softmax
+    per head, mixed over heads by rms_norm(w1, eps 1e-6), applied to each head's values, times w2."""
+    B, T, H, D = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for t in range(T):
+            keys = [s for s in range(max(0, t - window + 1), t + 1) if docs[b, s] == docs[b, t]]
+            w = w1[b, t] / (w1[b, t].square().mean() + 1e-6).sqrt()
+            mixed = sum(w[h] * torch.softmax(k[b, keys, h] @ q[b, t, h], dim=0) for h in range(H))
+            for h in range(H):
+                out[b, t, h] = w2[b, t, h] * (mixed @ v[b, keys, h])
+    return out
+
+
+@pytest.mark.parametrize("T,window", [(23, 3), (40, 7), (5, 8)])
+def test_dc_banded_matches_the_written_out_dc(T, window):
+    gen = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, T, 3, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    w1, w2 = (torch.randn(2, T, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    docs = document_ids(random_tokens(2, T, 2, gen), EOS)
+    expected = dc_reference(q, k, v, docs, w1, w2, window)
+    assert torch.allclose(attention.dc_banded(q, k, v, docs, w1, w2, window), expected, atol=1e-12)
+    mask = attention.visible(torch.arange(T).expand(2, T), torch.arange(T), window - 1)  # cached decoding's form
+    one_doc = torch.zeros_like(docs)
+    assert torch.allclose(attention.dc_masked(q, k, v, mask, w1, w2),
+                          dc_reference(q, k, v, one_doc, w1, w2, window), atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# embeddings: smear, bigram hash and signs
+
+def test_bigram_hash_is_the_records_int32_formula():
+    """record L1779-1794: out[0] = Vb - 1, out[t] = ((36313·x[t]) XOR (27191·x[t-1])) mod (Vb - 1), in int32 (no
+    overflow below 59,138): int64 here gives the same values."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 50304, (3, 50), generator=gen)
+    vb = 50304 * 15 // 2  # record: L1902 bigram_vocab_size = 50304 * 15 // 2
+    ours = bigram_hash(idx, vb)
+    x = idx.numpy().astype(np.int32)
+    for b in range(3):
+        expected = [vb - 1] + [int(np.bitwise_xor(np.int32(36313) * x[b, t], np.int32(27191) * x[b, t - 1]) % (vb - 1))
+                               for t in range(1, 50)]
+        assert ours[b].tolist() == expected
+    assert ours.dtype == torch.int64 and bigram_hash(idx[0], vb).tolist() == ours[0].tolist()
+
+
+def test_embeddings_smear_bigram_and_value_embeddings():
+    """x0 = norm(e_t + λ·σ(e_t[:12] · w)·e_{t-1}) (record L1547-1549, the un-smeared e on both sides, position 0
+    unchanged); the bigram embedding row of the hash times the sign row (x[t-1] XOR x[t]) mod 8192 (L1535-1537, row 0
+    at position 0); value embeddings: table j of the (n_ve·V, C) parameter at the tokens."""
+    model = randomize(GPT(tiny_config(model_dim=48, num_heads=2, head_dim=24, bigram_dim=40))).double()
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 256, (2, 17), generator=gen)
+    prev = F.pad(idx[:, :-1], (1, 0))
+    has_prev = (torch.arange(17) > 0).expand(2, 17)
+    x0, ve, xb = model._embeddings(idx, prev, has_prev, None, torch.float64)
+    e, w, lam = model.embed.weight.double()[idx], model.smear_gate.weight.double()[0], model.smear_lambda.double()
+    for b in range(2):
+        for t in range(17):
+            expected = e[b, t] + (lam * torch.sigmoid(e[b, t, :12] @ w) * e[b, t - 1] if t else 0)
+            assert torch.allclose(x0[b, t], F.rms_norm(expected, (48,)), atol=1e-12)
+            h = bigram_hash(idx[b], 1920)[t]
+            sign_row = int(idx[b, t - 1] ^ idx[b, t]) % 8192 if t else 0
+            assert torch.equal(xb[b, t], model.bigram_embed.weight[h] * model.bigram_signs[sign_row])
+    assert set(model.bigram_signs.unique().tolist()) == {-1, 1} and model.bigram_signs.shape == (8192, 40)
+    tables = model.value_embeds.view(len(model.layer_plan.ve), 256, 48)
+    assert torch.equal(ve, tables[:, idx]) and ve.shape == (2, 2, 17, 48)  # 4 layers: VE on layers 2, 3
+    given = torch.randint(0, 1920, (2, 17), generator=gen)  # the loader's hashes are used as given
+    assert torch.equal(model._embeddings(idx, prev, has_prev, given, torch.float64)[2][:, 1:],
+                       (model.bigram_embed.weight[given] * model.bigram_signs[(prev ^ idx) % 8192])[:, 1:])
+
+
+# -----------------------------------------------------------------------------
+# one attention layer, written out
+
+def reference_attention(block, a, inputs, docs, reach, freq, scale, dc_window):
+    """One attention sublayer in float64 from the record's description (L1095-1162): QKV with λ0, QK-norm, rotary,
+    values + gated value embedding (+ extra), key offset, masked softmax (paired: heads c and c + H/2 over the
+    doubled index), DC, XSA, output gate, output projection with λ1."""
+    B, T, C = a.shape
+    H = block.num_heads
+    D = C // H
+    lam = block.sa_lambdas.double()
+    w_qk = block.attn_qk.double().flatten(0, 1) * lam[0]
+    q, k = (a @ w_qk[:C].T).view(B, T, H, D), (a @ w_qk[C:].T).view(B, T, H, D)
+    v = (a @ (block.attn_vo[0].double() * lam[0]).T).view(B, T, H, D)
+    q, k = F.rms_norm(q, (D,)), F.rms_norm(k, (D,))
+    pos = torch.arange(T, dtype=torch.float64)[:, None] * (2 if block.paired else 1) + \
+        (torch.arange(H) % 2 if block.paired else 0)  # (T, H)
+
+    def rotate(x):
+        out = x.clone()
+        for i in range(D // 4):
+            angle = (pos.float() * freq[i]).double()  # the model's fp32 angles
+            c, s = torch.cos(angle), torch.sin(angle)
+            out[..., i] = x[..., i] * c + x[..., i + D // 4] * s
+            out[..., i + D // 4] = x[..., i + D // 4] * c - x[..., i] * s
+        return out
+    q, k = rotate(q), rotate(k)
+    if inputs.ve is not None:
+        g = block.ve_gate.size(-1) // 2 if block.ve_gate is not None else 0
+        gate = inputs.ve_gate if inputs.ve_gate is not None else \
+            2 * torch.sigmoid(torch.cat([a[..., :g], inputs.ve[..., :g]], -1) @ block.ve_gate.double().T)
+        v = v + gate[..., None] * inputs.ve.view(B, T, H, D)
+    if inputs.v_extra is not None:
+        v = v + inputs.v_extra.view(B, T, H, D)
+    if block.key_offset:
+        k = torch.cat([k[..., :D // 2], torch.cat([k[:, :1, :, D // 2:], k[:, :-1, :, D // 2:]], 1)], -1)
+    y = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                if block.paired:  # doubled index 2t + r holds head r·H/2 + c
+                    r, c = divmod(h, H // 2)
+                    i = 2 * t + r
+                    keys = [(s, hh) for s in range(T) for hh in (c, c + H // 2)
+                            if 0 <= i - (2 * s + hh // (H // 2)) <= reach and docs[b, s] == docs[b, t]]
+                else:
+                    keys = [(s, h) for s in range(T) if 0 <= t - s <= reach and docs[b, s] == docs[b, t]]
+                scores = torch.stack([scale * q[b, t, h] @ k[b, s, hh] for s, hh in keys])
+                y[b, t, h] = torch.softmax(scores, 0) @ torch.stack([v[b, s, hh] for s, hh in keys])
+    if inputs.dc is not None:
+        y = y + dc_reference(q * scale, k, v, docs, *inputs.dc, dc_window)
+    if inputs.xsa_alpha is not None:
+        y = y - torch.tanh(inputs.xsa_alpha)[..., None] * (y * v).sum(-1, keepdim=True) / \
+            v.square().sum(-1, keepdim=True) * v
+    if inputs.attn_gate is not None:
+        y = y * inputs.attn_gate[..., None]
+    return y.reshape(B, T, C) @ (block.attn_vo[1].double() * lam[1]).T
+
+
+@pytest.mark.parametrize("layer", [1, 3, 5, 10])
+def test_attention_layer_against_the_written_out_layer(layer):
+    """Layers of the 11-layer plan at 6 heads (pairs (c, c + 3) on paired layers): 1 (short window, XSA, own VE
+    gate), 3 (long window, key offset, XSA, output gate), 5 (paired), 10 (long, key offset, MUDD's VE gate and extra
+    values, output gate, DC)."""
+    cfg = tiny_config(num_layers=11, model_dim=48, num_heads=6, head_dim=8, windows=(2, 5), dc_window=5)
+    model = randomize(GPT(cfg), seed=layer).double()
+    model.apply_yarn(3, 5)
+    block = model.blocks[layer]
+    gen = torch.Generator().manual_seed(layer)
+    B, T, H = 2, 21, 6
+    idx = random_tokens(B, T, 2, gen)
+    docs = document_ids(idx, EOS)
+    a = F.rms_norm(torch.randn(B, T, 48, generator=gen, dtype=torch.float64), (48,))
+
+    def per_head():
+        return torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    inputs = LayerInputs()
+    if layer in (1, 10):
+        inputs.ve = torch.randn(B, T, 48, generator=gen, dtype=torch.float64)
+    if layer in (1, 3):
+        inputs.xsa_alpha = per_head()
+    if layer in (3, 10):
+        inputs.attn_gate = per_head()
+    if layer == 10:
+        inputs.ve_gate, inputs.v_extra = per_head(), torch.randn(B, T, 48, generator=gen, dtype=torch.float64)
+        inputs.dc = (per_head(), per_head())
+    freq, scale = model.rope()
+    reach = {"short": 2 * 4, "long": 5 * 4}
+    out = block.attention(a, inputs, FullAttention(idx, EOS, reach, freq, scale, cfg.dc_window))
+    expected = reference_attention(block, a, inputs, docs, reach[block.window], freq, scale.double(), cfg.dc_window)
+    assert (block.paired, block.key_offset) == (layer == 5, layer in (3, 10))
+    assert torch.allclose(out, expected, atol=1e-10)
+
+
+# -----------------------------------------------------------------------------
+# the forward's wiring, MUDD and the MUDD gate, against the record's literal indices
+
+def record_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The 11-layer forward as the record writes it (L1531-1680), with its literal layer numbers and gate columns;
+    the attention sublayers and the embeddings are the model's (tested above)."""
+    B, T = idx.shape
+    cfg, blocks = model.config, model.blocks
+    prev, has_prev = F.pad(idx[:, :-1], (1, 0)), (torch.arange(T) > 0).expand(B, T)
+    x0, ve, xb = model._embeddings(idx, prev, has_prev, None, torch.float64)
+    freq, scale = model.rope()
+    attn = FullAttention(idx, EOS, {"short": cfg.windows[0] * cfg.block_len, "long": cfg.windows[1] * cfg.block_len},
+                         freq, scale, cfg.dc_window)
+
+    def mlp_block(x_, b, n, w1, w2, b2, s):
+        return (F.gelu(x_ @ w1[b].T) @ w2[b, :n].T + b2[b, :n]) * s
+
+    def mudd(x_, b, n):
+        return mlp_block(x_, b, n, model.mudd_w1, model.mudd_w2, model.mudd_b2, 0.1).split(1, -1)
+
+    def gate(x_, b, n):
+        return mlp_block(x_, b, n, model.mudd_gate_w1, model.mudd_gate_w2, model.mudd_gate_b2, model.mudd_gate_scale)
+
+    def mlp(i, x_):
+        return torch.relu(F.rms_norm(x_, (x_.size(-1),)) @ blocks[i].mlp_fc[0].T).square() @ blocks[i].mlp_proj[0]
+    H = cfg.num_heads
+    pre = gate(x0, 0, 14)  # record L1443 with H = 2: xsa[1, 3] 4 + attn[3] 2 + inject[0..3] 8
+    xsa, gates = {1: pre[..., 0:2], 3: pre[..., 2:4]}, {3: pre[..., 4:6]}
+    x0_gates = {layer: pre[..., o:o + 1] for layer, o in zip((0, 1, 2, 3), range(6, 14, 2))}
+    bigram_gates = {layer: pre[..., o + 1:o + 2] for layer, o in zip((0, 1, 2, 3), range(6, 14, 2))}
+    x = x0 + xb * bigram_gates[0]
+    cache = {0: x}
+    ra, rm = model.resid_lambdas[:, 0], model.resid_lambdas[:, 1]
+    pa, pm = model.post_lambdas[:, 0], model.post_lambdas[:, 1]
+    for i in range(11):
+        if i == 4:  # post: xsa[4, 7] 4 + attn[10] 2 + inject[4, 5, 7, 8, 9] 10 + skip 1 + dc 4 = 21
+            post = gate(x, 1, 21)
+            xsa[4], xsa[7], gates[10] = post[..., 0:2], post[..., 2:4], post[..., 4:6]
+            for layer, o in zip((4, 5, 7, 8, 9), range(6, 16, 2)):
+                x0_gates[layer], bigram_gates[layer] = post[..., o:o + 1], post[..., o + 1:o + 2]
+            skip, dc = post[..., 16:17], (post[..., 17:19], post[..., 19:21])
+        if i == 6:
+            x = x + torch.sigmoid(model.skip_lambda) * skip * cache[3]
+        else:
+            a = F.rms_norm(cache.get(7, x), (x.size(-1),))
+            if i == 10:
+                cache[9] = x
+                mu = mudd(x, 0, 14)
+                v_extra = mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * x
+                x = (1 + mu[5]) * x + mu[3] * cache[0] + mu[4] * cache[7]
+                ve_gate = torch.cat([mu[6], mu[7]], -1).repeat_interleave(H // 2, -1)
+                out = blocks[i].attention(a, LayerInputs(ve=ve[4], ve_gate=ve_gate, v_extra=v_extra,
+                                                         attn_gate=gates[10], dc=dc), attn)
+                x = mu[8] * x + mu[9] * out + mu[10] * cache[0] + mu[11] * xb
+                x = mu[12] * x + mu[13] * mlp(i, x)
+            else:
+                ve_i = {1: ve[0], 2: ve[1], 8: ve[2], 9: ve[3]}.get(i)
+                out = blocks[i].attention(a, LayerInputs(ve=ve_i, xsa_alpha=xsa.get(i), attn_gate=gates.get(i)), attn)
+                x = ra[i] * x + pa[i] * out + x0 * x0_gates[i]
+                if i != 0:
+                    x = x + xb * bigram_gates[i]
+        if i != 10:
+            x = rm[i] * x + pm[i] * mlp(i, x)
+        if i in (3, 7):
+            cache[i] = x
+    mu = mudd(x, 1, 5)
+    x = x + mu[0] * cache[0] + mu[1] * cache[7] + mu[2] * cache[9] + mu[3] * ve[0] + mu[4] * cache[3]
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def test_forward_wiring_is_the_records():
+    model = randomize(GPT(tiny_config(num_layers=11, windows=(2, 5)))).double()
+    idx = random_tokens(2, 30, 2, torch.Generator().manual_seed(8))
+    assert torch.allclose(model.hidden(idx), record_forward(model, idx), atol=1e-12)
+
+
+def test_mudd_gate_layout_and_bias_init():
+    """The record's gate columns at 6 heads (L1443-1484): pre 26 = XSA α of layers 1, 3, the output gate of 3, the
+    (x0, bigram) pairs of 0-3; post 41 = α of 4, 7, the gate of 10, pairs of 4, 5, 7, 8, 9, skip, DC w1, w2. Bias
+    init (pre-scaled by 0.1): output gates 2.5, bigram gates 0.5, skip 5, DC w1 10 (L1451-1463); MUDD's b2
+    (L1382-1395); weights: W1 kaiming-uniform(√5) = U(±1/√C), W2 zero."""
+    layout = gate_layout(GPTConfig(), layer_plan(11))
+    pairs = {layer: (0, 18 + 2 * j) for j, layer in enumerate((0, 1, 2, 3))}
+    pairs.update({layer: (1, 18 + 2 * j) for j, layer in enumerate((4, 5, 7, 8, 9))})
+    expected = {("xsa", 1): (0, 0, 6), ("xsa", 3): (0, 6, 6), ("attn_gate", 3): (0, 12, 6),
+                ("xsa", 4): (1, 0, 6), ("xsa", 7): (1, 6, 6), ("attn_gate", 10): (1, 12, 6),
+                ("skip", 6): (1, 28, 1), ("dc_w1", 10): (1, 29, 6), ("dc_w2", 10): (1, 35, 6)}
+    for layer, (b, start) in pairs.items():
+        expected["x0", layer], expected["bigram", layer] = (b, start, 1), (b, start + 1, 1)
+    assert layout == expected
+    model = GPT(tiny_config(num_layers=11, model_dim=48, num_heads=6, head_dim=8))
+    assert model.gate_sizes == [26, 41]  # record: L1443-1444
+    b2 = torch.zeros(2, 41)
+    b2[0, 12:18], b2[0, 19:26:2] = 2.5, 0.5  # record: L1456-1457
+    b2[1, 12:18], b2[1, 19:28:2], b2[1, 28], b2[1, 29:35] = 2.5, 0.5, 5.0, 10.0  # record: L1458-1461
+    assert torch.allclose(model.mudd_gate_b2, b2) and model.mudd_gate_scale.item() == pytest.approx(0.1)
+    mudd_b2 = torch.zeros(2, 14)
+    mudd_b2[0, 6:14] = torch.tensor([20, 20, 1.1 ** 0.5 / 0.1, 10, 0, 0.5, 1.1 ** 0.5 / 0.1, 10])
+    mudd_b2[1, 1] = -5.0  # record: L1395 bs_init[1, 1] = -0.5 / self._mudd_scale
+    assert torch.allclose(model.mudd_b2, mudd_b2)
+    for w1, w2 in ((model.mudd_w1, model.mudd_w2), (model.mudd_gate_w1, model.mudd_gate_w2)):
+        assert w1.abs().max() <= 48 ** -0.5 and w1.abs().max() > 0.9 * 48 ** -0.5 and not w2.any()
+    reduced = GPT(tiny_config(num_layers=2, bigram=False, dc=False))
+    assert reduced.gate_sizes == [3]  # below 4 layers one gate, from x0; without bigram and DC their columns go
+    assert gate_layout(reduced.config, reduced.layer_plan) == {("attn_gate", 1): (0, 0, 2), ("x0", 0): (0, 2, 1)}
+
+
+def test_init_figures():
+    """lm_head N(0, 0.005) stored (C, V), the embedding its transpose (tied at init), value embeddings N(0, 0.01),
+    attention and c_fc U(±√3·0.5/√C), c_proj and the bigram embedding zero, lambdas (record L1226-1346)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=1000, model_dim=64, head_dim=32, num_layers=11))
+    assert model.lm_head.weight.shape == (64, 1024) and torch.equal(model.embed.weight, model.lm_head.weight.T)
+    assert abs(model.lm_head.weight.std().item() - 0.005) < 2e-4 and abs(model.value_embeds.std() - 0.01) < 3e-4
+    bound = 3 ** 0.5 * 0.5 * 64 ** -0.5
+    for b in model.blocks:
+        assert b.mlp_fc.abs().max() <= bound and not b.mlp_proj.any()
+        if b.has_attn:
+            assert b.attn_qk.abs().max() <= bound and b.attn_vo.abs().max() <= bound
+            assert b.attn_vo.abs().max() > 0.95 * bound and b.sa_lambdas.tolist() == [0.5, 1.0]
+    assert not model.bigram_embed.weight.any() and not model.smear_gate.weight.any() and model.smear_lambda == 0
+    assert model.skip_lambda.item() == -1.5 and torch.allclose(model.resid_lambdas, torch.full((11, 2), 1.1 ** 0.5))
+    assert torch.equal(model.post_lambdas, torch.ones(11, 2))
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def test_training_objective_against_a_loop_and_gradcheck():
+    """Per position i: Σ_k w_k·CE(y_i, t_{i+k}) over targets within the row + p·CE(y_i, prefix(t_i)), y =
+    23·σ((z + 5)/7.5) over every padded column (record L1686-1690, TK1066-1090), summed; -100 targets and missing
+    prefixes count nothing. Float64 loop; the gradient by gradcheck."""
+    model = randomize(GPT(tiny_config(vocab_size=40, num_layers=2))).double().train()
     gen = torch.Generator().manual_seed(9)
-    z = torch.randn(4, V, generator=gen) * 2  # raw lm_head outputs of 4 tokens
-    cap = 30 * torch.sigmoid(z.double() / 7.5)
-    g = torch.softmax(cap, dim=-1)
-    g[torch.arange(4), torch.randint(0, V, (4,), generator=gen)] -= 1
-    g *= 4 * torch.sigmoid(z.double() / 7.5) * (1 - torch.sigmoid(z.double() / 7.5))  # (4, V) d(sum loss)/dz
-    s = GPT(tiny_config()).fp8_scales[2]
-    assert s == 1 / 448 and g.abs().max() / s <= 448
-    through_e5m2 = (g / s).to(torch.float8_e5m2).double() * s
-    assert (through_e5m2 - g).norm() / g.norm() < 0.15
-    assert (through_e5m2 != 0).float().mean() > 0.99
+    x = torch.randn(2, 7, 32, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 40, (2, 7), generator=gen)
+    targets[0, 2], targets[1, 6] = -100, -100
+    model.prefix_table[:40] = torch.randint(-1, 40, (40,), generator=gen)
+    mtp, prefix_w = torch.tensor([1.0, 0.5, 0.25]), torch.tensor(0.25)
+    y = 23 * torch.sigmoid((x @ model.lm_head.weight + 5) / 7.5)  # (2, 7, 128)
+    expected = 0.0
+    for b in range(2):
+        for i in range(7):
+            ce = lambda t: torch.logsumexp(y[b, i], 0) - y[b, i, t]  # noqa: E731
+            for k, w in enumerate(mtp.tolist()):
+                if i + k < 7 and targets[b, i + k] >= 0:
+                    expected = expected + w * ce(targets[b, i + k])
+            if targets[b, i] >= 0 and model.prefix_table[targets[b, i]] >= 0:
+                expected = expected + 0.25 * ce(model.prefix_table[targets[b, i]])
+    ours = model._objective(x, targets, mtp, prefix_w, 1.0)
+    assert torch.allclose(ours, expected, rtol=1e-12)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_: model._objective(x_, targets, mtp, prefix_w, 1.0), (x,), fast_mode=True)
+    only_next = model._objective(x, targets, None, None, 1.0)  # weights [1], no prefix: next-token CE
+    assert torch.allclose(only_next, F.cross_entropy(y.flatten(0, 1), targets.flatten(), reduction="sum"))
 
 
-def test_fp8_head_only_in_the_training_loss(monkeypatch):
-    """The record runs the FP8 lm_head for its training loss, the per-sequence sum (the static gradient scale 1/448
-    is made for it); validation, mean losses, logits (GRPO's log-probs, whatever the mode) and cached decoding run
-    the bf16/fp32 head."""
-    torch.manual_seed(11)
-    model = GPT(tiny_config())
-    torch.nn.init.normal_(model.lm_head.weight, std=0.05)
+def test_losses_by_mode_and_the_fp8_head(monkeypatch):
+    """Train mode, summed: the objective, through the FP8 head when config.fp8 (within FP8 rounding of the plain
+    one); mean or eval: plain next-token CE of the softcapped logits over the padded vocabulary, never FP8; eval
+    runs the head EVAL_CHUNK_CPU tokens at a time."""
+    model = randomize(GPT(tiny_config(vocab_size=250, fp8=True)))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.05)
     calls = []
-    monkeypatch.setattr(model_module, "fp8_mm", lambda *a: calls.append(1) or fp8_mm(*a))
-    idx = torch.randint(0, 256, (2, 40))
-    exact = model.eval()(idx, idx, reduction="sum")
-    assert calls == []
-    train = model.train()(idx, idx, reduction="sum")
-    assert calls == [1] and train != exact and abs(train - exact) / exact < 0.01  # FP8 rounding, nothing more
-    model(idx, idx)
-    model(idx)
-    model.forward_cached(idx, torch.arange(40).expand(2, 40), model.init_cache(2, 40))
-    assert calls == [1]
-
-
-def test_summed_loss_and_chunked_evaluation(monkeypatch):
-    """reduction="sum" is the mean times the number of targets; without autograd the head and loss run in chunks
-    of EVAL_CHUNK_CPU tokens, which changes nothing but the peak memory."""
-    torch.manual_seed(12)
-    model = GPT(tiny_config()).eval()
-    torch.nn.init.normal_(model.lm_head.weight, std=0.3)
-    idx = torch.randint(0, 256, (2, 45))
-    targets = idx.masked_fill(torch.rand(2, 45, generator=torch.Generator().manual_seed(0)) < 0.2, -100)
-    mean, total = model(idx, targets), model(idx, targets, reduction="sum")
-    assert torch.allclose(total, mean * (targets != -100).sum(), rtol=1e-6)
-    heads = []
-    monkeypatch.setattr(model, "_head", lambda x, fp8=False, f=model._head: heads.append(x.shape[0]) or f(x, fp8))
+    monkeypatch.setattr(model_module.fp8, "head_logits", lambda *a, f=model_module.fp8.head_logits, **k:
+                        calls.append(k.get("fp8", a[-1] if len(a) == 4 else None)) or f(*a, **k))
+    idx = random_tokens(2, 33, 0, torch.Generator().manual_seed(10)) % 250
+    targets = idx.roll(-1, 1)
+    train = model.train()(idx, targets, reduction="sum")
+    assert calls == [True]
+    model.config.fp8 = False
+    plain = model(idx, targets, reduction="sum", mtp_weights=torch.ones(1))
+    assert abs(train - plain) / plain < 0.01 and train != plain
+    logits = model.eval()(idx)
+    assert logits.shape == (2, 33, 250)
+    padded = torch.cat([logits, 23 * torch.sigmoid((model.hidden(idx) @ model.lm_head.weight[:, 250:] + 5) / 7.5)], -1)
+    calls.clear()
     monkeypatch.setattr(model_module, "EVAL_CHUNK_CPU", 8)
     with torch.no_grad():
-        chunked = model(idx, targets)
-    assert heads == [8] * 11 + [2] and torch.allclose(chunked, mean, rtol=1e-6)
+        mean = model(idx, targets)
+    assert calls == [False] * 9 and torch.allclose(mean, F.cross_entropy(padded.flatten(0, 1), targets.flatten()))
     with pytest.raises(ValueError, match="reduction"):
         model(idx, targets, reduction="none")
 
 
-def test_attention_gate_against_reference():
-    """The sparse attention gate of record #28: each head's attention output times sigmoid(W · x[..., :gate_dim]),
-    x the attention's (normed) input, before the output projection; W zero-initialised (every gate 1/2)."""
-    torch.manual_seed(13)
-    cfg = tiny_config(num_layers=1, attn_gate_dim=3)
-    model = GPT(cfg)
-    attn = model.blocks[0].attn
-    assert torch.equal(attn.gate.weight, torch.zeros(2, 3))
-    for p in attn.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = F.rms_norm(torch.randn(1, 24, 64), (64,))
-    rope = (model.cos[None, :24], model.sin[None, :24])
-    causal = torch.ones(24, 24, dtype=torch.bool).tril()
-    core = lambda q, k, v: attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, 0.12).transpose(1, 2)
-    out = attn(x, None, rope, core)
-    # float64 reference, written out head by head
-    xd = x.double()
-    q, k, v = (xd @ attn.qkv_w[i].double().T for i in range(3))  # (1, 24, 64)
-    heads = []
-    for h in range(2):
-        qh, kh, vh = (t[..., h * 32:(h + 1) * 32] for t in (q, k, v))
-        qh, kh = (model_module.rotary(F.rms_norm(t, (32,))[:, :, None], *rope)[:, :, 0].double() for t in (qh, kh))
-        scores = (qh @ kh.transpose(1, 2) * 0.12).masked_fill(~causal, float("-inf"))
-        y = torch.softmax(scores, dim=-1) @ (attn.lambdas[0].double() * vh)
-        gate = torch.sigmoid(xd[..., :3] @ attn.gate.weight[h].double())  # (1, 24)
-        heads.append(y * gate[..., None])
-    expected = torch.cat(heads, dim=-1) @ attn.c_proj.weight.double().T
-    assert torch.allclose(out.double(), expected, atol=1e-5)
+def test_untrained_loss_is_log_vocab_and_every_parameter_learns():
+    """At init the logits are flat: the loss is ln(padded vocab). With every parameter random, the objective's
+    gradient reaches every parameter (each is used)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(num_layers=5, fp8=True)).train()
+    idx, targets = torch.randint(0, 256, (2, 2, 40))
+    assert abs(model(idx, targets).item() - math.log(256)) < 0.01
+    randomize(model)
+    model(idx, idx, reduction="sum", mtp_weights=torch.tensor([1.0, 0.5]), prefix_weight=torch.tensor(0.25)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+# -----------------------------------------------------------------------------
+# cached decoding, documents, windows
+
+@pytest.mark.parametrize("num_layers,dtype", [(11, torch.float64), (4, torch.float32), (2, torch.float64),
+                                              (1, torch.float32)])
+def test_cached_decoding_matches_full_forward(num_layers, dtype):
+    """grpo/engine.py's protocol: a right-padded prefill, then one token per row per step at different positions.
+    Every idea is on: smear and the bigram hash read the previous token from the cache, paired layers interleave
+    cached keys, the key offset applies on reading, DC reads its window from the cache; windows small enough to
+    bind (block_len 4, (1, 3) blocks; DC 3 tokens)."""
+    model = randomize(GPT(tiny_config(num_layers=num_layers)), seed=num_layers).to(dtype).eval()
+    model.apply_yarn(2, 3)
+    gen = torch.Generator().manual_seed(11)
+    idx = torch.randint(1, 256, (2, 40), generator=gen)
+    idx[:, 0] = EOS  # one document per row (a chat template's leading eos)
+    full = model(idx)
+    cache = model.init_cache(2, 48)
+    lens = torch.tensor([25, 11])
+    prefill = torch.where(torch.arange(25) < lens[:, None], idx[:, :25], 7)
+    out = model.forward_cached(prefill, torch.arange(25).expand(2, 25), cache)
+    atol = 1e-10 if dtype == torch.float64 else 2e-4
+    assert torch.allclose(out[0], full[0, :25], atol=atol) and torch.allclose(out[1, :11], full[1, :11], atol=atol)
+    p = lens.clone()
+    for _ in range(12):
+        step = model.forward_cached(idx[torch.arange(2), p][:, None], p[:, None], cache)
+        assert torch.allclose(step[:, 0], full[torch.arange(2), p], atol=atol)
+        p += 1
+    assert model.forward_cached(idx[:, 36:37], p[:, None], cache, logits=False) is None
+
+
+def test_rows_and_documents_do_not_leak():
+    """Rows are independent (right padding changes nothing before it). A later document sees an earlier one only
+    through the token before its start: smear and the bigram hash read that token, and on the long layers the key
+    offset gives the new document's first key that token's stationary half (computed from its own document): the
+    record's cross-document terms (its varlen batch is one row). Without the key offset, only the token itself."""
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.randint(1, 256, (1, 40), generator=gen), torch.randint(1, 256, (1, 27), generator=gen)
+    x = torch.randint(1, 256, (1, 60), generator=gen)
+    x[0, 30] = EOS
+    y = x.clone()
+    y[0, :29] = torch.randint(1, 256, (29,), generator=gen)  # the earlier document but its last token
+    z = x.clone()
+    z[0, 29] = (z[0, 29] + 1) % 256
+    for key_offset in (True, False):
+        model = randomize(GPT(tiny_config(num_layers=4, key_offset=key_offset)), seed=12).eval()
+        logits = model(torch.cat([a, F.pad(b, (0, 13), value=7)]))
+        assert torch.allclose(logits[0], model(a)[0], atol=1e-4)
+        assert torch.allclose(logits[1, :27], model(b)[0], atol=1e-4)
+        assert not torch.allclose(model(x)[0, 20:30], model(y)[0, 20:30], atol=1e-3)
+        assert torch.allclose(model(x)[0, 30:], model(y)[0, 30:], atol=1e-4) != key_offset
+        assert not torch.allclose(model(x)[0, 30:], model(z)[0, 30:], atol=1e-3)
+
+
+def test_windows_are_a_runtime_argument():
+    model = randomize(GPT(tiny_config(num_layers=4)), seed=13).eval()
+    x = torch.randint(1, 256, (1, 60), generator=torch.Generator().manual_seed(13))
+    assert torch.allclose(model(x, windows=(1, 3)), model(x, windows=(torch.tensor(1), torch.tensor(3))))
+    assert torch.allclose(model(x), model(x, windows=(1, 3)))  # config.windows
+    assert not torch.allclose(model(x, windows=(1, 3)), model(x, windows=(2, 3)), atol=1e-4)
+    assert not torch.allclose(model(x, windows=(1, 3)), model(x, windows=(1, 6)), atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# compiled graphs
+
+STAGES = [(torch.tensor([1.0, 0.5, 0.25]), torch.tensor(0.25), (1, 3)),  # the three stages' argument shapes
+          (torch.tensor([1.0, 0.5]), torch.tensor(0.25), (3, 7)),
+          (torch.tensor([1.0]), torch.tensor(0.0), (5, 11))]
+
+
+def test_compiled_model_fullgraph_matches_eager(device):
+    """train_gpt.py compiles the model with fullgraph=True (a graph break is an error), one graph per stage (K
+    changes). CPU: traced with aot_eager (dynamo + AOT autograd, no codegen); CUDA: inductor (flex, FP8, Triton)
+    against eager in its bf16 numerics. The training objective forward and backward for each stage's shapes, FP8
+    on (the CPU emulates it), windows as tensors; then the evaluation graph."""
+    torch.manual_seed(14)
+    model = randomize(GPT(tiny_config(num_layers=4, fp8=True, max_seq_len=512))).to(device).train()
+    model.refresh_fp8(bootstrap=True)
+    idx = random_tokens(1, 200, 3, torch.Generator().manual_seed(14)).to(device)
+    targets = idx.roll(-1, 1)
+    compiled = torch.compile(model, backend="aot_eager" if device.type == "cpu" else "inductor", dynamic=False,
+                             fullgraph=True)
+    rtol, atol = (1e-5, 1e-5) if device.type == "cpu" else (2e-2, 2e-2)
+    for mtp, prefix, windows in STAGES:
+        args = dict(mtp_weights=mtp.to(device), prefix_weight=prefix.to(device), reduction="sum", grad_scale=0.5,
+                    windows=tuple(torch.tensor(w, device=device) for w in windows))
+        state = [b.fp8_state.clone() for b in model.blocks]
+        loss = compiled(idx, targets, **args)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        for b, s in zip(model.blocks, state):
+            b.fp8_state.copy_(s)
+        expected = model(idx, targets, **args)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol * expected.abs().item())
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=rtol, atol=atol * p.grad.abs().max().item() + 1e-6)
+        model.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx, targets), model(idx, targets), rtol=rtol, atol=atol)
+
+
+# -----------------------------------------------------------------------------
+# the layer plan and parameter groups
+
+def test_layer_plan_pins_the_record_and_keeps_every_role():
+    plan = layer_plan(11)
+    assert plan.no_attn == 6 and plan.attn == (0, 1, 2, 3, 4, 5, 7, 8, 9, 10)  # record: L1592 `if i == 6:`
+    assert plan.long == (3, 10)  # record: L1494 bm_sizes = [s, s, s, l, s, s, None, s, s, s, l]
+    assert plan.paired == (0, 2, 5, 9)  # record: L1252 self.paired_head_layers = [0, 2, 5, 9]
+    assert plan.xsa == (1, 3, 4, 7)  # record: L1238 self.xsa_layers = [1, 3, 4, 7]
+    assert plan.gated == (3, 10)  # record: L1240 self.attn_gate_layers = [3, 10]
+    assert plan.last == 10  # record: L1239 self.dc_layers = [10]; L1601 MUDD at num_layers - 1
+    assert plan.ve == (1, 2, 8, 9, 10)  # record: L1543 ve = [None, ve[0], ve[1], *fillers, ve[2], ve[3], ve[4]]
+    assert (plan.skip_src, plan.save, plan.readers) == (3, 7, (8, 9, 10))  # record: L1249 cache_layers = [3, 7],
+    # L1598 norm(cache.get(7, x)), L1595 cache[3]
+    assert plan.post_gate == 4  # record: L1580 `if i == 4:` forward_mudd_gate(x, id=1, ...)
+    assert plan.inject == (0, 1, 2, 3, 4, 5, 7, 8, 9)  # record: L1475, L1483 x0/bigram gates
+    for L in range(4, 25):
+        p = layer_plan(L)
+        roles = (p.paired, p.xsa, p.ve, p.readers, p.long)
+        assert all(roles) and p.no_attn is not None and p.skip_src < p.no_attn and p.post_gate <= p.no_attn
+        assert p.save == p.no_attn + 1 and p.readers == tuple(range(p.save + 1, L)) and 1 <= len(p.readers) <= 3
+        assert p.last in p.long and p.last in p.ve and p.last not in p.paired and len(p.ve) >= 2
+        assert not set(p.paired) & (set(p.long) | set(p.xsa) | {p.no_attn})
+        assert set(p.xsa) <= set(p.attn) and set(p.ve) <= set(p.attn) and 0 not in p.ve
+        assert p.skip_src in p.gated and set(p.attn) == set(range(L)) - {p.no_attn}
+    spec_table = {4: (2, 1, 0, (2,), (0,), (2, 3)), 5: (3, 2, 1, (0, 3), (1,), (1, 3, 4)),
+                  8: (5, 4, 2, (0, 3, 6), (1, 2, 5), (1, 2, 5, 6, 7)),
+                  12: (8, 7, 3, (0, 2, 6, 10), (1, 3, 4, 5, 8), (1, 2, 9, 10, 11))}
+    for L, (save, no_attn, skip, paired, xsa_layers, ve) in spec_table.items():
+        p = layer_plan(L)
+        assert (p.save, p.no_attn, p.skip_src, p.paired, p.xsa, p.ve) == (save, no_attn, skip, paired, xsa_layers, ve)
+    for L in (1, 2, 3):  # reduced: every layer attends
+        p = layer_plan(L)
+        assert p.attn == tuple(range(L)) and p.no_attn is None and p.post_gate is None and p.long == (L - 1,)
+
+
+def test_param_groups_contract():
+    """Every parameter under exactly one label; the Muon labels are 3-D batches of (rows, cols) matrices in the
+    record's orientation: Q/K per head pair (2D, C), V (hdim, C), O (C, hdim), c_fc and c_proj (4C, C)."""
+    model = GPT(tiny_config(num_layers=11, model_dim=48, num_heads=6, head_dim=8))
+    groups = model.param_groups()
+    assert set(groups) == {"attn_qk", "attn_vo", "mlp_fc", "mlp_proj", "embed", "lm_head", "value_embeds",
+                           "bigram_embed", "ve_gates", "smear_gate", "scalars", "resid_lambdas", "post_lambdas",
+                           "mudd_w1", "mudd_w2", "mudd_b2", "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2",
+                           "mudd_gate_scale"}
+    assert [tuple(p.shape) for p in groups["attn_qk"]] == [(6, 16, 48)] * 10
+    assert [tuple(p.shape) for p in groups["attn_vo"]] == [(2, 48, 48)] * 10
+    assert [tuple(p.shape) for p in groups["mlp_fc"] + groups["mlp_proj"]] == [(1, 192, 48)] * 22
+    assert [tuple(p.shape) for p in groups["ve_gates"]] == [(6, 12)] * 4
+    assert groups["lm_head"][0].shape == (48, 256) and groups["value_embeds"][0].shape == (5 * 256, 48)
+    assert len(groups["scalars"]) == 12 and all(p.ndim >= 1 for p in model.parameters())  # FSDP2: no 0-dim
+    ablated = GPT(tiny_config(value_embeds=False, bigram=False)).param_groups()
+    assert ablated["value_embeds"] == ablated["bigram_embed"] == ablated["ve_gates"] == []
+
+
+def test_flops_estimate_matches_flop_counter(monkeypatch):
+    """estimate_flops_per_token (train_gpt.py's MFU) against torch's FlopCounterMode on the objective's forward and
+    backward, attention run as explicit matmuls over dense scores (the counter has no CPU SDPA formula) with windows
+    spanning the sequence: what the estimate counts then (paired layers: the doubled sequence). DC off: its banded
+    form computes more than the window it uses."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def dense_attend(q, k, v, mask):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+
+    monkeypatch.setattr(attention, "attend", dense_attend)
+    T = 64
+    model = GPT(tiny_config(num_layers=5, vocab_size=300, max_seq_len=T, dc=False)).train()
+    idx = torch.randint(1, 300, (1, T), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx, reduction="sum", mtp_weights=torch.ones(2)).backward()
+    assert counter.get_total_flops() / T == model.estimate_flops_per_token((100, 100))
+    assert model.estimate_flops_per_token((6, 20)) > model.estimate_flops_per_token((1, 3))
+
+
+def test_fp8_mlp_state_in_training_only():
+    """Training forwards (config.fp8) run fp8.mlp's FP8 path, each writing its layer's activation scale
+    (max relu² · 1.80/448); evaluation and cached decoding do not; refresh_fp8 sets the delayed weight scales."""
+    model = randomize(GPT(tiny_config(fp8=True)))
+    model.refresh_fp8(bootstrap=True)
+    amax = model.blocks[0].mlp_proj.abs().max()
+    assert torch.allclose(model.blocks[0].fp8_state[1:], torch.stack([amax / 448, amax * 1.12 / 448]))
+    idx = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(1))
+    before = [b.fp8_state.clone() for b in model.blocks]
+    with torch.no_grad():
+        model.eval()(idx, idx)
+        model.forward_cached(idx, torch.arange(30)[None], model.init_cache(1, 30))
+    assert all(torch.equal(b.fp8_state, s) for b, s in zip(model.blocks, before))
+    model.train()(idx, idx, reduction="sum").backward()
+    assert all(b.fp8_state[0] != s[0] and torch.equal(b.fp8_state[1:], s[1:]) for b, s in zip(model.blocks, before))
+
+
+def test_kernel_path_matches_torch_path(monkeypatch):
+    """NANOGPT_KERNELS=1 routes the MLP's up-projection through the fused ReLU² Triton kernel (the interpreter
+    here); loss and every gradient match the torch path."""
+    model = randomize(GPT(tiny_config(num_layers=2)))
+    idx = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    calls = []
+    fn = speedrun_kernels.relu2_linear
+    monkeypatch.setattr(speedrun_kernels, "relu2_linear", lambda *a: calls.append(1) or fn(*a))
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("NANOGPT_KERNELS", mode)
+        model.zero_grad()
+        loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 2
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g0, g1, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("switch", ["bigram", "value_embeds", "paired_heads", "key_offset", "xsa", "dc"])
+def test_ablation_switches_turn_their_idea_off(switch):
+    """Each GPTConfig switch removes its idea (parameters, gate columns, the path) and nothing else; the model still
+    trains (forward + backward) and decodes from the cache as it runs whole."""
+    full = GPT(tiny_config(num_layers=5))
+    model = randomize(GPT(tiny_config(num_layers=5, **{switch: False})), seed=15)
+    kinds = {kind for kind, _ in model.gate_layout}
+    blocks = [b for b in model.blocks if b.has_attn]
+    off = {"bigram": not hasattr(model, "bigram_embed") and "bigram" not in kinds and "bigram_signs" not in
+           dict(model.named_buffers()),
+           "value_embeds": not hasattr(model, "value_embeds") and all(b.ve_gate is None for b in model.blocks),
+           "paired_heads": not any(b.paired for b in blocks), "key_offset": not any(b.key_offset for b in blocks),
+           "xsa": "xsa" not in kinds, "dc": not {"dc_w1", "dc_w2"} & kinds}[switch]
+    assert off and sum(p.numel() for p in model.parameters()) <= sum(p.numel() for p in full.parameters())
+    idx = torch.randint(1, 256, (2, 24), generator=torch.Generator().manual_seed(15))
+    idx[:, 0] = EOS
+    model(idx, idx.roll(-1, 1), reduction="sum", mtp_weights=torch.ones(2), prefix_weight=torch.tensor(0.5)).backward()
+    cache = model.init_cache(2, 24)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_cached(idx, torch.arange(24).expand(2, 24), cache), model(idx), atol=2e-4)
+
+
+def test_bad_configs_and_inputs_are_one_line_errors():
+    for kw, message in [(dict(num_heads=3, head_dim=16, model_dim=48), "even number of heads"),
+                        (dict(head_dim=8), "num_heads \\* head_dim"), (dict(head_dim=6, model_dim=12), "multiple of 4"),
+                        (dict(bigram_dim=40), "bigram_dim"), (dict(smear_gate_dim=40), "smear_gate_dim"),
+                        (dict(num_layers=0), "num_layers"), (dict(windows=(3,)), "windows")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_config(**kw)
+    model = GPT(tiny_config(max_seq_len=16))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="init_cache"):
+        model.forward_cached(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                             model_module.KVCache(torch.zeros(4, 1, 16, 2, 16), torch.zeros(4, 1, 16, 2, 16)))

@@ -147,7 +147,7 @@ def test_unfinished_and_foreign_logs_are_listed_not_fatal(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# GRPO records: train_grpo.py writes them, compare.py reads them
+# GRPO logs: train_grpo.py writes them, compare.py reads them
 
 TRACK = compare.TRACKS["grpo-gsm8k-qwen2.5-0.5b"]
 
@@ -224,7 +224,7 @@ def test_grpo_truncated_and_trackless_logs_are_dnf(tmp_path):
     assert "| runs | other | - |" in proc.stdout and "| 0.9000 | 9.0 |" in proc.stdout
 
 
-def test_train_grpo_writes_a_record_compare_reads(tmp_path, monkeypatch):
+def test_train_grpo_writes_a_log_compare_reads(tmp_path, monkeypatch):
     import train_grpo
     from grpo import metrics
     monkeypatch.setattr(sys, "argv", ["train_grpo.py"])
@@ -247,7 +247,7 @@ def test_train_grpo_writes_a_record_compare_reads(tmp_path, monkeypatch):
     assert len(times) == 4 and times == sorted(times)   # before RL, after steps 1 and 2, after RL (step 3's)
     steps_ms = [int(m) for m in re.findall(r"^step:\d+/3 .* train_time:(\d+)ms$", lines, re.M)]
     assert len(steps_ms) == 3 and steps_ms == sorted(steps_ms)
-    # one record of a step: the log's step line is the --log-file JSON line, each metric at its declared precision
+    # a step's metrics, written once: the log's step line is the --log-file JSON line, each at its declared precision
     entries = [e for e in map(json.loads, (tmp_path / "r1.jsonl").read_text().splitlines()) if "step" in e]
     formats = {m.name: m.log for m in metrics.METRICS}
     assert [p["step"] for p in run["metrics"]] == [e["step"] for e in entries] == [1, 2, 3]

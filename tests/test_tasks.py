@@ -1,8 +1,10 @@
+import os
 import random
 from fractions import Fraction
 
 import pytest
 
+import train_grpo
 from grpo import tasks
 from grpo.tasks import Problem
 
@@ -70,10 +72,10 @@ def test_reward_weights_and_failures_are_counted_apart_from_wrong_answers():
                                   correct_weight=1.0, format_weight=0.25)
     assert out == [1.25, 0.25, 0.0] and failures == []              # wrong and missing answers are 0, not failures
     broken = Problem("gsm8k", "q", "about ten", "")                  # no numeric reference: cannot be verified
-    unknown = Problem("riddle", "?", "2", "")                         # an unknown kind: the verifier raises
+    unknown = Problem("riddle", "?", "2", "")                         # a task TASKS lacks: the verifier raises
     out, failures = tasks.rewards([broken, unknown, p, broken], ["<answer>2</answer>"] * 4, format_weight=0.5)
     assert out == [None, None, 1.5, None] and len(failures) == 3     # None, never 0: the trainer leaves them out
-    assert "unverifiable problem" in failures[0] and "unknown problem kind" in failures[1]
+    assert "unverifiable problem" in failures[0] and "unknown task 'riddle'" in failures[1]
     with pytest.raises(ValueError, match="not a number"):
         tasks.correctness_reward(broken, "<answer>10</answer>")
 
@@ -91,8 +93,8 @@ def test_majority_vote_on_countdown_pools_commuted_answers():
     invalid = ["<answer>7</answer>", "<answer>5+2</answer>", "<answer>3+4+4</answer>", "no answer"]
     assert tasks.majority_vote(p, invalid * 2 + ["<answer>5*4-3</answer>"]) == (0.0, [])
     assert tasks.majority_vote(p, invalid) == (0.0, [])              # nobody answered: wrong
-    assert tasks.answer_key(p, "<answer>5 * 4 - 4</answer>") is None                    # 4 used twice
-    assert tasks.answer_key(p, "<answer>(5+3)/4</answer>") == 2
+    assert tasks.countdown_answer(p, "<answer>5 * 4 - 4</answer>") is None              # 4 used twice
+    assert tasks.countdown_answer(p, "<answer>(5+3)/4</answer>") == 2
 
 
 def test_majority_vote_ties_go_to_the_answer_sampled_first():
@@ -156,7 +158,7 @@ def test_countdown_problems_are_solved_by_their_solution():
     rng = random.Random(3)
     for _ in range(200):
         p = tasks.countdown_problem(rng, n_numbers=4, max_number=25, max_target=200)
-        assert 0 < int(p.answer) <= 200 and len(p.numbers) == 4
+        assert 0 < int(p.reference) <= 200 and len(p.numbers) == 4
         assert tasks.correctness_reward(p, p.solution) == 1.0 and tasks.format_reward(p.solution) == 1.0
 
 
@@ -175,7 +177,7 @@ def test_arithmetic_problems_and_held_out_split():
         assert p.prompt not in test_prompts
         a, op, b = p.prompt[:2], p.prompt[2], p.prompt[3:5]
         assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
-        assert int(p.answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert int(p.reference) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
         assert tasks.correctness_reward(p, p.solution) == 1.0
     with pytest.raises(ValueError, match="held_out_set"):
         tasks.held_out_set(lambda rng: tasks.arithmetic_problem(rng, digits=1, ops="+"), 1000, seed=0)
@@ -194,8 +196,8 @@ def test_gsm8k_reader_on_a_tiny_parquet(tmp_path):
     path = tmp_path / "gsm8k.parquet"
     pq.write_table(pa.table(rows), path)
     problems = tasks.load_gsm8k(path=str(path))
-    assert [p.answer for p in problems] == ["12", "750"]
-    assert problems[0].prompt == rows["question"][0] and problems[0].kind == "gsm8k"
+    assert [p.reference for p in problems] == ["12", "750"]
+    assert problems[0].prompt == rows["question"][0] and problems[0].task == "gsm8k"
     assert problems[0].solution == "3 bags * 4 = 12 apples.\n<answer>12</answer>"     # calculator notes dropped
     for p in problems:
         assert tasks.correctness_reward(p, p.solution) == 1.0
@@ -206,3 +208,81 @@ def test_gsm8k_reader_on_a_tiny_parquet(tmp_path):
     pq.write_table(pa.table({"prompt": ["q"]}), path)
     with pytest.raises(ValueError, match="question"):
         tasks.load_gsm8k(path=str(path))
+
+
+# -----------------------------------------------------------------------------
+# the table of tasks: a task is its row
+
+WORDS = ["stone", "river", "python", "kettle", "garden", "window"]
+
+
+def reverse_problem(rng):
+    # a task a forker might add: reverse a word
+    word = rng.choice(WORDS)
+    return Problem("reverse", f"Reverse the word {word}.", word[::-1], f"<answer>{word[::-1]}</answer>")
+
+
+def reverse_answer(problem, completion):
+    return tasks.extract_answer(completion)
+
+
+def reverse_reward(problem, completion):
+    return float(reverse_answer(problem, completion) == problem.reference)
+
+
+REVERSE = tasks.Task("reverse", "reverse a word", answer=reverse_answer, reward=reverse_reward,
+                     draw=lambda args, rng: reverse_problem(rng), count=lambda args, limit: len(WORDS))
+
+
+def test_a_task_added_as_one_row_is_a_flag_drawn_held_out_rewarded_and_voted_on(monkeypatch, capsys):
+    monkeypatch.setitem(tasks.TASKS, "reverse", REVERSE)
+    args = train_grpo.parse_args(["--task", "reverse", "--test-size", "2"])          # --task's choices: the table
+    assert args.reward_workers == 1                                                  # its reward runs no code
+    sample, test = train_grpo.make_task(args)
+    held_out = {p.prompt for p in test}
+    assert len(held_out) == 2 and test == tasks.held_out_set(reverse_problem, 2, seed=args.test_seed)
+    assert {sample(random.Random(i)).prompt for i in range(100)} == {f"Reverse the word {w}." for w in WORDS} - held_out
+    p = test[0]
+    out, failures = tasks.rewards([p] * 3, [p.solution, "<answer>nope</answer>", "no answer"], format_weight=0.5)
+    assert out == [1.5, 0.5, 0.0] and failures == []
+    assert tasks.majority_vote(p, ["<answer>nope</answer>", p.solution, p.solution]) == (1.0, [])
+    assert tasks.majority_vote(p, ["<answer>nope</answer>"] * 2 + [p.solution]) == (0.0, [])
+    with pytest.raises(SystemExit):                       # its count: the held-out set must leave problems to train on
+        train_grpo.parse_args(["--task", "reverse", "--test-size", str(len(WORDS))])
+    assert f"--task reverse has only {len(WORDS)} distinct problems" in capsys.readouterr().err
+
+
+def test_a_data_set_task_added_as_one_row_trains_on_one_split_and_tests_on_the_other(monkeypatch, capsys):
+    # the same task as a data set whose reward runs code: make_task reads its splits, the flags its runs_code
+    split_words = {"train": WORDS[:3], "test": WORDS[3:]}
+    loads = []
+
+    def load(split):
+        loads.append(split)
+        return [Problem("reverse_set", f"Reverse the word {w}.", w[::-1], f"<answer>{w[::-1]}</answer>")
+                for w in split_words[split]]
+    row = tasks.Task("reverse_set", "reverse a word, from a data set", answer=reverse_answer, reward=reverse_reward,
+                     load=load, splits=("train", "test"), runs_code=True)
+    monkeypatch.setitem(tasks.TASKS, "reverse_set", row)
+    args = train_grpo.parse_args(["--task", "reverse_set", "--test-size", "2"])
+    assert args.reward_workers == (os.cpu_count() or 1)                     # a reward that runs code: one per core
+    sample, test = train_grpo.make_task(args)
+    assert loads == ["train", "test"]
+    assert [p.reference for p in test] == [w[::-1] for w in WORDS[3:5]]    # the test split's first --test-size
+    assert {sample(random.Random(i)).reference for i in range(50)} == {w[::-1] for w in WORDS[:3]}
+    assert tasks.rewards(test, [p.solution for p in test][::-1]) == ([0.0, 0.0], [])
+    assert tasks.rewards(test, [p.solution for p in test]) == ([1.0, 1.0], [])
+    with pytest.raises(SystemExit):                                          # runs_code: the tool is refused
+        train_grpo.parse_args(["--task", "reverse_set", "--tools", "python"])
+    assert "--tools python with --task reverse_set: the reward already runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [name for name, task in tasks.TASKS.items() if task.load is None] + ["humaneval"])
+def test_each_tasks_problems_name_their_row_and_its_reward_pays_their_worked_solution(name):
+    # the reward dispatches on problem.task: a problem that named another row would be judged by that row's reward.
+    # (gsm8k and mbpp download their splits: their readers are tested on local parquet files)
+    sample, test = train_grpo.make_task(train_grpo.parse_args(["--task", name, "--test-size", "3"]))
+    for p in test + [sample(random.Random(0))]:
+        assert p.task == name
+        assert tasks.rewards([p, p], [p.solution, "<answer>-1</answer>"]) == ([1.0, 0.0], [])
+        assert tasks.majority_vote(p, [p.solution, "<answer>-1</answer>", p.solution]) == (1.0, [])

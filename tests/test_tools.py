@@ -40,8 +40,8 @@ class Biased(torch.nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         config = GPTConfig(vocab_size=259, num_layers=2, model_dim=64, num_heads=2, head_dim=32, max_seq_len=256,
-                           block_len=128, window_blocks=2, eos_token_id=EOS, fp8_head=False)
-        self.model = GPT(config)
+                           block_len=128, windows=(2, 2), eos_token_id=EOS, fp8=False)
+        self.model = GPT(config).double()  # float64: fp32 rounding of a random net would blur the comparisons
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in self.model.parameters():
@@ -49,7 +49,7 @@ class Biased(torch.nn.Module):
         bias = torch.zeros(259)
         bias[[256, 257]] = 6.0
         bias[[ord(c) for c in "1+x\n"]] = 5.0
-        bias[EOS] = 2.0
+        bias[EOS] = 4.0
         self.register_buffer("bias", bias)
         self.config = config
         self.poison = None  # (tokens (N, L), mask (N, L-1)): NaN final hidden states (test_tool_outputs_get_no_loss...)
@@ -282,12 +282,12 @@ def test_sft_targets_leave_out_tool_outputs(tmp_path):
     ids, trained = sft.solution_tokens(tok, problem, tools=True)
     text = tok.decode(ids[:-1])
     assert text == problem.tool_solution and ids[-1] == tok.eos_id
-    assert text.startswith("```python\nprint(") and text.endswith(f"<answer>{problem.answer}</answer>")
-    block = sandbox.output_block(problem.answer)
+    assert text.startswith("```python\nprint(") and text.endswith(f"<answer>{problem.reference}</answer>")
+    block = sandbox.output_block(problem.reference)
     start = text.index(block)
     assert trained == [not start <= i < start + len(block) for i in range(len(text))] + [True]
     code = sandbox.find_code(text)                                  # the block closes where the output begins
-    assert text.index(code) + len(code) + len("\n```") == start and sandbox.run(code) == (problem.answer, False)
+    assert text.index(code) + len(code) + len("\n```") == start and sandbox.run(code) == (problem.reference, False)
     with pytest.raises(ValueError, match="--sft-steps 0"):
         sft.solution_tokens(tok, tasks.countdown_problem(random.Random(0)), tools=True)
     with pytest.raises(SystemExit) as exit_info:                   # the trainer says so before it starts, in one line
