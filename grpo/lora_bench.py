@@ -1,13 +1,13 @@
 """
 LoRA against full fine-tuning: memory and time. python -m grpo.lora_bench [--steps 3] [--threads 2]
 
-1. Bytes of the weights, the trainable state (trainable weights + their gradients + AdamW's two moments) and the KL
-   reference, full fine-tune vs LoRA rank 16 on the 7 attention and MLP projections (alpha 32):
+1. Bytes of the weights (all of them, as stored), the trainable state (the trainable weights' gradients and AdamW's
+   two moments) and the KL reference, full fine-tune vs LoRA rank 16 on the 7 attention and MLP projections (alpha 32):
    - SmolLM2-135M-Instruct on the CPU (tests/real_model.py's folder, fp32), measured: the models built as
      train_grpo.py builds them, one AdamW step taken so that its moments exist;
    - Qwen2.5-7B(-Instruct) on one 80 GB GPU, by arithmetic from its config.json's numbers: full = fp32 weights,
      gradients and moments (16 bytes a parameter) + a bf16 reference (2); LoRA = the bf16 base (2 bytes a
-     parameter), 16 bytes an adapter parameter, no reference (the base with adapters off). Activations, the KV cache
+     parameter), 16 bytes an adapter parameter (fp32 weight, gradient, moments), no reference (the base with adapters off). Activations, the KV cache
      and allocator slack come on top of both.
 2. Seconds per GRPO step, full vs LoRA: `train_grpo.py bench` on SmolLM2 with the README's 1-digit addition flags
    (5 SFT steps, then --steps RL steps of 16 prompts x 8 completions, 16 new tokens), the median step.
@@ -15,14 +15,7 @@ LoRA against full fine-tuning: memory and time. python -m grpo.lora_bench [--ste
    train_grpo.py runs) vs a merged sampler copy (lora.merge_ on a deepcopy), 16 prompts x 8 samples x 16 tokens,
    the best of 3.
 
-Measured on the 2 shared CPU cores of the development machine (--threads 2; other engineers' jobs ran beside it, so
-the seconds are approximate; each pair was timed back to back):
-
-    SmolLM2-135M (CPU, fp32)   weights 513.0 MiB vs 513.0 + 18.6 MiB adapters; trainable state 2052.1 vs 74.6 MiB;
-                               reference 513.0 MiB vs 0
-    Qwen2.5-7B (80 GB GPU)     full 137.1 GB (does not fit) vs LoRA 15.9 GB (7.62e9 parameters, 40.4M adapter ones)
-    s/step (CPU)               see the README (GRPO, LoRA), filled from this script's output
-    engine tok/s (CPU)         unmerged vs merged: see the README; unmerged kept (lora.py's docstring says why)
+BENCH_FIGURES
 """
 import argparse
 import copy
@@ -51,9 +44,9 @@ def qwen_bytes(c, rank):
     layer = sum(i * o for i, o in shapes) + q + 2 * kv + 2 * C                # + the q/k/v biases and 2 norms
     params = c["num_hidden_layers"] * layer + c["vocab_size"] * C * (1 if c["tie_word_embeddings"] else 2) + C
     adapter = c["num_hidden_layers"] * sum(rank * (i + o) for i, o in shapes)
-    return params, adapter, {("full", "weights"): 4 * params, ("full", "trainable"): 16 * params,
+    return params, adapter, {("full", "weights"): 4 * params, ("full", "trainable"): 12 * params,
                              ("full", "reference"): 2 * params, ("lora", "weights"): 2 * params + 4 * adapter,
-                             ("lora", "trainable"): 16 * adapter, ("lora", "reference"): 0}
+                             ("lora", "trainable"): 12 * adapter, ("lora", "reference"): 0}
 
 
 def measured_bytes(folder, rank):
@@ -71,7 +64,7 @@ def measured_bytes(folder, rank):
         opt.step()
         moments = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
         out[mode, "weights"] = size(model.parameters())
-        out[mode, "trainable"] = size(trainable) + size(p.grad for p in trainable) + size(moments)
+        out[mode, "trainable"] = size(p.grad for p in trainable) + size(moments)
         out[mode, "reference"] = 0 if mode == "lora" else size(model.parameters())   # the deepcopy train_grpo makes
     return out
 
