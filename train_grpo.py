@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 import muon
 import run_log
-from grpo import checkpoint, code_tasks, evaluation, fsdp, objective, policy, rollouts, sandbox, tasks
+from grpo import checkpoint, code_tasks, evaluation, fsdp, lora, objective, policy, rollouts, sandbox, tasks
 from grpo.batches import micro_batches, rank_batches
 from grpo.flags import parse_args, parser
 from grpo.metrics import console_line, log_line, step_metrics
@@ -93,7 +93,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    model: torch.nn.Module              # the policy being trained (under --fsdp, sharded)
+    model: torch.nn.Module              # the policy being trained (under --fsdp, sharded; with --lora-rank, adapted)
     sampler: torch.nn.Module            # what the rollout engine runs: the model, or under --fsdp a gathered copy
     tok: Tokenizer                      # the policy's tokenizer
     hf_files: list                      # an hf: policy's config and tokenizer files, which its checkpoints carry
@@ -116,6 +116,8 @@ def start(args):
     try:
         model, tok, hf_files = policy.load(args.policy, device, getattr(torch, args.dtype), args.seed,
                                            args.tiktoken_file, args.tiny_layers, args.tiny_dim)
+        if args.lora_rank:                          # before the sampler copy and the sharding: both carry the adapters
+            lora.apply(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
         sample, test = make_task(args)
         share_prompts = policy.shares_prompts(model, args.share_prompts)
     except (OSError, ValueError, ImportError) as error:
@@ -139,8 +141,11 @@ def start(args):
         if sft_longest > limit:
             fail(f"the SFT cold start: the longest prompt plus worked solution is {sft_longest} tokens, beyond the "
                  f"policy's max_seq_len {limit}; pass --sft-steps 0")
-    print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | task {args.task} | "
-           f"world {world} | device {device} | tokenizer on {tok.backend}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"policy {args.policy}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params" +
+           (f" (LoRA rank {args.lora_rank} on {len(lora.adapters(model))} matrices: {trainable / 1e6:.2f}M trainable)"
+            if args.lora_rank else "") +
+           f" | task {args.task} | world {world} | device {device} | tokenizer on {tok.backend}")
     if args.share_prompts is None and not share_prompts:
         print0(f"--share-prompts: off, {type(model).__name__} has no hidden_shared (every row runs its prompt)")
     args.share_prompts = share_prompts
@@ -165,9 +170,12 @@ def finish():
 
 def reference_model(run, args):
     """The frozen KL reference (--beta > 0; else None): the policy as it starts RL; under --fsdp sharded as the
-    policy is (from the gathered copy: the compute dtype)."""
+    policy is (from the gathered copy: the compute dtype). With --lora-rank the policy itself, which rl_update runs
+    with its adapters off (lora.adapters_off): the base model, no second copy."""
     if args.beta == 0:
         return None
+    if args.lora_rank:
+        return run.model
     if not args.fsdp:
         return copy.deepcopy(run.model).requires_grad_(False)
     return fsdp.shard(copy.deepcopy(fsdp.refreshed(run.sampler, run.model)), run.device).requires_grad_(False)
@@ -201,8 +209,9 @@ def optimizer_step(model, optimizers, synced_params, args, lr_scale):
     for p in model.parameters():                        # every rank takes part in every collective, even with no rows
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-    if not args.fsdp:                                  # FSDP's reduce-scatter averaged the gradients already
-        muon.sync_grads(synced_params)
+    # FSDP's reduce-scatter averaged its shards' gradients already; the rest (all of them without --fsdp, LoRA's
+    # replicated adapters with it) are averaged here
+    muon.sync_grads([p for p in synced_params if not isinstance(p, DTensor)])
     grad_norm = torch.nn.utils.clip_grad_norm_(synced_params, args.grad_clip)
     for opt in optimizers:
         for group in opt.param_groups:
@@ -232,6 +241,10 @@ def rl_update(model, rollout, advantages, args, *, step, optimizers, synced_para
     tokens = rollout.tokens                                                 # (N, L)
     device = tokens.device
     world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # the step's random draws (--lora-dropout's masks) from a seed of its own: a resumed run draws what the
+    # uninterrupted one drew
+    torch.manual_seed(random.Random(f"update/{args.seed}/{step}/{rank}").getrandbits(63))
     mask = rollout.completion_mask[:, 1:].clone()                           # (N, L-1): targets that were sampled
     if args.mask_truncated:
         mask[rollout.truncated] = False
@@ -276,7 +289,8 @@ def rl_update(model, rollout, advantages, args, *, step, optimizers, synced_para
                     counts["logp_gap"] += ((sampler_logp[rows, :L - 1] - old_logp[rows, :L - 1]).abs() * m).sum().item()
                     counts["gap_tokens"] += m.sum().item()
                 if ref_logp is not None:
-                    ref_logp[rows, :L - 1] = logprobs(ref_model, rows, L, m)[0]
+                    with lora.adapters_off(ref_model):          # LoRA: the policy as its base; else a no-op
+                        ref_logp[rows, :L - 1] = logprobs(ref_model, rows, L, m)[0]
         if args.fsdp and ref_logp is not None:     # FSDP leaves the root's parameters (embeddings, final norm) gathered
             ref_model.reshard()                     # after a forward, for a backward the frozen reference never runs
 
@@ -380,7 +394,8 @@ def bench_main(argv):
            f"| {args.policy} share-prompts {'on' if args.share_prompts else 'off'} threads "
            f"{torch.get_num_threads()} world {run.world}{' fsdp' if args.fsdp else ''}")
     # per rank: the parameter + optimizer bytes it holds (its shards under --fsdp), and its peak memory
-    held = fsdp.local_bytes(run.model, optimizers) + (fsdp.local_bytes(ref_model, []) if ref_model is not None else 0)
+    separate = ref_model is not None and ref_model is not run.model        # LoRA's reference is the policy
+    held = fsdp.local_bytes(run.model, optimizers) + (fsdp.local_bytes(ref_model, []) if separate else 0)
     peak = (torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     ranks = [None] * run.world

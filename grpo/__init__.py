@@ -22,8 +22,10 @@ The fine-tuner's modules; train_grpo.py at the repository root is the loop that 
     confine.py      the sandbox's confinement: Landlock rules, the seccomp filter and its tables
     checkpoint.py   checkpoints, exact resume, and `export` to a Hugging Face folder
     fsdp.py         FSDP2 sharding of a policy (--fsdp) and its sampler copy
+    lora.py         LoRA adapters (--lora-rank): the base frozen, the reference the base with adapters off, PEFT's files
     flags.py        every flag of train_grpo.py with its default and its check
-    engine_bench.py, logprobs_bench.py    benchmarks: python -m grpo.engine_bench, python -m grpo.logprobs_bench
+    engine_bench.py, logprobs_bench.py, lora_bench.py    benchmarks: python -m grpo.engine_bench (grpo.logprobs_bench,
+                    grpo.lora_bench: LoRA vs full fine-tune, bytes and s/step)
 
 The speedrun's model.py (our own GPT policies, the KV-cache protocol) and muon.py sit at the root; nothing at the
 root but train_grpo.py imports from here.

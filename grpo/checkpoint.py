@@ -5,7 +5,8 @@ train_grpo.py's checkpoints, and the weights-only export of one (python train_gr
     load_checkpoint(step_dir, ...)          -> the train state; one-line errors for a file that is missing or does
                                                not fit this run
     export(checkpoint, out)                 -> a folder transformers, vLLM and TRL load (hf: policies), or our GPT's
-                                               weights and GPTConfig
+                                               weights and GPTConfig; a LoRA run's merged, or with adapter=True
+                                               its adapters alone (PEFT's folder)
 """
 import argparse
 import dataclasses
@@ -22,12 +23,13 @@ import torch
 import torch.distributed as dist
 
 from model import GPT
-from grpo import fsdp
+from grpo import fsdp, lora, policy
 from grpo.hf_model import HF_TOKENIZER_FILES, HFDecoder, check_state, from_hf, hf_config, read_safetensors
 from grpo.policy import gpt_config
 from grpo.tokenizer import hf_tokenizer, read_json
 
 SHARDED = "sharded"  # a --fsdp run's checkpoint: torch.distributed.checkpoint's folder, each rank's shards
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # a LoRA run's: PEFT's files
 
 
 # -----------------------------------------------------------------------------
@@ -41,6 +43,9 @@ SHARDED = "sharded"  # a --fsdp run's checkpoint: torch.distributed.checkpoint's
 #   sharded/                           --fsdp: instead of the three above, one torch.distributed.checkpoint folder
 #                                      of every rank's shards (policy, AdamW state, reference); resumes at any world
 #                                      size, and export gathers it into the files other tools load
+#   adapter_model.safetensors,         --lora-rank (with or without --fsdp: the adapters are replicated): instead of
+#   adapter_config.json                model.safetensors and the reference, the adapters in PEFT's format; the frozen
+#                                      base is the run's --policy, which resume and export load again
 # A checkpoint resumes a run; `python train_grpo.py export` turns one into weights that other tools load (below).
 
 def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, hf_files):
@@ -51,11 +56,17 @@ def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, 
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
-    sharded = fsdp.is_sharded(model)
+    adapted = lora.is_adapted(model)
+    sharded = fsdp.is_sharded(model) and not adapted
     if sharded:                                        # --fsdp: every rank writes its shards (a collective)
         fsdp.save(os.path.join(tmp, SHARDED), model, optimizers, ref_model)
     if rank == 0:
-        if not sharded:
+        if adapted:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in lora.adapter_state(model).items()},
+                                        os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+                json.dump(lora.peft_config(model, base_name(state["flags"]["policy"])), f, indent=2)
+        elif not sharded:
             safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
             if ref_model is not None:
                 safetensors.torch.save_model(ref_model, os.path.join(tmp, "reference.safetensors"))
@@ -80,6 +91,14 @@ def save_checkpoint(directory, step, model, ref_model, optimizers, state, rank, 
         dist.barrier()
 
 
+def base_name(spec):
+    """--policy -> adapter_config.json's base_model_name_or_path: a hub id as it is, a folder or file absolute."""
+    kind, _, path = spec.partition(":")
+    if kind == "hf" and not os.path.isdir(os.path.expanduser(path)):
+        return path
+    return os.path.abspath(os.path.expanduser(path)) if path else spec
+
+
 def step_directory(path):
     # a step_* directory, or a --checkpoint-dir whose "latest" names one -> the step directory; else an error naming
     # what is missing
@@ -91,10 +110,11 @@ def step_directory(path):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path}: no such directory, though the checkpoint directory's 'latest' names it; "
                                     f"pass a step_* directory")
-    if not (os.path.isfile(os.path.join(path, "model.safetensors")) or
-            os.path.isfile(os.path.join(path, SHARDED, ".metadata"))):
-        raise FileNotFoundError(f"{path}: no model.safetensors (nor a sharded {SHARDED}/); pass a step_* checkpoint "
-                                f"directory (or the --checkpoint-dir that holds them)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", f"{SHARDED}/.metadata",
+                                                                      ADAPTER_WEIGHTS)):
+        raise FileNotFoundError(f"{path}: no model.safetensors (nor a sharded {SHARDED}/, nor a LoRA run's "
+                                f"{ADAPTER_WEIGHTS}); pass a step_* checkpoint directory (or the --checkpoint-dir that "
+                                f"holds them)")
     return path
 
 
@@ -102,8 +122,20 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
     # path: a step_* directory -> the saved train state. A missing or damaged file, or one that does not fit this run's
     # model or optimizer, is an error naming the file and the fix.
     fix = "resume with the flags of the run that wrote it (its train_state.json lists them)"
+    adapted = os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS))
+    if adapted != lora.is_adapted(model):
+        raise ValueError(f"{path}: " + (f"a LoRA run's checkpoint (its adapters); resume it with its --lora-rank"
+                                        if adapted else "a full fine-tune's checkpoint; resume it without --lora-rank"))
     sharded = os.path.isdir(os.path.join(path, SHARDED))
-    if sharded != fsdp.is_sharded(model):
+    if adapted:                                        # the base is --policy's, loaded already; the adapters here
+        saved = read_json(Path(path) / ADAPTER_CONFIG)
+        differ = [k for k, v in model.lora.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(f"{path}/{ADAPTER_CONFIG}: {', '.join(f'{k} {saved.get(k)!r}' for k in differ)}, this "
+                             f"run {', '.join(f'{model.lora[k]!r}' for k in differ)}; {fix}")
+        lora.load_adapter_state(model, read_safetensors(os.path.join(path, ADAPTER_WEIGHTS), device),
+                                os.path.join(path, ADAPTER_WEIGHTS))
+    elif sharded != fsdp.is_sharded(model):
         raise ValueError(f"{path}: a {'sharded' if sharded else 'replicated'} checkpoint; resume it "
                          f"{'with' if sharded else 'without'} --fsdp")
     if sharded:                                        # any world size: DCP reshards
@@ -114,9 +146,9 @@ def load_checkpoint(path, model, ref_model, optimizers, rank, device):
                              f"({type(error).__name__}: {' '.join(str(error).split())[:300]}); {fix}") from None
         check_schedule(optimizers, f"{path}/{SHARDED}")
         return read_json(Path(path) / "train_state.json")
-    if ref_model is not None and not os.path.isfile(os.path.join(path, "reference.safetensors")):
+    if ref_model is not None and not adapted and not os.path.isfile(os.path.join(path, "reference.safetensors")):
         raise FileNotFoundError(f"{path}: no reference.safetensors: that run had no KL reference; resume with --beta 0")
-    for name, m in [("model.safetensors", model), ("reference.safetensors", ref_model)]:
+    for name, m in [("model.safetensors", model), ("reference.safetensors", ref_model)] if not adapted else []:
         if m is not None:
             state = read_safetensors(os.path.join(path, name), device)
             check_state(m, state, os.path.join(path, name), fix)
@@ -165,11 +197,14 @@ OWN_GPT_NOTE = ("a GPT of this repository's model.py, which only this repository
                 "train_grpo.py --policy ckpt:DIR); transformers and vLLM do not know its architecture")
 
 
-def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
+def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9, adapter=False):
     # -> a line for the user. dtype: a torch dtype name for the weights (None: the run's --dtype, as trained);
-    # written to out.tmp, then renamed into place
+    # adapter: a LoRA run's adapters alone (export_adapter). Written to out.tmp, then renamed into place
     step = step_directory(checkpoint)
     config = read_json(Path(step) / "config.json")
+    adapted = os.path.isfile(os.path.join(step, ADAPTER_WEIGHTS))
+    if adapter:
+        return export_adapter(step, out, config, dtype)
     state_file = Path(step) / "train_state.json"
     dtype = dtype or (read_json(state_file).get("flags", {}).get("dtype") if state_file.exists() else None)
     dtype = getattr(torch, dtype or "float32")
@@ -178,7 +213,9 @@ def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
     os.makedirs(tmp)
     sharded = os.path.isdir(os.path.join(step, SHARDED))
     if "model_type" in config:                                              # a hf: policy
-        if sharded:
+        if adapted:
+            weights, tok = merged_weights(step, dtype), hf_tokenizer(Path(step), config)
+        elif sharded:
             weights = sharded_weights(step, HFDecoder(hf_config(config, str(Path(step) / "config.json"))), dtype)
             tok = hf_tokenizer(Path(step), config)
         else:
@@ -204,7 +241,9 @@ def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
         what = (f"{len(state)} tensors in {shards} safetensors file(s); load it with transformers' "
                 f"AutoModelForCausalLM / AutoTokenizer.from_pretrained, vLLM or TRL")
     else:                                                                   # our GPT
-        if sharded:
+        if adapted:
+            state = merged_weights(step, dtype)
+        elif sharded:
             state = sharded_weights(step, GPT(gpt_config(config)), dtype)
         else:
             state = read_safetensors(os.path.join(step, "model.safetensors"))
@@ -219,6 +258,43 @@ def export(checkpoint, out, dtype=None, max_shard_size=50 * 10 ** 9):
         os.rmdir(out)                                                       # empty: export_main checked
     os.replace(tmp, out)
     return f"exported {step} to {out} ({str(dtype).removeprefix('torch.')}): {what}"
+
+
+def export_adapter(step, out, config, dtype):
+    # a LoRA run's step -> out: adapter_config.json + adapter_model.safetensors, PEFT's folder, which
+    # peft.PeftModel.from_pretrained(base, out) and vLLM's LoRA loading read as they are
+    if not os.path.isfile(os.path.join(step, ADAPTER_WEIGHTS)):
+        raise ValueError(f"{step}: not a LoRA run's checkpoint (no {ADAPTER_WEIGHTS}); export it without --adapter")
+    if "model_type" not in config:
+        raise ValueError(f"{step}: adapters of our GPT, whose architecture PEFT and vLLM do not know; export the "
+                         f"merged model without --adapter")
+    tmp = os.path.normpath(out) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = read_safetensors(os.path.join(step, ADAPTER_WEIGHTS))
+    if dtype:
+        state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
+    safetensors.torch.save_file(state, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    shutil.copy(os.path.join(step, ADAPTER_CONFIG), tmp)
+    if os.path.isdir(out):
+        os.rmdir(out)                                                       # empty: export_main checked
+    os.replace(tmp, out)
+    base = read_json(Path(step) / ADAPTER_CONFIG)["base_model_name_or_path"]
+    return (f"exported {step}'s LoRA adapters to {out} ({len(state) // 2} matrices): load them with "
+            f"peft.PeftModel.from_pretrained on {base}, or vLLM's LoRA support")
+
+
+def merged_weights(step, dtype):
+    # a LoRA run's step -> {name: tensor} of its policy with the adapters merged into the base, in dtype: the base
+    # loaded again from the run's --policy (train_state.json's flags), its adapters from the step
+    flags = read_json(Path(step) / "train_state.json")["flags"]
+    saved = read_json(Path(step) / ADAPTER_CONFIG)
+    model, _, _ = policy.load(flags["policy"], torch.device("cpu"), getattr(torch, flags["dtype"]), flags["seed"],
+                              flags["tiktoken_file"], flags["tiny_layers"], flags["tiny_dim"])
+    lora.apply(model, saved["r"], saved["lora_alpha"], saved["lora_dropout"], saved["target_modules"])
+    lora.load_adapter_state(model, read_safetensors(os.path.join(step, ADAPTER_WEIGHTS)),
+                            os.path.join(step, ADAPTER_WEIGHTS))
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in lora.merge_(model).state_dict().items()}
 
 
 def sharded_weights(step, model, dtype):
@@ -257,6 +333,10 @@ export_parser.add_argument("checkpoint", type=step_dir,
 export_parser.add_argument("out", type=new_folder, help="a new (or empty) folder")
 export_parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                            help="the weights' dtype (default: the run's --dtype, as trained)")
+export_parser.add_argument("--adapter", action="store_true",
+                           help="a LoRA run's checkpoint: write its adapters alone, PEFT's folder (adapter_config.json, "
+                                "adapter_model.safetensors) for peft.PeftModel.from_pretrained and vLLM; without it the "
+                                "adapters are merged into the base weights")
 export_parser.add_argument("--max-shard-size", type=shard_size, default="50GB",
                            help="larger weights are split into shards with an index, as transformers' save_pretrained "
                                 "does (its default: 50GB)")
@@ -265,7 +345,7 @@ export_parser.add_argument("--max-shard-size", type=shard_size, default="50GB",
 def export_main(argv):
     args = export_parser.parse_args(argv)
     try:
-        print(export(args.checkpoint, args.out, args.dtype, args.max_shard_size), flush=True)
+        print(export(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.adapter), flush=True)
     except (OSError, ValueError) as error:
         sys.exit(f"error: {' '.join(str(error).split())}")
     return args.out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from model import KVCache
 from grpo import sandbox
@@ -96,6 +97,7 @@ CHECK_EVERY = 8        # decode steps between checks that every row has ended (a
 
 
 @torch.no_grad()
+@parametrize.cached()   # a parametrized weight (LoRA on our GPT: W + BA) is computed once per call, not once per step
 def generate(model, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos=None, seed: int = 0, pad_id: int = 0, undecodable: Tensor | None = None,
              tool=None, tokenizer: Tokenizer = None, max_tool_calls: int = 0, tool_workers: int = 4) -> Rollout:

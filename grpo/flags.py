@@ -36,6 +36,14 @@ def tiny_dim(text):
     return value
 
 
+def lora_targets(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"name one or more matrices of the decoder blocks (e.g. q_proj,v_proj), "
+                                         f"got {text!r}")
+    return names
+
+
 def arithmetic_ops(text):
     """--ops: one or more of the characters + - *, returned as given."""
     if not text or set(text) - set("+-*"):
@@ -45,7 +53,7 @@ def arithmetic_ops(text):
 
 parser = argparse.ArgumentParser(
     prog="train_grpo.py", description="GRPO fine-tuning with verifiable rewards",
-    usage="%(prog)s [flags]  |  %(prog)s bench [flags]  |  %(prog)s export CKPT DIR [--dtype D] [--max-shard-size S]"
+    usage="%(prog)s [flags]  |  %(prog)s bench [flags]  |  %(prog)s export [--adapter] CKPT DIR [--dtype D] [--max-shard-size S]"
           "  |  %(prog)s score --task humaneval --samples FILE.jsonl   (--help lists the flags; bench: the seconds of "
           "a step, no evaluation; score: pass@k of any model's samples, run in the sandbox)")
 # policy and task
@@ -56,8 +64,9 @@ parser.add_argument("--tiny-layers", type=number(int, 1), default=2,
                          "demos' SFT fits 3-4x sooner than 4 layers' plan with its attention-free layer)")
 parser.add_argument("--tiny-dim", type=tiny_dim, default=64, help="--policy tiny: width (2 heads), a multiple of 8")
 parser.add_argument("--tiktoken-file", type=existing_file, default=None, help="tokenizer ranks for --policy ckpt:")
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
-                    help="weights of hf:/ckpt: policies (float64: for comparisons against a reference)")
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
+                    help="weights of hf:/ckpt: policies (float64: for comparisons against a reference); default "
+                         "float32, with --lora-rank on CUDA bfloat16 (the frozen base; the adapters stay fp32)")
 parser.add_argument("--task", default="arithmetic", choices=tasks.TASKS,         # the table's names (tasks.py)
                     help="; ".join(f"{task.name}: {task.about}" for task in tasks.TASKS.values()))
 parser.add_argument("--digits", type=number(int, 1), default=2, help="arithmetic: digits per operand")
@@ -146,6 +155,18 @@ parser.add_argument("--cooldown-frac", type=number(float, 0, 1), default=0.0,
                     help="the learning rates decay linearly to 0 over this last fraction of the RL steps (0: constant; "
                          "1 with --warmup-steps 0 is TRL's default linear schedule)")
 parser.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0, help="max gradient norm (> 0)")
+# LoRA (grpo/lora.py): the base frozen, adapters trained, the KL reference the base with adapters off
+parser.add_argument("--lora-rank", type=number(int, 1, why=" (the adapters' rank; 8-64 is usual)"), default=None,
+                    help="train LoRA adapters of this rank instead of every weight (default: off, full fine-tune); "
+                         "--lr and --sft-lr then default to 10x the full fine-tune's")
+parser.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=None,
+                    help="the adapters' scale is alpha / rank (default: 2 x rank, TRL's 32 at rank 16)")
+parser.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.0,
+                    help="dropout on the adapters' input in the training forward (hf: policies)")
+parser.add_argument("--lora-targets", type=lora_targets, default=None,
+                    help="comma-separated matrices of the decoder blocks to adapt, matched as PEFT's target_modules "
+                         "(default: the attention and MLP projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                         "down_proj; our GPTs: attn_qk,attn_vo,mlp_fc,mlp_proj)")
 # SFT cold start
 parser.add_argument("--sft-steps", type=number(int, 0), default=None,
                     help="most steps on worked solutions before RL (0: none); default: 1500 (tiny), 5 (hf:, ckpt:)")
@@ -187,6 +208,9 @@ parser.add_argument("--run-id", type=run_id, default=None, help="the run log's f
 # and a long SFT; a pretrained one (hf:, ckpt:) a small learning rate, and a few SFT steps teach it the answer
 # format (SmolLM2-135M-Instruct, 1-digit addition: 5 steps at 1e-4 take greedy pass@1 to ~48%; 3e-4 overshoots).
 POLICY_DEFAULTS = {"lr": (3e-4, 5e-6), "sft_lr": (3e-3, 1e-4), "sft_steps": (1500, 5), "sft_target": (0.4, 1.0)}
+# LoRA's best learning rate is about 10x full fine-tuning's, across ranks (Schulman et al., "LoRA Without Regret",
+# Thinking Machines 2025, with alpha fixed at 32): --lora-rank multiplies these defaults by LORA_LR_FACTOR
+LORA_LR_FACTOR = 10
 
 
 def parse_args(argv=None):
@@ -199,7 +223,19 @@ def parse_args(argv=None):
     args.loss_type = ("grpo" if gspo else "dapo") if args.loss_type is None else args.loss_type
     for name, (tiny, pretrained) in POLICY_DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, tiny if args.policy == "tiny" else pretrained)
+            value = tiny if args.policy == "tiny" else pretrained
+            setattr(args, name, value * LORA_LR_FACTOR if args.lora_rank and name in ("lr", "sft_lr") else value)
+    lora_flags = [f"--lora-{n}" for n in ("alpha", "dropout", "targets")
+                  if getattr(args, f"lora_{n}") != parser.get_default(f"lora_{n}")]
+    if lora_flags and not args.lora_rank:
+        parser.error(f"{', '.join(lora_flags)} without --lora-rank: give the adapters' rank (e.g. --lora-rank 16)")
+    if args.lora_rank and args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
+    if args.lora_rank and args.optimizer == "muon":
+        parser.error("--lora-rank with --optimizer muon: the adapters train with AdamW; use --optimizer adamw")
+    if args.dtype is None:
+        cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+        args.dtype = "bfloat16" if args.lora_rank and cuda else "float32"
     if args.sft_check_every is None:
         args.sft_check_every = min(25, max(1, args.sft_steps // 4))
     task = tasks.TASKS[args.task]

@@ -35,6 +35,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from grpo import lora
+
 # the methods besides forward() through which train_grpo.py runs a policy's trunk (objective.token_logprobs, with
 # --share-prompts hidden_shared): FSDP runs its unshard / reshard hooks around them as it does around forward(). The
 # blocks run through forward() only (HFBlock takes how its streams attend as an argument)
@@ -52,18 +54,21 @@ def blocks(model):
 
 def shard(model, device):
     """model -> the same module, sharded in place over every rank (world 1: a mesh of one, which runs the same
-    code). On CUDA the units compute in bf16 from fp32 master weights and reduce gradients in fp32."""
+    code). On CUDA the units compute in bf16 from fp32 master weights and reduce gradients in fp32. LoRA's adapters
+    (lora.py) stay replicated, outside FSDP: a few MB each rank keeps whole, whose gradients train_grpo.py averages
+    itself; only the frozen base is sharded, and checkpoints hold the adapters alone at any world size."""
     units = blocks(model)
+    replicated = set(lora.adapter_parameters(model))
     if not dist.is_initialized():                  # one process without torchrun: a process group of one
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    bf16 = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    bf16 = device.type == "cuda" and next(p for p in model.parameters() if p not in replicated).dtype == torch.float32
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()                                     # the parameters' own dtype throughout
     for block in units:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=replicated)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=replicated)
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
@@ -79,10 +84,11 @@ def sampler_copy(model, device):
 
 @torch.no_grad()
 def refresh(sampler, model):
-    """Copy the sharded model's current weights into the sampler copy: one all-gather per parameter, on every rank
-    (a collective: all ranks call it together)."""
-    for (name, p), q in zip(model.named_parameters(), sampler.parameters()):
-        q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+    """Copy the sharded model's current weights into the sampler copy: one all-gather per trainable parameter, on
+    every rank (a collective: all ranks call it together). Frozen ones (LoRA's base) are as the copy was made."""
+    for p, q in zip(model.parameters(), sampler.parameters()):
+        if p.requires_grad:
+            q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
 
 
 def refreshed(sampler, model):

@@ -65,7 +65,7 @@ def chunk_backward(model, h: Tensor, targets: Tensor, temperature: float, undeco
 class ChunkedLogprobs(torch.autograd.Function):
     """h (n, C), targets (n,) -> (log-probs (n,) of the targets under softmax(chunk_logits), that distribution's
     entropy (n,) or an empty tensor), running the head on `chunk` positions at a time, forward and backward (which
-    recomputes each chunk's logits). params: every parameter of the model, so that the head's get gradients."""
+    recomputes each chunk's logits). params: every trainable parameter of the model, so that the head's get gradients."""
 
     @staticmethod
     def forward(ctx, h, targets, model, temperature, chunk, with_entropy, undecodable, *params):
@@ -142,7 +142,7 @@ def token_logprobs(model, tokens: Tensor, temperature: float = 1.0, mask: Tensor
     chunk = chunk_tokens or max(1, LOGITS_CHUNK // model.config.vocab_size)
     undecodable = None if undecodable is None else undecodable.to(tokens.device)
     logp, entropy = ChunkedLogprobs.apply(h, tokens[:, 1:][mask], model, temperature, chunk, with_entropy,
-                                          undecodable, *model.parameters())
+                                          undecodable, *(p for p in model.parameters() if p.requires_grad))
 
     def place(values):
         """values (n,) at the mask's positions -> (B, L-1), 0 off the mask."""

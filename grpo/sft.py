@@ -10,6 +10,7 @@ import math
 import random
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import muon
 from grpo import evaluation, fsdp, objective, sandbox, tasks
@@ -73,8 +74,8 @@ def sft(model, tok, sample, args, rank, world, device, sampler=None):
             loss += part.item()
         if not math.isfinite(loss):
             raise RuntimeError(f"SFT step {step}: loss is {loss}; lower --sft-lr")
-        if not args.fsdp:                                          # FSDP's reduce-scatter averaged them already
-            muon.sync_grads(params)
+        # FSDP's reduce-scatter averaged its shards' gradients already; LoRA's replicated adapters are averaged here
+        muon.sync_grads([p for p in params if not isinstance(p, DTensor)])
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         for group in opt.param_groups:
             group["lr"] = args.sft_lr * min(1.0, (step + 1) / max(1, args.warmup_steps))

@@ -5,7 +5,8 @@
 FOLDER is a small Hugging Face checkpoint (tests/test_checkpoints.py's qwen2.5). For each loss (GRPO, Dr. GRPO, DAPO,
 GSPO; two of them with a KL reference) the same run, SFT steps then GRPO steps, is made replicated and sharded, each
 writing its final checkpoint to OUT/<name>-<mode>/. The sharded GRPO run also saves after its first RL step, and a
-third run resumes from there (OUT/grpo-resumed/). Then `bench` replicated and sharded: OUT/bench.json holds what each
+third run resumes from there (OUT/grpo-resumed/). The GRPO run with --lora-rank 4, replicated and sharded
+(OUT/lora-<mode>/). Then `bench` replicated and sharded: OUT/bench.json holds what each
 rank reported (the parameter + optimizer bytes it holds, its peak memory, the seconds of its steps).
 """
 import json
@@ -39,6 +40,9 @@ for name, flags in LOSSES.items():
                                                            else [])
         train_grpo.main([*RUN, *flags, *extra, "--checkpoint-dir", str(out / f"{name}-{mode}"),
                          "--run-id", f"{name}-{mode}"])
+for mode in ("replicated", "fsdp"):                    # LoRA: the base sharded, the adapters replicated
+    train_grpo.main([*RUN, *LOSSES["grpo"], "--lora-rank", "4", *(["--fsdp"] if mode == "fsdp" else []),
+                     "--checkpoint-dir", str(out / f"lora-{mode}"), "--run-id", f"lora-{mode}"])
 train_grpo.main([*RUN, *LOSSES["grpo"], "--fsdp", "--resume", str(out / "grpo-fsdp" / "step_000001"),
                  "--checkpoint-dir", str(out / "grpo-resumed"), "--run-id", "grpo-resumed"])
 

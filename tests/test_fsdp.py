@@ -111,6 +111,19 @@ def test_fsdp_run_lands_on_the_replicated_weights(grpo_runs, loss):
     assert moved > 1e-3 and gap < 1e-10, (moved, gap)
 
 
+def test_fsdp_lora_run_lands_on_the_replicated_adapters(grpo_runs):
+    # --lora-rank with --fsdp: the frozen base sharded, the adapters replicated (their gradients averaged by
+    # train_grpo.py), SFT then GRPO with the adapters-off reference: the same adapters as the replicated run
+    _, out = grpo_runs
+    replicated, sharded = (hf_model.read_safetensors(os.path.join(checkpoint.step_directory(str(out / f"lora-{m}")),
+                                                                  "adapter_model.safetensors"))
+                           for m in ("replicated", "fsdp"))
+    assert replicated.keys() == sharded.keys() and len(replicated) == 2 * 7 * 2     # A and B, 7 projections, 2 layers
+    moved = max(replicated[k].abs().max().item() for k in replicated if "lora_B" in k)   # B starts at 0
+    gap = max((replicated[k] - sharded[k]).abs().max().item() for k in replicated)
+    assert moved > 1e-3 and gap < 1e-10, (moved, gap)
+
+
 def test_fsdp_resume_equals_the_uninterrupted_run(grpo_runs):
     folder, out = grpo_runs
     resumed, uninterrupted = final_weights(out / "grpo-resumed", folder), final_weights(out / "grpo-fsdp", folder)
