@@ -111,6 +111,7 @@ class Hyperparameters:
     normuon_beta2: float = 0.9
     muon_weight_decay: float = 1.2
     adam_lr: float = 0.008
+    head_lr_scale: float = 1.0         # the lm_head's and embed's Adam lr times this: the record's width / the model's
     adam_eps: float = 1e-10
     adam_weight_decay: float = 0.005
     adam_every: int = 2                # Adam steps every this many steps (at the last of each group: odd steps)
@@ -135,10 +136,15 @@ def with_steps(hp: Hyperparameters, total: int) -> Hyperparameters:
 SPEEDRUN = Hyperparameters()
 # the speedrun recipe at a CPU scale on GPT-2 BPE shards: every learning rate, beta, loss, schedule shape (as a
 # fraction of the run) and architectural choice is the speedrun's, only sizes change: 11 layers 64 wide, 4-token window
-# blocks, 8 chunks of 64 tokens in every stage (batch schedule off, so stage lr multipliers 1), 30 steps
+# blocks, 8 chunks of 64 tokens in every stage (batch schedule off, so stage lr multipliers 1), 30 steps. One learning
+# rate follows the width: Adam moves each lm_head weight by about lr a step, so the logits (a sum over the model's C
+# channels) by about lr·C; at 64 channels the record's lr moves them 12x less than at its 768, and the head (tied to
+# the embedding) learns the token statistics 12x slower (muP's rule for an output layer under Adam: lr ∝ 1/C). So the
+# head's and embed's Adam lr is scaled by 768/64 (--ablate head_lr_scale: the record's lr; the CPU race measures both)
 SMALL = with_steps(dataclasses.replace(
     SPEEDRUN, train_files="data/small/train_*.bin", val_files="data/small/val_*.bin", batch_schedule=False,
-    chunk_tokens=64, stage_lr_mul=False, val_seq_len=256, val_tokens=16 * 256, val_every=10, compile=False,
+    chunk_tokens=64, stage_lr_mul=False, head_lr_scale=SPEEDRUN.model.model_dim / 64, val_seq_len=256,
+    val_tokens=16 * 256, val_every=10, compile=False,
     model=GPTConfig(num_layers=11, model_dim=64, num_heads=2, head_dim=32, max_seq_len=256, block_len=4,
                     dc_window=3)), 30)
 TINY = with_steps(dataclasses.replace(
@@ -171,6 +177,8 @@ ABLATIONS = {
     "fp8_off": ("bf16 lm_head and MLP: no FP8 (on the CPU: no emulation) (#51, #84, #89)", {}, {"fp8": False}),
     "stage_lr_mul": ("keep the stages' lr multipliers 1.52 / 1.73 with the batch schedule off (#46)",
                      {"stage_lr_mul": True}, {}),
+    "head_lr_scale": ("the record's Adam lr for the lm_head and embed at any width (SMALL and TINY scale it by "
+                      "768 / their width)", {"head_lr_scale": 1.0}, {}),
 }
 
 
@@ -264,7 +272,8 @@ def make_optimizer(model, hp: Hyperparameters) -> NorMuonAndAdam:
     def trained(label):
         return bool(groups.get(label)) and (hp.train_mudd or not label.startswith("mudd"))
 
-    adam = [dict(params=groups[label], lr=hp.adam_lr * lr_mul, betas=betas, wd_mul=wd_mul)
+    width = {"lm_head": hp.head_lr_scale, "embed": hp.head_lr_scale}
+    adam = [dict(params=groups[label], lr=hp.adam_lr * lr_mul * width.get(label, 1.0), betas=betas, wd_mul=wd_mul)
             for label, (betas, lr_mul, wd_mul) in ADAM.items() if trained(label)]
     if hp.optimizer == "muon28":
         normuon = [dict(params=groups[label], matrix_mult=MUON28_MATRIX_MULT[label], **MUON28)

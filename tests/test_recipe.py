@@ -80,15 +80,18 @@ def test_schedule_figures_are_the_ones_tested_against_the_record():
 
 def test_cpu_presets_change_only_sizes():
     """SMALL: the recipe at 11 layers x 64, GPT-2 BPE, 8 chunks x 64 tokens in every stage (the batch schedule off,
-    so the stage lr multipliers too), 4-token blocks, the record's shape over 30 steps. TINY: 4 layers, bytes."""
+    so the stage lr multipliers too), 4-token blocks, the record's shape over 30 steps, the head's and embed's Adam lr
+    scaled by the record's width over 64 (train_gpt.SMALL's comment). TINY: 4 layers, bytes."""
     def changed(a, b):
         return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
 
     small = train_gpt.SMALL
     assert changed(small, HP) == {"train_files", "val_files", "batch_schedule", "chunk_tokens", "stage_lr_mul",
-                                  "val_seq_len", "val_tokens", "val_every", "compile", "model", "scheduled_steps",
-                                  "extension_steps", "momentum_warmup_steps", "momentum_cooldown_steps"}
+                                  "head_lr_scale", "val_seq_len", "val_tokens", "val_every", "compile", "model",
+                                  "scheduled_steps", "extension_steps", "momentum_warmup_steps",
+                                  "momentum_cooldown_steps"}
     assert (small.chunk_tokens, small.batch_schedule, small.stage_lr_mul) == (64, False, False)
+    assert HP.head_lr_scale == 1.0 and small.head_lr_scale == HP.model.model_dim / small.model.model_dim == 12.0
     assert (small.scheduled_steps, small.extension_steps) == (29, 1)
     assert (small.momentum_warmup_steps, small.momentum_cooldown_steps) == (7, 1)
     assert small.model == GPTConfig(num_layers=11, model_dim=64, num_heads=2, head_dim=32, max_seq_len=256,
@@ -188,6 +191,7 @@ def test_speedrun_optimizer_groups(speedrun_model):
                 betas, lr_mul, wd_mul = train_gpt.ADAM[label]
                 assert (g["lr"], g["betas"], g["wd_mul"], g["eps"], g["weight_decay"]) == (
                     0.008 * lr_mul, betas, wd_mul, 1e-10, 0.005)
+
 
 # -----------------------------------------------------------------------------
 # the model's figures, through GPTConfig's defaults and the layer plan

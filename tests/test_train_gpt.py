@@ -238,8 +238,9 @@ def test_warm_up_restores_the_model_and_the_optimizer(one_thread):
 
 def test_optimizer_tables_cover_the_models_groups():
     """Every label of model.param_groups() has its figures; NorMuon for the matrices, Adam for the rest, each group
-    at its lr, betas and multipliers; --ablate mudd_frozen leaves the MUDD parameters out, muon28 gives the
-    matrices #28's Muon (quintic, no variance normalisation, no decay, lr 0.05, #28's step size for the MLP)."""
+    at its lr (the lm_head's and embed's scaled by the record's width over TINY's), betas and multipliers; --ablate
+    mudd_frozen leaves the MUDD parameters out, muon28 gives the matrices #28's Muon (quintic, no variance
+    normalisation, no decay, lr 0.05, #28's step size for the MLP)."""
     hp = train_gpt.TINY
     model = tiny_model(hp)
     groups = model.param_groups()
@@ -257,8 +258,9 @@ def test_optimizer_tables_cover_the_models_groups():
                 assert (group["kind"], group["lr"], group["matrix_mult"]) == ("normuon", 0.023, train_gpt.NORMUON[label])
             else:
                 betas, lr_mul, wd_mul = train_gpt.ADAM[label]
-                assert (group["kind"], group["lr"], group["betas"], group["wd_mul"]) == ("adam", 0.008 * lr_mul, betas,
-                                                                                         wd_mul)
+                width = 768 / 64 if label in ("lm_head", "embed") else 1.0  # TINY's 64 channels: SMALL's comment
+                assert (group["kind"], group["betas"], group["wd_mul"]) == ("adam", betas, wd_mul)
+                assert group["lr"] == pytest.approx(0.008 * lr_mul * width, rel=1e-12), label
     frozen = train_gpt.ablated(hp, ["mudd_frozen"])
     trained = owners(train_gpt.make_optimizer(tiny_model(frozen), frozen))
     mudd = [p for label, params in groups.items() if label.startswith("mudd") for p in params]

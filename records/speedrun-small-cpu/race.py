@@ -28,7 +28,7 @@ REPO = HERE.parent.parent
 BASELINE_COMMIT = "472d2e8"  # train_gpt.py with record #28's recipe, before #89's replaced it
 # one line per idea group of #89's recipe (train_gpt.py's ABLATIONS: what each switches off)
 ABLATIONS = ["bigram", "value_embeds", "attn_variants", "mudd_frozen", "mtp_prefix", "muon28", "adam_every_step",
-             "no_doc_clip", "fp8_off", "stage_lr_mul"]
+             "no_doc_clip", "fp8_off", "stage_lr_mul", "head_lr_scale"]
 
 _spec = importlib.util.spec_from_file_location("compare", REPO / "records" / "compare.py")
 compare = importlib.util.module_from_spec(_spec)
