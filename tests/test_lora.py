@@ -230,6 +230,6 @@ def test_bad_lora_input_is_one_line(tmp_path, capsys):
             train_grpo.parse_args(flags)
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^error: --lora-targets: GPT has no 'q_proj' in its decoder blocks; it has "
-                                         r"attn_qk, attn_vo, mlp_fc, mlp_proj, ve_gate$"):
-        train_grpo.main(["--lora-rank", "4", "--lora-targets", "q_proj", "--steps", "0", "--sft-steps", "0",
-                         "--log-dir", str(tmp_path)])
+                                         r"attn_qk, attn_vo, mlp_fc, mlp_proj, ve_gate$"):  # 4 layers: a VE gate
+        train_grpo.main(["--lora-rank", "4", "--lora-targets", "q_proj", "--tiny-layers", "4", "--steps", "0",
+                         "--sft-steps", "0", "--log-dir", str(tmp_path)])
