@@ -428,9 +428,9 @@ def stdlib_docstrings(min_chars=200):
 @pytest.mark.slow
 def test_small_preset_learns(gpt2_ranks_file, tmp_path):
     """The README flow (data/tokenize_text.py with GPT-2 BPE, then train_gpt.py --preset small) on the standard
-    library's docstrings, shuffled: 30 steps of 8 chunks x 64 tokens, 1 thread. The record-#28 recipe this repo
-    shipped before kept every training loss after the first step below the uniform loss ln(50304) = 10.826 and
-    validated at 7.42-7.44 after 10 steps, 6.81-6.87 after 30 (seeds 0-2); the bars are that recipe's."""
+    library's docstrings, shuffled: 30 steps of 8 chunks x 64 tokens, 1 thread. This recipe validates at 7.71 after
+    10 steps and 6.56 after 30 (seed 0); record #28's recipe (this repository at 472d2e8) at 7.42-7.44 and 6.81-6.87
+    (seeds 0-2). The bars: learning from the first validations on, and at 30 steps below #28's best."""
     docs = stdlib_docstrings()
     assert len(docs) > 1000
     (tmp_path / "docs").mkdir()
@@ -454,4 +454,4 @@ def test_small_preset_learns(gpt2_ranks_file, tmp_path):
     uniform = math.log(50304)
     assert val[0] == pytest.approx(uniform, abs=0.02), val  # lm_head N(0, 0.005): nearly uniform
     assert val[0] > val[10] > val[20] > val[30], val
-    assert val[10] < 8.3 and val[30] < 7.35, val
+    assert val[10] < 8.0 and val[30] < 6.81, val
