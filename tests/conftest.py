@@ -43,12 +43,6 @@ def one_thread():
     yield from pinned_threads(1)
 
 
-@pytest.fixture
-def two_threads():
-    """torch on two threads, for the long training runs that pytest runs alone: the CI machine has 2 cores."""
-    yield from pinned_threads(2)
-
-
 def assert_usage_errors(parse_args, prog: str, cases, capsys):
     """Each (argv, message) case exits as argparse does on bad input: status 2, the usage line, then one error line
     that contains message (cases with message None are skipped)."""
