@@ -15,8 +15,7 @@ def test_code_demo_raises_pass_at_1(tmp_path, one_thread):
     result = train_grpo.main(["--task", "code", "--max-new-tokens", "64", "--overlong-buffer", "16",
                               "--sft-target", "0.45", "--sft-batch-size", "16", "--sft-check-every", "10",
                               "--sft-check-size", "50", "--lr", "1e-3", "--cooldown-frac", "1", "--steps", "30",
-                              "--eval-k", "0",
-                              "--test-size", "100", "--log-dir", str(tmp_path)])
+                              "--eval-k", "0", "--test-size", "100", "--log-dir", str(tmp_path)])
     before, after = result["before"]["pass@1"], result["after"]["pass@1"]
     assert 0.5 <= before <= 0.9, before                                  # the SFT stopped short of the ceiling
     assert after - before >= 0.10, (before, after)
