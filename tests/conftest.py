@@ -54,3 +54,13 @@ def assert_usage_errors(parse_args, prog: str, cases, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit.value.code == 2 and len(lines) == 2 and lines[0].startswith(f"usage: {prog}"), (argv, lines)
         assert lines[1].startswith(f"{prog}: error: ") and message in lines[1], (argv, lines[1])
+
+
+def randomize(model, seed: int = 0):
+    """Every parameter of model random (the speedrun init zeroes several, the output projections and the lm_head among
+    them): each path then carries signal. -> model"""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim >= 2 else 0.5) + (p.ndim < 2))
+    return model

@@ -22,9 +22,10 @@ import torch
 import transformers
 
 import train_grpo
+from conftest import randomize
 from model import GPT
 from test_policy import (CONVERSATIONS, LLAMA3_STYLE_TEMPLATE, QWEN25_STYLE_TEMPLATE, digits_then_byte_level,
-                         edit_tokenizer_json, hf_reference, randomize_gpt, tiny_gpt_config, train_bpe, write_ranks)
+                         edit_tokenizer_json, hf_reference, tiny_gpt_config, train_bpe, write_ranks)
 from grpo import engine, hf_model, objective, policy, tasks, tokenizer
 from grpo.rollouts import collect, completion_texts
 from grpo.sft import solution_tokens
@@ -407,7 +408,7 @@ def test_our_gpt_with_a_padded_vocabulary_never_samples_its_padding(tmp_path, mo
     """Our GPTs' checkpoints too (GPT-2's 50,257 tokens in 50,304 rows is the same case): a GPT of 300 rows with a
     264-token tokenizer trains and evaluates without sampling ids 264..299."""
     config = tiny_gpt_config(vocab_size=300, eos_token_id=263, max_seq_len=256, block_len=256)
-    torch.save({"model": randomize_gpt(GPT(config)).state_dict(), "config": dataclasses.asdict(config)},
+    torch.save({"model": randomize(GPT(config)).state_dict(), "config": dataclasses.asdict(config)},
                tmp_path / "ckpt.pt")
     write_ranks(tmp_path / "tiny.tiktoken", 263)
     model, tok = policy.from_checkpoint(str(tmp_path / "ckpt.pt"), tiktoken_file=str(tmp_path / "tiny.tiktoken"))

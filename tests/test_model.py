@@ -14,6 +14,7 @@ import attention
 import model as model_module
 import speedrun_kernels
 from attention import FullAttention, block_mask, dense_mask, document_ids
+from conftest import randomize
 from model import GPT, GPTConfig, LayerInputs, bigram_hash, gate_layout, layer_plan
 
 EOS = 0
@@ -27,15 +28,6 @@ def _one_thread(one_thread):
 def tiny_config(**kw) -> GPTConfig:
     return GPTConfig(**{**dict(vocab_size=256, num_layers=4, model_dim=32, num_heads=2, head_dim=16, max_seq_len=256,
                                block_len=4, windows=(1, 3), eos_token_id=EOS, dc_window=3, fp8=False), **kw})
-
-
-def randomize(model: GPT, seed: int = 0) -> GPT:
-    """Every parameter random (the init zeroes several): each path then carries signal."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim >= 2 else 0.5) + (p.ndim < 2))
-    return model
 
 
 def random_tokens(B: int, T: int, n_docs: int, gen: torch.Generator) -> torch.Tensor:

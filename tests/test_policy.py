@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import transformers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
+from conftest import randomize
 from model import GPT, GPTConfig
 from grpo import engine, hf_model, objective, policy, tokenizer
 
@@ -458,15 +459,6 @@ def tiny_gpt_config(**kw):
                                block_len=128, windows=(1, 1), eos_token_id=299, fp8=False), **kw})
 
 
-def randomize_gpt(model: GPT, seed: int = 0) -> GPT:
-    """The speedrun init zeroes the output projections and the lm_head; give every parameter random values."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim >= 2 else 0.5) + (p.ndim < 2))
-    return model
-
-
 def write_ranks(path, n_ranks: int):
     """A tiny tiktoken ranks file: the 256 bytes plus a few merges of common letter pairs."""
     tokens = [bytes([b]) for b in range(256)] + [b"th", b"he", b"the", b" t", b" the", b"in", b"an"][:n_ranks - 256]
@@ -475,7 +467,7 @@ def write_ranks(path, n_ranks: int):
 
 def test_from_checkpoint_roundtrip(tmp_path):
     config = tiny_gpt_config(vocab_size=264, eos_token_id=263)
-    model = randomize_gpt(GPT(config))
+    model = randomize(GPT(config))
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config), "step": 7},
                tmp_path / "ckpt.pt")
     write_ranks(tmp_path / "tiny.tiktoken", 263)
@@ -525,7 +517,7 @@ def policy_model(request, tmp_path_factory, qwen_bpe):
         folder = tmp_path_factory.mktemp("qwen")
         save_hf(folder, hf_reference("qwen2", vocab_size=96), qwen_bpe)
         return hf_model.from_hf(str(folder))[0]
-    return randomize_gpt(GPT(tiny_gpt_config(vocab_size=96, eos_token_id=95))).eval()
+    return randomize(GPT(tiny_gpt_config(vocab_size=96, eos_token_id=95))).eval()
 
 
 PROMPTS = [[5, 17, 3], [9], [40, 41, 42, 43, 44, 45, 46]]  # mixed lengths
@@ -668,7 +660,7 @@ def logprob_model(family: str):
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * 0.3 + (p.ndim == 1))
         return model
-    return randomize_gpt(GPT(tiny_gpt_config(vocab_size=V, eos_token_id=V - 1))).double()
+    return randomize(GPT(tiny_gpt_config(vocab_size=V, eos_token_id=V - 1))).double()
 
 
 def ragged_batch(B=5, L=14, seed=0):
