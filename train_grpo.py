@@ -166,6 +166,7 @@ def finish():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        fsdp.release()
 
 
 def reference_model(run, args):

@@ -25,6 +25,7 @@ K and V x 2 bytes), 3.8 GB for 64 rows of 1,024 tokens; the update's activations
 (15.2 GB a rank receives), a fraction of a second on NVLink against the minutes a phase of sampling takes.
 """
 import copy
+import gc
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ from grpo import lora
 # --share-prompts hidden_shared): FSDP runs its unshard / reshard hooks around them as it does around forward(). The
 # blocks run through forward() only (HFBlock takes how its streams attend as an argument)
 FORWARD_METHODS = ("hidden", "hidden_shared")
+MESHES = []     # every mesh shard() made in this process, for release()
 
 
 def blocks(model):
@@ -63,6 +65,7 @@ def shard(model, device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    MESHES.append(mesh)
     bf16 = device.type == "cuda" and next(p for p in model.parameters() if p not in replicated).dtype == torch.float32
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()                                     # the parameters' own dtype throughout
@@ -73,6 +76,18 @@ def shard(model, device):
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return model
+
+
+def release():
+    """After destroy_process_group: free the process groups that sharding keeps alive, so that their threads are
+    joined now rather than torn down with the interpreter (a 2-rank run aborted there: "terminate called without an
+    active exception"). torch's DTensor caches (sharding propagation, redistribute plans, mesh topology) hold every
+    mesh for the life of the process, and a mesh holds its groups; FSDP's state, garbage in a reference cycle with its
+    module, holds them until the next collection."""
+    for mesh in MESHES:
+        mesh._pg_registry.clear()
+    MESHES.clear()
+    gc.collect()
 
 
 def sampler_copy(model, device):

@@ -126,3 +126,4 @@ if rank == 0:
     torch.save(loaded, out / "loaded.pt")                          # what the checkpoint holds, gathered
 dist.barrier()
 dist.destroy_process_group()
+fsdp.release()

@@ -7,9 +7,11 @@ GSPO; two of them with a KL reference) the same run, SFT steps then GRPO steps, 
 writing its final checkpoint to OUT/<name>-<mode>/. The sharded GRPO run also saves after its first RL step, and a
 third run resumes from there (OUT/grpo-resumed/). The GRPO run with --lora-rank 4, replicated and sharded
 (OUT/lora-<mode>/). Then `bench` replicated and sharded: OUT/bench.json holds what each
-rank reported (the parameter + optimizer bytes it holds, its peak memory, the seconds of its steps).
+rank reported (the parameter + optimizer bytes it holds, its peak memory, the seconds of its steps). Last,
+train_grpo.finish leaves the process group; OUT/threads-rank<r>.json lists the threads each rank has left.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import train_grpo
 folder, out = sys.argv[1], Path(sys.argv[2])
 # one process group for every run below: gloo hangs when a process makes its third after destroying two
 dist.init_process_group("gloo")
-train_grpo.finish = dist.barrier
+finish, train_grpo.finish = train_grpo.finish, dist.barrier
 # a random model's completions, rewarded by a made-up verifier with spread, so that every GRPO step updates
 train_grpo.tasks.correctness_reward = lambda problem, text: float(sum(map(ord, text)) % 2)
 
@@ -51,5 +53,6 @@ BENCH = ["bench", "--policy", f"hf:{folder}", "--threads", "1", "--sft-steps", "
 report = {mode: train_grpo.main([*BENCH, *(["--fsdp"] if mode == "fsdp" else [])]) for mode in ("replicated", "fsdp")}
 if report["fsdp"]["rank"] == 0:
     (out / "bench.json").write_text(json.dumps(report))
-dist.barrier()
-dist.destroy_process_group()
+finish()
+threads = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+(out / f"threads-rank{os.environ['RANK']}.json").write_text(json.dumps(threads))

@@ -151,3 +151,12 @@ def test_each_fsdp_rank_holds_half_the_replicated_state(grpo_runs):
     full = report["replicated"]["ranks"][0]["held_bytes"]
     for rank in report["fsdp"]["ranks"]:
         assert full / 2 <= rank["held_bytes"] < 1.02 * full / 2
+
+
+def test_finish_joins_every_gloo_thread(grpo_runs):
+    # torch's DTensor caches keep every mesh, and a mesh its process groups: unless fsdp.release() lets go of them,
+    # gloo's threads outlive destroy_process_group and are torn down with the interpreter (a run aborted there)
+    _, out = grpo_runs
+    for rank in (0, 1):
+        threads = json.loads((out / f"threads-rank{rank}.json").read_text())
+        assert threads and not [name for name in threads if "gloo" in name], threads
