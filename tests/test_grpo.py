@@ -782,11 +782,14 @@ def test_cooldown_decays_the_learning_rate_linearly_to_zero_as_trls_default_sche
     assert [train_grpo.lr_schedule(s, args) for s in range(5, 40)] == [1.0] * 35
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, monkeypatch):
     # 3 steps in one go == 2 steps, a checkpoint, then resuming for the third (mu = 2 with minibatches, a KL
-    # reference, dynamic sampling and Muon: every piece of state a resume must restore)
+    # reference, dynamic sampling and Muon: every piece of state a resume must restore). No SFT: the random
+    # policy's completions, rewarded by a made-up verifier with spread, so that every step updates
+    monkeypatch.setattr(train_grpo.tasks, "correctness_reward", lambda problem, text: float(sum(map(ord, text)) % 2))
     flags = SMALL + ["--updates-per-rollout", "2", "--minibatches", "2", "--beta", "0.05", "--drop-zero-std",
-                     "--optimizer", "muon", "--micro-batch-tokens", "60", "--loss-type", "dr_grpo"]
+                     "--optimizer", "muon", "--micro-batch-tokens", "60", "--loss-type", "dr_grpo",
+                     "--sft-steps", "0"]
     train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "a")])
     train_grpo.main(flags + ["--steps", "2", "--checkpoint-dir", str(tmp_path / "b")])
     train_grpo.main(flags + ["--steps", "3", "--checkpoint-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")])
