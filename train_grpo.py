@@ -348,7 +348,7 @@ def open_run_log(args, run):
     log(run_log.hardware_line(run.device, run.world), console=False)
     log(f"command: {shlex.join(sys.argv)}", console=False)
     log(f"flags: {json.dumps(vars(args), sort_keys=True)}", console=False)
-    print0(f"record: {path}")
+    print0(f"log: {path}")
     return log
 
 
