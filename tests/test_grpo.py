@@ -1141,6 +1141,7 @@ def test_torchrun_two_processes(tmp_path):
         "config.json", "model.safetensors", "optimizer_rank0.pt", "optimizer_rank1.pt", "train_state.json"]
 
 
+@pytest.mark.slow
 def test_cpu_demo_raises_pass_at_1():
     # the demo, shortened: 40 RL steps and a cheaper evaluation; seed 0: 53.0% -> 71.0% (80 steps: 71.5%)
     result = train_grpo.main(["--steps", "40", "--eval-k", "2"])

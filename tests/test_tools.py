@@ -295,6 +295,7 @@ def test_sft_targets_leave_out_tool_outputs(tmp_path):
     assert "pass --sft-steps 0 or use --task arithmetic" in exit_info.value.code and "\n" not in exit_info.value.code
 
 
+@pytest.mark.slow
 def test_grpo_with_tools_under_torchrun(tmp_path):
     # the tool demo, shortened (250 SFT steps on the worked solutions that call the tool, 2 GRPO steps), on 2 ranks:
     # the tiny policy learns to multiply 3-digit numbers by copying them into a program and its output into the answer
