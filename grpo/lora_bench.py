@@ -7,18 +7,19 @@ LoRA against full fine-tuning: memory and time. python -m grpo.lora_bench [--ste
      train_grpo.py builds them, one AdamW step taken so that its moments exist;
    - Qwen2.5-7B(-Instruct) on one 80 GB GPU, by arithmetic from its config.json's numbers: full = fp32 weights,
      gradients and moments (16 bytes a parameter) + a bf16 reference (2); LoRA = the bf16 base (2 bytes a
-     parameter), 16 bytes an adapter parameter (fp32 weight, gradient, moments), no reference (the base with adapters off). Activations, the KV cache
-     and allocator slack come on top of both.
+     parameter), 16 bytes an adapter parameter (fp32 weight, gradient, moments), no reference (the base with adapters
+     off). Activations, the KV cache and allocator slack come on top of both.
 2. Seconds per GRPO step, full vs LoRA: `train_grpo.py bench` on SmolLM2 with the README's 1-digit addition flags
    (5 SFT steps, then --steps RL steps of 16 prompts x 8 completions, 16 new tokens), the median step.
 3. The rollout engine on the adapted model: decode tok/s of engine.generate with the adapters unmerged (what
    train_grpo.py runs) vs a merged sampler copy (lora.merge_ on a deepcopy), 16 prompts x 8 samples x 16 tokens,
    the best of 3.
 
-Measured on the development machine (2 shared CPU cores, one thread, other engineers' jobs beside it; README,
-"GRPO on one GPU"): SmolLM2 weights 513.1 vs 531.8 MiB, gradients + moments 1,539.4 vs 55.9 MiB, reference 513.1
-MiB vs 0; Qwen2.5-7B 137.1 GB full vs 15.9 GB LoRA; engine 178 tok/s unmerged vs 208 tok/s merged copy. The s/step
-pair was not run to the end on that machine (its cores were busy); the GRPO demo's steps are in the README.
+Measured on the development machine (2 shared CPU cores; README, "GRPO on one GPU"): SmolLM2 weights 513.1 vs
+531.8 MiB, gradients + moments 1,539.4 vs 55.9 MiB, reference 513.1 MiB vs 0; Qwen2.5-7B 137.1 GB full vs 15.9 GB
+LoRA. `--steps 3 --threads 2`, alone on the machine: 22.38 s/step full (train 14.17 s) vs 18.39 s/step LoRA (train
+9.93 s: no gradients or AdamW step for the base), generation about equal (7.7 vs 8.4 s); engine 292 tok/s unmerged
+vs 331 tok/s merged copy (0.88).
 """
 import argparse
 import copy
