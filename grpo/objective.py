@@ -222,7 +222,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, loss_type="dapo", level="to
     max_completion_length); None: this batch's own. So a micro-batch's loss is its share of the step's loss, the
     shares add up to it whatever the batching, and the trainer's one scaling, the world size (it undoes the mean
     the gradients' all-reduce takes), holds for every loss_type. A new loss_type must normalise the same way
-    (tests/test_grpo.py checks micro-batches and 2 ranks against one batch in one process, for each).
+    (tests/test_grpo.py checks micro-batches, tests/test_objective.py 2 ranks, against one batch in one process, for
+    each).
     Masked positions (prompt, padding, after EOS) are replaced by constants before any arithmetic, so they get
     exactly zero gradient even when their logp is -inf.
     delta: INTELLECT-2's two-sided clipping (arXiv 2505.07291, sec. 4.1): the unclipped ratio is capped at delta, so

@@ -1,4 +1,4 @@
-"""Run by tests/test_grpo.py under torchrun --nproc_per_node=2 (gloo), each rank on its share of one batch; every rank
+"""Run by tests/test_objective.py under torchrun --nproc_per_node=2 (gloo), each rank on its share of one batch; every rank
 saves what it computed to <out_dir>/rank{r}.pt, and the test compares that with one process on the whole batch.
 
 - group_advantages(scale="batch") on each rank's share of one batch of rewards.
