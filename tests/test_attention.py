@@ -14,27 +14,9 @@ import attention
 from attention import FullAttention, block_mask, dense_mask, document_ids
 from conftest import randomize
 from model import GPT, GPTConfig, LayerInputs
+from test_model import EOS, random_tokens, tiny_config
 
-EOS = 0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Small tensors: threads only contend (a float64 decode step took 60x longer on two busy cores)."""
-
-
-def tiny_config(**kw) -> GPTConfig:
-    return GPTConfig(**{**dict(vocab_size=256, num_layers=4, model_dim=32, num_heads=2, head_dim=16, max_seq_len=256,
-                               block_len=4, windows=(1, 3), eos_token_id=EOS, dc_window=3, fp8=False), **kw})
-
-
-def random_tokens(B: int, T: int, n_docs: int, gen: torch.Generator) -> torch.Tensor:
-    """(B, T) tokens in [1, 256) with ~n_docs eos separators per row at random places."""
-    idx = torch.randint(1, 256, (B, T), generator=gen)
-    for b in range(B):
-        idx[b, torch.randint(0, T, (n_docs,), generator=gen)] = EOS
-    return idx
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, threads only contend
 
 
 # -----------------------------------------------------------------------------
