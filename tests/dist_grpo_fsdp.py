@@ -54,5 +54,6 @@ report = {mode: train_grpo.main([*BENCH, *(["--fsdp"] if mode == "fsdp" else [])
 if report["fsdp"]["rank"] == 0:
     (out / "bench.json").write_text(json.dumps(report))
 finish()
-threads = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+tasks = Path("/proc/self/task")                        # Linux: one folder per thread, its name in comm
+threads = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.is_dir() else None
 (out / f"threads-rank{os.environ['RANK']}.json").write_text(json.dumps(threads))

@@ -159,4 +159,6 @@ def test_finish_joins_every_gloo_thread(grpo_runs):
     _, out = grpo_runs
     for rank in (0, 1):
         threads = json.loads((out / f"threads-rank{rank}.json").read_text())
+        if threads is None:
+            pytest.skip("no /proc/self/task (not Linux): the threads' names cannot be read")
         assert threads and not [name for name in threads if "gloo" in name], threads
