@@ -272,8 +272,10 @@ def make_optimizer(model, hp: Hyperparameters) -> NorMuonAndAdam:
     def trained(label):
         return bool(groups.get(label)) and (hp.train_mudd or not label.startswith("mudd"))
 
-    width = {"lm_head": hp.head_lr_scale, "embed": hp.head_lr_scale}
-    adam = [dict(params=groups[label], lr=hp.adam_lr * lr_mul * width.get(label, 1.0), betas=betas, wd_mul=wd_mul)
+    def head_scale(label):
+        return hp.head_lr_scale if label in ("lm_head", "embed") else 1.0
+
+    adam = [dict(params=groups[label], lr=hp.adam_lr * lr_mul * head_scale(label), betas=betas, wd_mul=wd_mul)
             for label, (betas, lr_mul, wd_mul) in ADAM.items() if trained(label)]
     if hp.optimizer == "muon28":
         normuon = [dict(params=groups[label], matrix_mult=MUON28_MATRIX_MULT[label], **MUON28)
