@@ -16,12 +16,10 @@ from attention import FullAttention
 from conftest import randomize
 from model import GPT, GPTConfig, LayerInputs, bigram_hash, gate_layout, layer_plan
 
+# conftest.py: small tensors, threads only contend (a float64 decode step took 60x longer on two busy cores)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EOS = 0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Small tensors: threads only contend (a float64 decode step took 60x longer on two busy cores)."""
 
 
 def tiny_config(**kw) -> GPTConfig:
